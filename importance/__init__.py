@@ -1,0 +1,27 @@
+"""imprune's scoring half: which parts of a transformer matter.
+
+``load_model`` -> ``model_map`` (the canonical component view) -> ``load_data`` -> ``score`` (one hooked
+pass, every scorer) -> ``ImportanceTable`` -> ``heatmap``. Imports are lazy so ``import importance``
+stays light (no torch/transformers until something is used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "load_model": "importance.models", "LoadedModel": "importance.models",
+    "model_map": "importance.arch", "register_arch": "importance.arch", "ArchSpec": "importance.arch",
+    "load_data": "importance.data", "Windows": "importance.data",
+    "score": "importance.score", "collect": "importance.collect", "Statistics": "importance.collect",
+    "ImportanceTable": "importance.table", "SCORERS": "importance.scorers", "ImpruneError": "importance.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'importance' has no attribute {name!r}")

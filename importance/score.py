@@ -1,0 +1,59 @@
+"""``importance.score``: model + data -> ImportanceTable, all requested scorers from ONE pass."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .arch import model_map
+from .collect import CollectConfig, collect
+from .data import Windows, load_data
+from .errors import ImpruneError
+from .meta import versions
+from .models import LoadedModel
+from .scorers import SCORERS
+from .table import ImportanceTable, build_table
+
+DEFAULT_SCORERS = ("taylor", "fisher", "activation", "magnitude", "block_influence")
+
+
+def parse_scorers(names: str | Sequence[str]) -> list[str]:
+    """'taylor,fisher' or a list -> validated list (registry order kept as given, duplicates dropped)."""
+    items = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    unknown = [n for n in items if n not in SCORERS]
+    if unknown or not items:
+        raise ImpruneError(f"unknown scorer '{','.join(unknown) or names}'; use any of {', '.join(SCORERS)}")
+    return list(dict.fromkeys(items))
+
+
+def score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequence[str] = DEFAULT_SCORERS, *,
+          tokenizer: Any = None, task: str | None = None, seq_len: int = 256, tokens: int | None = None,
+          samples: int | None = None, seed: int = 0, batch_size: int = 4, elements: bool = False,
+          fisher_unit: str = "sequence", obd: bool = False, progress: bool = True) -> ImportanceTable:
+    """Score ``model`` on ``data`` with every scorer in ``scorers`` from one hooked pass.
+
+    ``model`` is a ``LoadedModel`` (from ``importance.load_model``) or a Hugging Face model plus
+    ``tokenizer``/``task``; ``data`` is ``Windows`` or a ``--data`` spec string.
+    """
+    names = parse_scorers(scorers)
+    if isinstance(model, LoadedModel):
+        hf, tokenizer, task, ident = model.model, tokenizer or model.tokenizer, task or model.task, model.describe()
+    else:
+        hf, task = model, task or "causal-lm"
+        ident = {"spec": getattr(hf, "name_or_path", type(hf).__name__), "model_type": hf.config.model_type,
+                 "task": task}
+    if isinstance(data, str):
+        if tokenizer is None:
+            raise ImpruneError("a data spec needs a tokenizer: pass tokenizer=... or a LoadedModel")
+        limit = getattr(hf.config, "max_position_embeddings", None) or getattr(hf.config, "n_positions", None)
+        data = load_data(data, tokenizer, seq_len=seq_len, tokens=tokens, samples=samples, seed=seed,
+                         max_positions=limit)
+    need_grad = any(SCORERS[n].needs_grad for n in names)
+    cfg = CollectConfig(grad=need_grad, elements=elements and need_grad,
+                        activation=any(SCORERS[n].needs_activation for n in names),
+                        block_influence="block_influence" in names, fisher_unit=fisher_unit)
+    mm = model_map(hf)
+    stats = collect(hf, data, task, cfg, batch_size=batch_size, progress=progress, mm=mm)
+    meta = {"model": ident, "data": dict(data.meta), "seed": seed, "batch_size": batch_size,
+            "seconds": round(stats.meta.get("seconds", 0.0), 3), "versions": versions()}
+    return build_table(stats, mm, names, elements=elements, obd=obd, meta=meta)

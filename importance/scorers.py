@@ -1,0 +1,209 @@
+"""Scorers: pure functions of the collected ``Statistics`` (and the weights), one registry.
+
+N = number of predicted (loss) tokens; g_b = gradient of the summed token NLL of sequence b, so
+sum_b g_b / N is the gradient of the mean token NLL. For a group G of parameters (an output channel with
+its bias, a head = its q rows + o columns, a KV group = k/v rows + its query heads, an MLP channel =
+gate row + up row + down column, an expert, a component, a whole block):
+
+  magnitude         element |w|                               group  sum over G of |w|
+  activation        element |w_ij| * ||x_j||_2 (Wanda)        group  sum over G of the element scores
+                    (norm weights: ||y_j||_2 = |w_j| ||x_hat_j||_2); raw input/output channel norms kept too
+  taylor            element |w * sum_b g_b| / N               group  |sum_b sum_{p in G} w_p g_b,p| / N
+                    = first-order change of the mean NLL when the group is set to zero
+  fisher            element sum_b g_b^2 / N                   group  sum_b (sum_{p in G} w_p g_b,p)^2 / N
+                    (empirical Fisher diagonal; ``obd``: w^2 F / 2)   = the Fisher of a mask on the group
+  block_influence   layer  mean over tokens of 1 - cos(block input, block output)
+
+b runs over sequences (or over batches with ``fisher_unit='batch'``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .arch import Block, Component, ModelMap
+from .collect import Statistics
+
+GROUPS = ("head", "kv_group", "mlp_channel", "expert")
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """A registered scorer: ``kind`` 'additive' (sum of element scores) or 'mask' (folded group sums)."""
+
+    name: str
+    kind: str
+    needs_grad: bool
+    needs_activation: bool
+    estimator: str
+
+
+SCORERS: dict[str, Scorer] = {}
+_ELEMENT_FNS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_scorer(name: str, kind: str, estimator: str, needs_grad: bool = False, needs_activation: bool = False):
+    """Register an element function ``fn(ctx, comp) -> Tensor`` (shape of the weight) under ``name``."""
+
+    def add(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        SCORERS[name] = Scorer(name, kind, needs_grad, needs_activation, estimator)
+        _ELEMENT_FNS[name] = fn
+        return fn
+
+    return add
+
+
+@dataclass
+class Context:
+    stats: Statistics
+    mm: ModelMap
+    obd: bool = False
+
+    @property
+    def n_targets(self) -> float:
+        return max(self.stats.count("targets"), 1.0)
+
+    def stat(self, comp: Component, name: str) -> torch.Tensor:
+        t = self.stats.get(comp.layer, comp.name, name)
+        if t is None:
+            raise KeyError(f"statistic {name} missing for layer {comp.layer} {comp.name}")
+        return t
+
+
+def _w(comp: Component) -> torch.Tensor:
+    return comp.weight.detach().float().cpu()
+
+
+@register_scorer("magnitude", "additive", "element |w|; group: sum of |w| over the group")
+def _magnitude(ctx: Context, comp: Component) -> torch.Tensor:
+    return _w(comp).abs()
+
+
+@register_scorer("activation", "additive", "element |w_ij| * ||x_j||_2 over calibration tokens (Wanda); "
+                 "norm weights ||y_j||_2; group: sum over the group", needs_activation=True)
+def _activation(ctx: Context, comp: Component) -> torch.Tensor:
+    if comp.kind == "norm":
+        return ctx.stat(comp, "out_sq").sqrt()
+    norms = ctx.stat(comp, "in_sq").sqrt()  # [in] or [E, in] for experts
+    return _w(comp).abs() * norms.unsqueeze(-2)
+
+
+@register_scorer("taylor", "mask", "element |w * g| / N with g the gradient summed over the calibration set; "
+                 "group |sum over the group of w * g| / N (first-order loss change on removal)", needs_grad=True)
+def _taylor(ctx: Context, comp: Component) -> torch.Tensor:
+    return (_w(comp) * ctx.stat(comp, "grad")).abs() / ctx.n_targets
+
+
+@register_scorer("fisher", "mask", "element sum_b g_b^2 / N (empirical Fisher; OBD option w^2 F / 2); group "
+                 "sum_b (sum over the group of w * g_b)^2 / N (Fisher of a group mask)", needs_grad=True)
+def _fisher(ctx: Context, comp: Component) -> torch.Tensor:
+    f = ctx.stat(comp, "grad_sq") / ctx.n_targets
+    return _w(comp).square() * f / 2 if ctx.obd else f
+
+
+@register_scorer("block_influence", "layer", "layer: mean over tokens of 1 - cos(block input, block output)",
+                 needs_activation=True)
+def _block_influence(ctx: Context, comp: Component) -> torch.Tensor:
+    raise NotImplementedError  # layer-level only
+
+
+def element_scores(name: str, ctx: Context, comp: Component) -> torch.Tensor:
+    return _ELEMENT_FNS[name](ctx, comp)
+
+
+# ----------------------------------------------------------------------------------------- groups
+
+def _mask_value(name: str, ctx: Context, wg: torch.Tensor | None, wg_sq: torch.Tensor | None) -> torch.Tensor:
+    if wg is None or wg_sq is None:
+        raise KeyError("gradient statistics missing: score with a gradient pass")
+    return (wg.abs() if name == "taylor" else wg_sq) / ctx.n_targets
+
+
+def rows(name: str, ctx: Context, comp: Component) -> torch.Tensor:
+    """Score of each output row (channel) of ``comp``: [out] ([E, out] for experts, [d] for norms)."""
+    if SCORERS[name].kind == "mask":
+        return _mask_value(name, ctx, ctx.stat(comp, "row_wg"), ctx.stat(comp, "row_wg_sq"))
+    e = element_scores(name, ctx, comp)
+    return e if comp.kind == "norm" else e.sum(-1)
+
+
+def cols(name: str, ctx: Context, comp: Component) -> torch.Tensor:
+    """Score of each input column of ``comp`` (attn.o heads, mlp.down channels): [in]."""
+    if SCORERS[name].kind == "mask":
+        return _mask_value(name, ctx, ctx.stat(comp, "col_wg"), ctx.stat(comp, "col_wg_sq"))
+    return element_scores(name, ctx, comp).sum(-2)
+
+
+def component(name: str, ctx: Context, comp: Component) -> float:
+    if SCORERS[name].kind == "mask":
+        return float(_mask_value(name, ctx, ctx.stat(comp, "comp_wg"), ctx.stat(comp, "comp_wg_sq"))[0])
+    return float(element_scores(name, ctx, comp).sum())
+
+
+def _heads(v: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return v.reshape(-1, head_dim).sum(-1)
+
+
+def groups(name: str, ctx: Context, block: Block) -> dict[str, torch.Tensor]:
+    """Per-block group scores: 'head' [H], 'kv_group' [Hkv], 'mlp_channel' [I], 'expert' [E] (present ones)."""
+    c = block.components
+    out: dict[str, torch.Tensor] = {}
+    if SCORERS[name].kind == "mask":
+        for g in GROUPS:
+            wg = ctx.stats.get(block.index, g, "wg")
+            if wg is not None:
+                out[g] = _mask_value(name, ctx, wg, ctx.stats.get(block.index, g, "wg_sq"))
+        return out
+    if "attn.q" in c and "attn.o" in c:
+        out["head"] = _heads(rows(name, ctx, c["attn.q"]), block.head_dim) + _heads(cols(name, ctx, c["attn.o"]),
+                                                                                    block.head_dim)
+    if "attn.k" in c and "attn.v" in c and "head" in out:
+        kv = _heads(rows(name, ctx, c["attn.k"]) + rows(name, ctx, c["attn.v"]), block.head_dim)
+        out["kv_group"] = kv + out["head"].reshape(block.n_kv_heads, -1).sum(-1)
+    if "mlp.up" in c and "mlp.down" in c:
+        mlp = rows(name, ctx, c["mlp.up"]) + cols(name, ctx, c["mlp.down"])
+        out["mlp_channel"] = mlp + rows(name, ctx, c["mlp.gate"]) if "mlp.gate" in c else mlp
+    experts = [x for x in c.values() if x.kind == "experts"]
+    if experts:
+        out["expert"] = sum(rows(name, ctx, x).sum(-1) for x in experts)
+        if "mlp.router" in c:
+            out["expert"] = out["expert"] + rows(name, ctx, c["mlp.router"])
+    return out
+
+
+def layer(name: str, ctx: Context, block: Block) -> float:
+    if name == "block_influence":
+        total = ctx.stats.get(block.index, "block", "influence")
+        count = ctx.stats.get(block.index, "block", "influence_tokens")
+        if total is None or count is None:
+            raise KeyError("block influence statistics missing")
+        return float(total[0] / count[0].clamp_min(1))
+    if SCORERS[name].kind == "mask":
+        return float(_mask_value(name, ctx, ctx.stats.get(block.index, "layer", "wg"),
+                                 ctx.stats.get(block.index, "layer", "wg_sq"))[0])
+    return sum(component(name, ctx, comp) for comp in block.components.values())
+
+
+def group_counts(block: Block) -> dict[str, torch.Tensor]:
+    """Number of weights in each group of ``block`` (for 'mean' aggregation), by arithmetic on shapes."""
+    c = block.components
+    out: dict[str, torch.Tensor] = {}
+    hd = block.head_dim
+    if "attn.q" in c and "attn.o" in c:
+        per_head = hd * c["attn.q"].shape[1] + c["attn.o"].shape[0] * hd
+        out["head"] = torch.full((block.n_heads,), float(per_head))
+    if "attn.k" in c and "attn.v" in c and "head" in out:
+        per_group = hd * (c["attn.k"].shape[1] + c["attn.v"].shape[1])
+        out["kv_group"] = per_group + out["head"].reshape(block.n_kv_heads, -1).sum(-1)
+    if "mlp.up" in c and "mlp.down" in c:
+        per_channel = c["mlp.up"].shape[1] + c["mlp.down"].shape[0] + (c["mlp.gate"].shape[1] if "mlp.gate" in c else 0)
+        out["mlp_channel"] = torch.full((block.intermediate,), float(per_channel))
+    experts = [x for x in c.values() if x.kind == "experts"]
+    if experts:
+        per_expert = sum(x.shape[1] * x.shape[2] for x in experts)
+        per_expert += c["mlp.router"].shape[1] if "mlp.router" in c else 0
+        out["expert"] = torch.full((block.n_experts,), float(per_expert))
+    return out

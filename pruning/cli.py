@@ -1,0 +1,117 @@
+"""The ``imprune`` command line: a registry of subcommands filled by the ``@command`` decorator.
+
+Each subcommand is a function ``run(args) -> int`` registered with its arguments, in a module listed in
+``_COMMAND_MODULES`` (imported lazily, so ``imprune --help`` stays fast). Errors the user can fix are
+``ImpruneError``: one line on stderr and exit code 2, never a traceback, never a half-written output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from importance.errors import ImpruneError
+
+Arg = tuple[tuple[str, ...], dict[str, Any]]
+
+
+def arg(*flags: str, **kwargs: Any) -> Arg:
+    return flags, kwargs
+
+
+# shared arguments, so every command spells them the same way
+MODEL = arg("--model", default="builtin:smollm2-135m",
+            help="builtin:smollm2-135m | builtin:minilm-l6 | random:<model_type> | folder | .gguf | hub id")
+DTYPE = arg("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+DEVICE = arg("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+TRUST = arg("--trust-remote-code", action="store_true", help="allow model code from the model folder (off)")
+SEQ_LEN = arg("--seq-len", type=int, default=256, help="window length in tokens")
+TOKENS = arg("--tokens", type=int, default=None, help="cap on tokens (whole windows)")
+SAMPLES = arg("--samples", type=int, default=None, help="cap on windows")
+SEED = arg("--seed", type=int, default=0)
+BATCH = arg("--batch-size", type=int, default=4, help="windows per forward pass")
+OVERWRITE = arg("--overwrite", action="store_true", help="replace an existing output")
+QUIET = arg("--quiet", action="store_true", help="no progress bars")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    args: tuple[Arg, ...]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+_COMMAND_MODULES = ("pruning.cli_importance",)
+
+
+def command(name: str, help: str, args: Sequence[Arg] = ()) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Register ``fn(args) -> int`` as ``imprune <name>``."""
+
+    def register(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = Command(name, help, tuple(args), fn)
+        return fn
+
+    return register
+
+
+def check_output(path: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output path unless ``--overwrite`` (before any work is done)."""
+    out = Path(path).expanduser()
+    if out.exists() and not overwrite:
+        raise ImpruneError(f"output '{out}' already exists; choose another path or pass --overwrite")
+    return out
+
+
+def positive(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise ImpruneError(f"{flag} must be at least 1, got {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    for mod in _COMMAND_MODULES:
+        importlib.import_module(mod)
+    parser = argparse.ArgumentParser(prog="imprune", description="Which parts of a transformer matter, and "
+                                     "what to do about it: score, draw, prune, quantize, evaluate.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        for flags, kwargs in cmd.args:
+            p.add_argument(*flags, **kwargs)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    _quiet_libraries()
+    try:
+        return COMMANDS[args.command].run(args)
+    except ImpruneError as err:
+        print(f"imprune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

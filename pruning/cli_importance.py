@@ -1,0 +1,122 @@
+"""``imprune info`` and ``imprune eval``: what a model is made of, and how well it predicts text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from importance.arch import model_map
+from importance.data import load_data
+from importance.meta import versions, write_json
+from importance.models import load_model
+
+from .cli import DEVICE, DTYPE, MODEL, OVERWRITE, QUIET, SEED, TRUST, arg, check_output, command, positive
+from .evaluate import perplexity
+
+
+def _load(args: argparse.Namespace):
+    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+
+
+def _max_positions(model) -> int | None:
+    cfg = model.config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+@command("info", "print the canonical component map of a model", [MODEL, DTYPE, DEVICE, TRUST,
+         arg("--json", action="store_true", help="print the map as JSON")])
+def info(args: argparse.Namespace) -> int:
+    lm = _load(args)
+    mm = model_map(lm.model)
+    total = sum(p.numel() for p in lm.model.parameters())
+    in_blocks = sum(p.numel() for b in mm.blocks for p in b.module.parameters())
+    b0 = mm.blocks[0]
+    doc = {"model": lm.describe(), "model_class": type(lm.model).__name__, "blocks": mm.blocks_path,
+           "layers": mm.n_layers, "heads": b0.n_heads, "kv_heads": b0.n_kv_heads, "head_dim": b0.head_dim,
+           "intermediate": b0.intermediate, "experts": b0.n_experts, "discovered": mm.discovered,
+           "params_total": total, "params_in_blocks": in_blocks, "components": mm.summary()}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"model      {lm.spec}  ({doc['model_class']}, model_type {mm.model_type}, {lm.task})")
+    for note in lm.notes:
+        print(f"note       {note}")
+    print(f"blocks     {mm.blocks_path} x {mm.n_layers}" + ("  [discovered, not registered]" if mm.discovered else ""))
+    print(f"attention  {b0.n_heads} heads / {b0.n_kv_heads} KV heads, head_dim {b0.head_dim}")
+    if b0.n_experts:
+        print(f"experts    {b0.n_experts} per MoE layer")
+    if b0.intermediate:
+        print(f"mlp        intermediate {b0.intermediate}")
+    print(f"params     {total:,} total, {in_blocks:,} in blocks ({100 * in_blocks / total:.1f}%)")
+    print(f"\n{'component':<18} {'shape':<16} {'layers':>6} {'params':>13}  path")
+    for row in doc["components"]:
+        shape = "x".join(str(s) for s in row["shape"])
+        print(f"{row['component']:<18} {shape:<16} {row['layers']:>6} {row['params']:>13,}  {row['path']}")
+    return 0
+
+
+@command("eval", "token-level perplexity on non-overlapping windows (shared/protocol.md)", [
+    MODEL, DTYPE, DEVICE, TRUST, arg("--data", default="austen:eval", help="data spec (default: Persuasion)"),
+    arg("--seq-len", type=int, default=256, help="window length"),
+    arg("--tokens", type=int, default=16384, help="evaluate the first N tokens (whole windows)"),
+    arg("--batch-size", type=int, default=8), arg("--out", default=None, help="write metrics JSON here"),
+    OVERWRITE, QUIET, SEED])
+def evaluate(args: argparse.Namespace) -> int:
+    positive(args.batch_size, "--batch-size")
+    out = check_output(args.out, args.overwrite) if args.out else None
+    lm = _load(args)
+    windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, tokens=args.tokens, seed=args.seed,
+                        sampling="sequential", max_positions=_max_positions(lm.model))
+    result = perplexity(lm.model, windows, lm.task, batch_size=args.batch_size, progress=not args.quiet)
+    print(result.line())
+    if out is not None:
+        write_json(out, {"model": lm.describe(), "perplexity": result.to_dict(),
+                         "window": {"seq_len": windows.seq_len, "windows": len(windows),
+                                    "tokens": windows.n_tokens, "sampling": "sequential"},
+                         "versions": versions()})
+        print(f"wrote {out}")
+    return 0
+
+
+@command("score", "score every parameter group with all scorers in one pass -> an importance table", [
+    MODEL, DTYPE, DEVICE, TRUST, arg("--data", default="austen:train", help="calibration data spec"),
+    arg("--scorers", default="taylor,fisher,activation,magnitude,block_influence",
+        help="comma-separated: taylor, fisher, activation, magnitude, block_influence"),
+    arg("--seq-len", type=int, default=256), arg("--tokens", type=int, default=8192),
+    arg("--samples", type=int, default=None), SEED, arg("--batch-size", type=int, default=4),
+    arg("--elements", action="store_true", help="also keep per-weight tensors (the size of the model)"),
+    arg("--fisher-unit", default="sequence", choices=["sequence", "batch"]),
+    arg("--obd", action="store_true", help="element Fisher as the OBD saliency w^2 F / 2"),
+    arg("--out", required=True, help="output folder for the table"), OVERWRITE, QUIET])
+def score_cmd(args: argparse.Namespace) -> int:
+    from importance.score import parse_scorers, score
+
+    names = parse_scorers(args.scorers)
+    positive(args.batch_size, "--batch-size")
+    out = check_output(args.out, args.overwrite)
+    lm = _load(args)
+    windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, tokens=args.tokens, samples=args.samples,
+                        seed=args.seed, max_positions=_max_positions(lm.model))
+    table = score(lm, windows, names, seed=args.seed, batch_size=args.batch_size, elements=args.elements,
+                  fisher_unit=args.fisher_unit, obd=args.obd, progress=not args.quiet)
+    table.save(out, overwrite=args.overwrite)
+    counts = table.meta["counts"]
+    print(f"scored {lm.spec} on {args.data}: {len(windows)} windows x {windows.seq_len} tokens "
+          f"({int(counts.get('tokens', 0))} tokens) in {table.meta['seconds']:.1f} s -> {out}")
+    print_ranking(table)
+    return 0
+
+
+def print_ranking(table, k: int = 3) -> None:
+    """Most and least important components and heads per scorer (mean per weight), layers by influence."""
+    for scorer in table.scorers:
+        for gran in ("component", "head"):
+            if not table.has(scorer, gran):
+                continue
+            top, bottom = table.ranking(scorer, gran, "mean", k, skip_norms=True)
+            fmt = lambda xs: ", ".join(label for label, _ in xs)  # noqa: E731
+            print(f"  {scorer:<10} {gran:<9} most: {fmt(top):<40} least: {fmt(bottom)}")
+        if scorer == "block_influence":
+            top, bottom = table.ranking(scorer, "layer", "sum", k)
+            print(f"  {scorer:<10} layer     most: {', '.join(x for x, _ in top):<40} "
+                  f"least: {', '.join(x for x, _ in bottom)}")
