@@ -32,6 +32,19 @@ AGGREGATIONS = ("sum", "mean")
 NORMALIZATIONS = ("none", "layer", "component", "global")
 
 
+LayerMap = dict[int, dict[str, float]]  # {layer: {component: value}}: sparsity or bits per layer x component
+
+
+def layer_map_matrix(values: LayerMap, components: list[str], n_layers: int) -> torch.Tensor:
+    """``{layer: {component: v}}`` (JSON keys may be strings) -> [L, C] with NaN where absent."""
+    m = torch.full((n_layers, len(components)), float("nan"))
+    for layer, row in values.items():
+        for comp, v in row.items():
+            if comp in components and 0 <= int(layer) < n_layers:
+                m[int(layer), components.index(comp)] = float(v)
+    return m
+
+
 def normalize(m: torch.Tensor, how: str) -> torch.Tensor:
     """'layer': each row sums to 1; 'component': each column sums to 1; 'global': all sums to 1 (NaN kept)."""
     if how not in NORMALIZATIONS:
@@ -264,7 +277,7 @@ def build_table(stats: Statistics, mm: ModelMap, scorers: list[str], elements: b
     full_meta = {
         **(meta or {}), "scorers": list(scorers), "components": names, "layers": L,
         "heads": b0.n_heads, "kv_heads": b0.n_kv_heads, "head_dim": b0.head_dim, "experts": b0.n_experts,
-        "model_type": mm.model_type,
+        "model_type": mm.model_type, "shapes": {f"{c.layer}|{c.name}": list(c.shape) for c in mm.components()},
         "estimators": {s: S.SCORERS[s].estimator + (" [OBD: w^2 F / 2]" if s == "fisher" and obd else "")
                        for s in scorers},
         "counts": {k.split("|")[-1]: float(v) for k, v in stats.sums.items() if k.startswith("-|run|")},

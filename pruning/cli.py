@@ -49,7 +49,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-_COMMAND_MODULES = ("pruning.cli_importance",)
+_COMMAND_MODULES = ("pruning.cli_importance", "pruning.cli_prune")
 
 
 def command(name: str, help: str, args: Sequence[Arg] = ()) -> Callable[[Callable[..., int]], Callable[..., int]]:

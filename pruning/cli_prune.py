@@ -1,0 +1,118 @@
+"""``imprune prune``: any registered pruning method, with evaluation before/after and a reloadable folder."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from pathlib import Path
+from typing import Any
+
+from importance.arch import model_map
+from importance.data import Windows, load_data
+from importance.errors import ImpruneError
+from importance.models import load_model
+from importance.table import ImportanceTable
+
+from .cli import DEVICE, DTYPE, MODEL, OVERWRITE, QUIET, SEED, TRUST, Arg, arg, check_output, command
+from .evaluate import perplexity
+from .methods import METHODS, PruneContext
+
+_METHOD_MODULES = ("pruning.unstructured", "pruning.structured")
+
+
+def _load_methods() -> None:
+    for mod in _METHOD_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as err:
+            if err.name != mod:
+                raise
+
+
+def _method_args() -> list[Arg]:
+    _load_methods()
+    seen: dict[str, Arg] = {}
+    for method in METHODS.values():
+        for flags, kwargs in method.args:
+            seen.setdefault(flags[0], (flags, kwargs))
+    return list(seen.values())
+
+
+def check_table(table: ImportanceTable, lm: Any) -> None:
+    """The table must come from this model's architecture (same layers and component shapes)."""
+    mm = model_map(lm.model)
+    shapes = table.meta.get("shapes")
+    if table.n_layers != mm.n_layers or (shapes and shapes != _shapes(mm)):
+        raise ImpruneError(f"the importance table was made for another model ({table.meta.get('model', {}).get('spec')}"
+                           f", {table.n_layers} layers); score this model with `imprune score` and pass that --scores")
+
+
+def _shapes(mm: Any) -> dict[str, list[int]]:
+    return {f"{c.layer}|{c.name}": list(c.shape) for c in mm.components()}
+
+
+def _prune_args() -> list[Arg]:
+    return [MODEL, DTYPE, DEVICE, TRUST,
+            arg("--method", required=True, help="pruning method (see the list in --help)"),
+            arg("--sparsity", type=float, required=True, help="fraction to remove, in [0, 1)"),
+            arg("--scores", default=None, help="importance table folder from `imprune score`"),
+            arg("--data", default="austen:train", help="calibration data"),
+            arg("--tokens", type=int, default=8192), arg("--seq-len", type=int, default=256), SEED,
+            arg("--batch-size", type=int, default=4),
+            arg("--eval-data", default="austen:eval"), arg("--eval-tokens", type=int, default=16384),
+            arg("--no-eval", action="store_true", help="skip perplexity before/after"),
+            arg("--out", required=True, help="output folder for the pruned model"), OVERWRITE, QUIET,
+            *_method_args()]
+
+
+@command("prune", "prune a model by importance: unstructured, N:M, heads, channels, width, layers", _prune_args())
+def prune_cmd(args: argparse.Namespace) -> int:
+    _load_methods()
+    if args.method not in METHODS:
+        raise ImpruneError(f"unknown method '{args.method}'; use one of {', '.join(METHODS)}")
+    if not 0.0 <= args.sparsity < 1.0:
+        raise ImpruneError(f"--sparsity {args.sparsity} is outside [0, 1); give the fraction to remove, e.g. 0.5")
+    method = METHODS[args.method]
+    out = check_output(args.out, args.overwrite)
+    table = ImportanceTable.load(args.scores) if args.scores else None
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    if table is not None:
+        check_table(table, lm)
+    if method.needs_table and table is None:
+        raise ImpruneError(f"--method {args.method} needs an importance table: run `imprune score ... --out DIR` "
+                           "and pass --scores DIR")
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    cache: dict[str, Windows] = {}
+
+    def calibration() -> Windows:
+        if "w" not in cache:
+            cache["w"] = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, tokens=args.tokens, seed=args.seed,
+                                   max_positions=limit)
+        return cache["w"]
+
+    evaluate = not args.no_eval and lm.task in ("causal-lm", "masked-lm")
+    eval_windows = load_data(args.eval_data, lm.tokenizer, seq_len=args.seq_len, tokens=args.eval_tokens,
+                             sampling="sequential", max_positions=limit) if evaluate else None
+    params_before = sum(p.numel() for p in lm.model.parameters())
+    before = perplexity(lm.model, eval_windows, lm.task, progress=not args.quiet) if eval_windows else None
+    start = time.perf_counter()
+    result = method.fn(PruneContext(lm, args, table, calibration))
+    seconds = time.perf_counter() - start
+    after = perplexity(lm.model, eval_windows, lm.task, progress=not args.quiet) if eval_windows else None
+    params_after = sum(p.numel() for p in lm.model.parameters())
+    record = {"method": args.method, "sparsity_target": args.sparsity, **result.record,
+              "sparsity": {str(k): v for k, v in result.sparsity.items()},
+              "params": {"before": params_before, "after": params_after},
+              "perplexity": {"before": before.to_dict() if before else None, "after": after.to_dict() if after else None},
+              "calibration": dict(cache["w"].meta) if "w" in cache else None,
+              "scores": str(Path(args.scores).resolve()) if args.scores else None,
+              "prune_seconds": round(seconds, 2), "shapes_changed": result.shapes_changed, "uniform": result.uniform}
+    from .io import save_model
+
+    save_model(lm, out, record, overwrite=args.overwrite)
+    if before and after:
+        print(f"perplexity {before.ppl:.2f} -> {after.ppl:.2f} ({after.windows} x {after.seq_len} tokens, "
+              f"{after.predicted} predicted; {after.data})")
+    print(f"params {params_before:,} -> {params_after:,}; pruned in {seconds:.1f} s; wrote {out}")
+    return 0

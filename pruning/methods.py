@@ -1,0 +1,66 @@
+"""Registry of pruning methods behind ``imprune prune --method NAME``.
+
+A method is a function ``fn(ctx: PruneContext) -> PruneResult`` that changes ``ctx.lm.model`` in place,
+registered with ``@register_method(name, args=[...])``; its extra CLI flags are declared with it (flags
+shared by several methods must be declared identically). The ``prune`` command does everything around it:
+validation, loading, evaluation before/after, and writing the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from importance.data import Windows
+from importance.models import LoadedModel
+from importance.table import ImportanceTable
+
+Arg = tuple[tuple[str, ...], dict[str, Any]]
+
+
+@dataclass
+class PruneContext:
+    """What a method gets: the model, the parsed flags, the importance table (if given or scored), and
+    ``calibration()`` which loads the calibration windows on first use."""
+
+    lm: LoadedModel
+    args: argparse.Namespace
+    table: ImportanceTable | None
+    calibration: Callable[[], Windows]
+
+
+@dataclass
+class PruneResult:
+    """``record`` goes into imprune.json (recipe, allocation, removed ids, achieved sparsity ...).
+
+    ``sparsity`` is the fraction removed per layer x component as ``{layer: {component: fraction}}`` (what
+    the sparsity heatmap draws); ``shapes_changed`` marks physical removal; ``uniform`` is False when
+    layers ended with different widths (the folder then needs ``pruning.load_pruned``).
+    """
+
+    record: dict[str, Any]
+    sparsity: dict[int, dict[str, float]] = field(default_factory=dict)
+    shapes_changed: bool = False
+    uniform: bool = True
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    help: str
+    args: tuple[Arg, ...]
+    fn: Callable[[PruneContext], PruneResult]
+    needs_table: bool = False
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, help: str, args: Sequence[Arg] = (), needs_table: bool = False):
+    def add(fn: Callable[[PruneContext], PruneResult]) -> Callable[[PruneContext], PruneResult]:
+        METHODS[name] = Method(name, help, tuple(args), fn, needs_table)
+        return fn
+
+    return add
