@@ -104,6 +104,9 @@ class _Pass:
     def __init__(self, mm: ModelMap, cfg: CollectConfig, stats: Statistics) -> None:
         self.mm, self.cfg, self.stats = mm, cfg, stats
         self.mask = torch.ones(1, 1)
+        self.all_valid = True  # no padding in the current batch: skip mask multiplies
+        self._last_x: torch.Tensor | None = None
+        self._last_sq = torch.zeros(0)
         self.rows: dict[tuple[int, str], torch.Tensor] = {}  # per-batch [B, out] (experts [B, E, out])
         self.cols: dict[tuple[int, str], torch.Tensor] = {}  # per-batch [B, in]
         self._inside_norm = False
@@ -139,14 +142,24 @@ class _Pass:
         key = (comp.layer, comp.name)
         self.rows[key] = self.rows[key] + s if key in self.rows else s
 
+    def _sumsq(self, v: torch.Tensor) -> torch.Tensor:
+        """Sum over the non-padding tokens of v^2 per channel (last dim) -> [C] fp32."""
+        v = v.float()
+        if self.all_valid:
+            return v.square().reshape(-1, v.shape[-1]).sum(0)
+        m = _token_mask(self.mask, v)
+        return (v.square() * m).reshape(-1, v.shape[-1]).sum(0)
+
     def _activation(self, comp: Component, x: torch.Tensor | None, y: torch.Tensor | None) -> None:
         if not self.cfg.activation:
             return
         with torch.no_grad():
-            for stat, v in (("in_sq", x), ("out_sq", y)):
-                if v is not None:
-                    m = _token_mask(self.mask, v)
-                    self.stats.add(f"{comp.layer}|{comp.name}|{stat}", _per_seq(v.float().square() * m, 1)[0])
+            if x is not None:  # q/k/v (and gate/up) read the same tensor, one after the other: square it once
+                if self._last_x is not x:  # identity, and the reference keeps its memory from being reused
+                    self._last_x, self._last_sq = x, self._sumsq(x)
+                self.stats.add(f"{comp.layer}|{comp.name}|in_sq", self._last_sq)
+            if y is not None:
+                self.stats.add(f"{comp.layer}|{comp.name}|out_sq", self._sumsq(y))
 
     # -------------------------------------------------------------------------------- linear layers
     def _linear_forward(self, comps: list[Component]):
@@ -171,16 +184,18 @@ class _Pass:
                 self._elements(comp, x.float().reshape(b, -1, x.shape[-1]), dc.reshape(b, -1, dc.shape[-1]))
 
     def _elements(self, comp: Component, xb: torch.Tensor, db: torch.Tensor) -> None:
-        """Per-sequence weight gradients G_b = d_b^T x_b [out, in]: sum and sum of squares."""
+        """Per-sequence weight gradients G_b = d_b^T x_b [out, in]: sum and sum of squares, folded in place."""
         key = f"{comp.layer}|{comp.name}"
-        if self.cfg.fisher_unit == "sequence":
-            g = torch.bmm(db.transpose(1, 2), xb)  # [B, out, in]
-            self.stats.add(f"{key}|grad", g.sum(0))
-            self.stats.add(f"{key}|grad_sq", g.square().sum(0))
-        else:
-            g = db.flatten(0, 1).T @ xb.flatten(0, 1)
-            self.stats.add(f"{key}|grad", g)
-            self.stats.add(f"{key}|grad_sq", g.square())
+        out, inp = db.shape[-1], xb.shape[-1]
+        grad = self.stats.sums.setdefault(f"{key}|grad", torch.zeros(out, inp))
+        grad_sq = self.stats.sums.setdefault(f"{key}|grad_sq", torch.zeros(out, inp))
+        if self.cfg.fisher_unit == "batch":
+            xb, db = xb.reshape(1, -1, inp), db.reshape(1, -1, out)
+        g = torch.empty(out, inp)
+        for x_b, d_b in zip(xb, db):
+            torch.mm(d_b.T, x_b, out=g)
+            grad.add_(g)
+            grad_sq.addcmul_(g, g)
 
     def _column_alias(self, comp: Component):
         """Feed the module an alias of its input, whose gradient is this module's share alone."""
@@ -454,6 +469,7 @@ def collect(model: nn.Module, windows: Windows, task: str, cfg: CollectConfig = 
             h.remove()
         run.rows.clear()
         run.cols.clear()
+        run._last_x = None
         bar.close()
         model.train(was_training)
     stats.meta["seconds"] = time.perf_counter() - start
@@ -462,6 +478,8 @@ def collect(model: nn.Module, windows: Windows, task: str, cfg: CollectConfig = 
 
 def _one_batch(model: nn.Module, batch: Batch, task: str, cfg: CollectConfig, run: _Pass) -> None:
     run.mask = batch.attention_mask.to(torch.float32)
+    run.all_valid = bool(batch.attention_mask.all())
+    run._last_x = None
     s = run.stats
     s.add("-|run|sequences", torch.tensor(float(batch.input_ids.shape[0])))
     s.add("-|run|tokens", torch.tensor(float(batch.n_tokens)))
