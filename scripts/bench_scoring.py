@@ -100,7 +100,8 @@ def main() -> None:
                "loaded_rss_mb": statistics.median(r["loaded_rss_mb"] for r in rs)} for v, rs in runs.items()}
     base = {"activation": "bare_fwd", "groups": "bare_fwdbwd", "elements": "bare_fwdbwd"}
     target = {"activation": (1.05, None), "groups": (1.10, 1.05), "elements": (1.10, None)}
-    print(f"\n| variant | seconds | vs | time ratio (target) | peak RSS MB | peak ratio (target) | pass RSS increase MB |")
+    print("\n| variant | seconds | vs | time ratio (target) | peak RSS MB | peak ratio (target) | "
+          "pass RSS increase MB |")
     print("|---|---|---|---|---|---|---|")
     table = []
     for v in variants:

@@ -19,7 +19,7 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
          "gpt_neox", "opt", "bert", "mixtral", "qwen3_moe", "qwen2_moe"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(model_type: str):
     lm = load_model(f"random:{model_type}")
     with torch.no_grad():  # larger weights than the 0.02 init, so gradients are far from zero

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from test_collect import ARCHS, _close, _model, _windows, per_sequence_grads
 
 from importance.arch import model_map
 from importance.data import Windows
@@ -13,7 +14,6 @@ from importance.errors import ImpruneError
 from importance.models import load_model
 from importance.score import parse_scorers, score
 from importance.table import ImportanceTable, layer_map_matrix, normalize
-from test_collect import ARCHS, _close, _model, _windows, per_sequence_grads
 
 ALL = ["taylor", "fisher", "activation", "magnitude", "block_influence"]
 
@@ -88,8 +88,9 @@ def test_zeroed_head_ranks_last(scorer: str) -> None:
     block = model_map(lm.model).blocks[1]
     hd = block.head_dim
     victim = 2
-    block.components["attn.q"].update_weight_(lambda w: w.index_fill(0, torch.arange(victim * hd, (victim + 1) * hd), 0))
-    block.components["attn.o"].update_weight_(lambda w: w.index_fill(1, torch.arange(victim * hd, (victim + 1) * hd), 0))
+    cut = torch.arange(victim * hd, (victim + 1) * hd)
+    block.components["attn.q"].update_weight_(lambda w: w.index_fill(0, cut, 0))
+    block.components["attn.o"].update_weight_(lambda w: w.index_fill(1, cut, 0))
     t = score(lm, _windows(seed=13, n=4), [scorer], batch_size=2, progress=False)
     heads = t.matrix(scorer, "head")
     assert float(heads[1, victim]) == 0.0
