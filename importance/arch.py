@@ -14,10 +14,12 @@ a warning; where that cannot work, ``ImpruneError`` names the model type and ``r
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +65,14 @@ class ArchSpec:
     attn: str = "self_attn"  # attention and MLP module paths, for structural surgery
     mlp: str = "mlp"
     final_norm: str | None = "model.norm"
+    # structural surgery: config fields holding the geometry (None: the field also fixes head_dim = hidden /
+    # heads, as in GPT-2, OPT, BERT and GPT-NeoX, so a changed head count cannot be written into the config)
+    config_heads: str | None = "num_attention_heads"
+    config_kv_heads: str | None = "num_key_value_heads"
+    config_intermediate: str | None = "intermediate_size"
+    attn_config_heads: bool = False  # the attention forward reads config.num_attention_heads (phi3's fused split)
+    attn_bias_flag: str | None = "attention_bias"  # config flags that add biases (used by bias compensation)
+    mlp_bias_flag: str | None = "mlp_bias"
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -103,30 +113,31 @@ register_arch("phi3")(ArchSpec("model.layers", {
     "attn.q": Fused("self_attn.qkv_proj", "qkv", 0), "attn.k": Fused("self_attn.qkv_proj", "qkv", 1),
     "attn.v": Fused("self_attn.qkv_proj", "qkv", 2), "attn.o": "self_attn.o_proj",
     "mlp.gate": Fused("mlp.gate_up_proj", "halves", 0), "mlp.up": Fused("mlp.gate_up_proj", "halves", 1),
-    "mlp.down": "mlp.down_proj"}, _LLAMA_NORMS))
+    "mlp.down": "mlp.down_proj"}, _LLAMA_NORMS, attn_config_heads=True))
 register_arch("gpt2")(ArchSpec("transformer.h", {
     "attn.q": Fused("attn.c_attn", "qkv", 0), "attn.k": Fused("attn.c_attn", "qkv", 1),
     "attn.v": Fused("attn.c_attn", "qkv", 2), "attn.o": "attn.c_proj", "mlp.up": "mlp.c_fc",
     "mlp.down": "mlp.c_proj"}, {"norm.attn_in": "ln_1", "norm.mlp_in": "ln_2"}, gqa=False, attn="attn",
-    final_norm="transformer.ln_f"))
+    final_norm="transformer.ln_f", config_heads=None, config_kv_heads=None, config_intermediate="n_inner"))
 register_arch("gpt_neox")(ArchSpec("gpt_neox.layers", {
     "attn.q": Fused("attention.query_key_value", "qkv_heads", 0),
     "attn.k": Fused("attention.query_key_value", "qkv_heads", 1),
     "attn.v": Fused("attention.query_key_value", "qkv_heads", 2), "attn.o": "attention.dense",
     "mlp.up": "mlp.dense_h_to_4h", "mlp.down": "mlp.dense_4h_to_h"}, _LLAMA_NORMS, gqa=False, attn="attention",
-    final_norm="gpt_neox.final_layer_norm"))
+    final_norm="gpt_neox.final_layer_norm", config_heads=None, config_kv_heads=None))
 register_arch("opt")(ArchSpec("model.decoder.layers", {
     "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
     "attn.o": "self_attn.out_proj", "mlp.up": "fc1", "mlp.down": "fc2"},
     {"norm.attn_in": "self_attn_layer_norm", "norm.mlp_in": "final_layer_norm"}, gqa=False, mlp="",
-    final_norm="model.decoder.final_layer_norm"))
+    final_norm="model.decoder.final_layer_norm", config_heads=None, config_kv_heads=None,
+    config_intermediate="ffn_dim"))
 register_arch("bert", "roberta")(ArchSpec("encoder.layer", {
     "attn.q": "attention.self.query", "attn.k": "attention.self.key", "attn.v": "attention.self.value",
     "attn.o": "attention.output.dense", "mlp.up": "intermediate.dense", "mlp.down": "output.dense"},
     {"norm.attn_out": "attention.output.LayerNorm", "norm.mlp_out": "output.LayerNorm"}, gqa=False,
-    attn="attention", mlp="", final_norm=None))
+    attn="attention", mlp="", final_norm=None, config_heads=None, config_kv_heads=None))
 register_arch("mixtral")(ArchSpec("model.layers", _ATTN_ONLY, _LLAMA_NORMS, experts="mlp.experts",
-                                  router="mlp.gate"))
+                                  router="mlp.gate", config_intermediate=None))  # experts read intermediate_size
 register_arch("qwen3_moe")(ArchSpec("model.layers", _LLAMA_LIN, {**_LLAMA_NORMS, **_QK_NORMS},
                                     experts="mlp.experts", router="mlp.gate"))
 register_arch("qwen2_moe")(ArchSpec("model.layers", _LLAMA_LIN, _LLAMA_NORMS, experts="mlp.experts",
@@ -135,6 +146,113 @@ register_arch("qwen2_moe")(ArchSpec("model.layers", _LLAMA_LIN, _LLAMA_NORMS, ex
                                         "mlp.shared.up": "mlp.shared_expert.up_proj",
                                         "mlp.shared.down": "mlp.shared_expert.down_proj",
                                         "mlp.shared.router": "mlp.shared_expert_gate"}))
+
+
+# ----------------------------------------------------------------------------------------- structure
+# What structural surgery (pruning.surgery / pruning.structured) must know beyond the weights: which module
+# attributes and config fields hold head counts, widths and layer indices. Attribute names are the ones
+# transformers' attention classes use; only those present on a module are written.
+_HEAD_ATTRS = ("num_heads", "num_attention_heads")  # GPT-2, OPT (view by num_heads), BERT
+_KV_ATTRS = ("num_key_value_heads",)  # phi3
+_WIDTH_ATTRS = ("all_head_size", "split_size")  # BERT's q/k/v width, GPT-2's split of the fused c_attn
+_LAYER_INDEX_LISTS = ("mlp_only_layers",)  # config lists of layer indices (the rest: per-layer lists)
+
+
+def attention_module(block: Block, spec: ArchSpec) -> nn.Module:
+    mod = _get(block.module, spec.attn)
+    if mod is None:
+        raise ImpruneError(f"block {block.index}: no attention module at '{spec.attn}'; fix ArchSpec.attn")
+    return mod
+
+
+def set_attention_heads(block: Block, spec: ArchSpec, config: Any, n_heads: int, n_kv: int) -> None:
+    """Make ``block``'s attention run with ``n_heads`` query and ``n_kv`` KV heads (weights already cut).
+
+    Sets the counts the attention forward reads: ``num_key_value_groups`` (Llama family: repeat_kv / SDPA's
+    GQA), GPT-2's ``split_size`` and ``num_heads``, OPT's ``num_heads``, BERT's ``num_attention_heads`` and
+    ``all_head_size``; phi3 slices its fused qkv by ``config.num_attention_heads``, so a layer whose counts
+    differ from the config gets a ``LayerConfig`` view of it with its own counts.
+    """
+    attn = attention_module(block, spec)
+    for m in attn.modules():
+        for names, value in ((_HEAD_ATTRS, n_heads), (_KV_ATTRS, n_kv), (_WIDTH_ATTRS, n_heads * block.head_dim)):
+            for a in names:
+                if isinstance(getattr(m, a, None), int):
+                    setattr(m, a, value)
+        if isinstance(getattr(m, "num_key_value_groups", None), int):
+            m.num_key_value_groups = n_heads // max(n_kv, 1)
+    if spec.attn_config_heads and spec.config_heads and spec.config_kv_heads:
+        same = getattr(config, spec.config_heads) == n_heads and getattr(config, spec.config_kv_heads) == n_kv
+        attn.config = config if same else LayerConfig(config, {spec.config_heads: n_heads,
+                                                               spec.config_kv_heads: n_kv})
+
+
+class LayerConfig:
+    """A model config seen by one layer with a few fields overridden (its own head counts); everything else,
+    the attention implementation included, is read live from the shared config."""
+
+    def __init__(self, base: Any, overrides: dict[str, Any]) -> None:
+        self._base, self._overrides = base, dict(overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("_base", "_overrides"):
+            raise AttributeError(name)
+        return self._overrides[name] if name in self._overrides else getattr(self._base, name)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LayerConfig:
+        return LayerConfig(copy.deepcopy(self._base, memo), self._overrides)
+
+
+def set_config_geometry(config: Any, spec: ArchSpec, head_dim: int, heads: int | None = None,
+                        kv_heads: int | None = None, intermediate: int | None = None) -> list[str]:
+    """Write counts shared by every layer into the config fields that hold them; return the fields written.
+
+    A count the config cannot hold (GPT-2/OPT/BERT/NeoX head counts fix head_dim; an architecture with no
+    intermediate field) is left out: the saved folder then records per-layer shapes for ``load_pruned``.
+    """
+    written = []
+    if heads is not None and spec.config_heads:
+        setattr(config, spec.config_heads, int(heads))
+        config.head_dim = int(head_dim)  # explicit: it no longer equals hidden_size / heads
+        written += [spec.config_heads, "head_dim"]
+    if kv_heads is not None and spec.config_heads and spec.config_kv_heads and spec.gqa:
+        setattr(config, spec.config_kv_heads, int(kv_heads))
+        written.append(spec.config_kv_heads)
+    if intermediate is not None and spec.config_intermediate:
+        setattr(config, spec.config_intermediate, int(intermediate))
+        written.append(spec.config_intermediate)
+    return written
+
+
+def renumber_block(module: nn.Module, index: int) -> None:
+    """Give a block (after others were removed) its new position: every ``layer_idx`` (KV-cache slot) in it."""
+    for m in module.modules():
+        if isinstance(getattr(m, "layer_idx", None), int):
+            m.layer_idx = index
+
+
+def drop_layers_config(config: Any, keep: list[int]) -> list[str]:
+    """Update the config for a model that keeps only blocks ``keep`` (old indices, ascending).
+
+    Sets the layer count, slices per-layer lists (``layer_types`` sliding/full patterns, any list field named
+    ``*layer*`` with one entry per layer) and renumbers lists of layer indices (``mlp_only_layers``).
+    Returns the fields changed.
+    """
+    n_old = int(config.num_hidden_layers)
+    new_index = {old: new for new, old in enumerate(keep)}
+    changed = ["num_hidden_layers"]
+    for key, value in list(vars(config).items()):
+        if not isinstance(value, (list, tuple)) or "layer" not in key:
+            continue
+        if key in _LAYER_INDEX_LISTS:
+            setattr(config, key, [new_index[i] for i in value if i in new_index])
+        elif len(value) == n_old:
+            setattr(config, key, [value[i] for i in keep])
+        else:
+            continue
+        changed.append(key)
+    config.num_hidden_layers = len(keep)
+    return changed
 
 
 # ----------------------------------------------------------------------------------------- views
@@ -308,6 +426,14 @@ def _fused_rows(layout: str, part: int, out_total: int, head_dim: int, n_heads: 
     raise ImpruneError(f"unknown fused layout '{layout}'")
 
 
+def _layer_heads(block: nn.Module, spec: ArchSpec, n_heads_cfg: int, out_total: int, head_dim: int) -> int:
+    """Query heads of one block with a fused [q | k | v] projection (may differ per layer after pruning)."""
+    if not spec.gqa:  # q, k and v are equally wide
+        return out_total // (3 * head_dim)
+    own = getattr(_get(block, spec.attn), "config", None) if spec.attn_config_heads else None
+    return int(getattr(own, spec.config_heads or "", None) or n_heads_cfg)
+
+
 def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_heads_cfg: int,
                  head_dim: int) -> Block:
     comps: dict[str, Component] = {}
@@ -325,7 +451,7 @@ def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_hea
         rows = None
         if isinstance(entry, Fused):
             out_total = mod.weight.shape[1 if transposed else 0]
-            n_heads = n_heads_cfg if entry.layout == "qkv" else 0
+            n_heads = _layer_heads(block, spec, n_heads_cfg, out_total, head_dim) if entry.layout == "qkv" else 0
             rows = _fused_rows(entry.layout, entry.part, out_total, head_dim, n_heads)
         comps[name] = Component(name, index, f"{bpath}.{path}", mod, "linear", rows=rows, transposed=transposed,
                                 head_dim=head_dim, out_group=_OUT_GROUP.get(name), in_group=_IN_GROUP.get(name))

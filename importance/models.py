@@ -168,7 +168,13 @@ def _load_folder(folder: Path, spec: str, dtype: torch.dtype, trust_remote_code:
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     task = _task_from_architectures(config)
     cls = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM, "encoder": AutoModel}[task]
-    model = cls.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    record = folder / "imprune.json"
+    if record.is_file() and json.loads(record.read_text()).get("layer_shapes"):  # per-layer widths from pruning
+        from pruning.io import load_pruned
+
+        model = load_pruned(folder, dtype=dtype)
+    else:
+        model = cls.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if task == "masked-lm" and getattr(model.config, "mask_token_id", None) is None:
         model.config.mask_token_id = tokenizer.mask_token_id

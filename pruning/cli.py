@@ -49,7 +49,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-_COMMAND_MODULES = ("pruning.cli_importance", "pruning.cli_prune")
+_COMMAND_MODULES = ("pruning.cli_importance", "pruning.cli_prune", "pruning.cli_validate")
 
 
 def command(name: str, help: str, args: Sequence[Arg] = ()) -> Callable[[Callable[..., int]], Callable[..., int]]:

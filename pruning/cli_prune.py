@@ -104,7 +104,8 @@ def prune_cmd(args: argparse.Namespace) -> int:
     record = {"method": args.method, "sparsity_target": args.sparsity, **result.record,
               "sparsity": {str(k): v for k, v in result.sparsity.items()},
               "params": {"before": params_before, "after": params_after},
-              "perplexity": {"before": before.to_dict() if before else None, "after": after.to_dict() if after else None},
+              "perplexity": {"before": before.to_dict() if before else None,
+                             "after": after.to_dict() if after else None},
               "calibration": dict(cache["w"].meta) if "w" in cache else None,
               "scores": str(Path(args.scores).resolve()) if args.scores else None,
               "prune_seconds": round(seconds, 2), "shapes_changed": result.shapes_changed, "uniform": result.uniform}

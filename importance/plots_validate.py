@@ -1,0 +1,152 @@
+"""Figures of ``imprune validate``: predicted vs measured scatter plots, and the ablation beside the scorers.
+
+Both functions return a ``matplotlib.figure.Figure`` built without pyplot (no global state, no display; save
+with ``fig.savefig``). ``ablation_heatmap_figure`` is the one place to switch to ``importance.heatmap``'s
+shared drawing helper once it is available: it draws every panel in the table's [L, X] layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from matplotlib import cm, colors, ticker
+from matplotlib.figure import Figure
+
+from .faithfulness import paired, rank, values
+from .table import ImportanceTable
+
+_SHORT = {"head": "h", "kv_group": "kv", "component": "", "layer": ""}
+
+
+def _panel_scorers(scores: ImportanceTable, granularity: str, truth_scorer: str) -> list[str]:
+    return [s for s in scores.scorers if s != truth_scorer and scores.has(s, granularity)]
+
+
+def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
+    cols = min(n, max_cols)
+    return (n + cols - 1) // cols, cols
+
+
+def _floor(v: torch.Tensor) -> float:
+    pos = v[v > 0]
+    return float(pos.min()) / 10 if pos.numel() else 1e-6
+
+
+def scatter_figure(scores: ImportanceTable, truth: ImportanceTable, granularity: str,
+                   results: dict | None = None, truth_scorer: str = "ablation") -> Figure:
+    """One panel per scorer: predicted group score (x) against measured loss increase (y), both log scaled.
+
+    Colour: the component type at component granularity, the layer (a colour bar) for heads, KV groups and
+    layers. Values <= 0 cannot sit on a log axis: they are drawn at a floor (a tenth of the smallest positive
+    value) as downward triangles. ``results`` (from ``faithfulness.compare``) puts the correlations in titles.
+    """
+    names = _panel_scorers(scores, granularity, truth_scorer)
+    rows, cols = _grid(max(len(names), 1))
+    fig = Figure(figsize=(4.2 * cols + (1.0 if granularity != "component" else 0), 3.8 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    comps = truth.components
+    palette = {c: cm.tab20(i % 20) for i, c in enumerate(comps)}
+    depth = colors.Normalize(0, max(truth.n_layers - 1, 1))
+    for ax, scorer in zip(axes, names):
+        p, t, index = paired(scores, scorer, truth, truth_scorer, granularity)
+        fx, fy = _floor(p), _floor(t)
+        x, y = p.clamp_min(fx), t.clamp_min(fy)
+        if granularity == "component":
+            col = [palette[comps[j]] for j in index[:, 1].tolist()]
+        else:
+            col = [cm.viridis(depth(i)) for i in index[:, 0].tolist()]
+        for sel, marker in ((t > 0, "o"), (t <= 0, "v")):
+            if sel.any():
+                ax.scatter(x[sel].numpy(), y[sel].numpy(), c=[c for c, s in zip(col, sel.tolist()) if s], s=16,
+                           marker=marker, alpha=0.8, edgecolors="none")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _log_ticks(ax.xaxis, x)
+        _log_ticks(ax.yaxis, y)
+        ax.set_xlabel(f"{scorer} (predicted)")
+        ax.set_ylabel("measured loss increase (nats/token)")
+        stats = (results or {}).get("scorers", {}).get(scorer)
+        title = scorer if stats is None else \
+            f"{scorer}: Spearman {stats['spearman']:.2f}, Kendall {stats['kendall']:.2f}"
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    if granularity == "component":
+        handles = [axes[0].scatter([], [], color=palette[c], label=c, s=16) for c in comps]
+        fig.legend(handles=handles, loc="outside right center", fontsize=8, title="component")
+    else:
+        fig.colorbar(cm.ScalarMappable(depth, "viridis"), ax=list(axes[:len(names)]), label="layer")
+    fig.suptitle(f"{granularity} ablation: measured vs predicted (triangles: measured <= 0, drawn at the floor)",
+                 fontsize=11)
+    return fig
+
+
+def _log_ticks(axis, v: torch.Tensor) -> None:
+    """On a log axis spanning less than a decade: three labelled ticks instead of crowded minor labels."""
+    axis.set_minor_formatter(ticker.NullFormatter())
+    lo, hi = float(v.min()), float(v.max())
+    if 0 < lo < hi < 10 * lo:
+        axis.set_major_locator(ticker.FixedLocator(torch.logspace(math.log10(lo), math.log10(hi), 3).tolist()))
+        axis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+
+
+def _percentiles(m: torch.Tensor) -> torch.Tensor:
+    """Each finite entry's rank percentile in 0..1 within ``m`` (NaN kept): panels then share one colour scale."""
+    out = torch.full(m.shape, float("nan"))
+    ok = torch.isfinite(m)
+    n = int(ok.sum())
+    if n:
+        out[ok] = ((rank(m[ok]) - 1) / max(n - 1, 1)).float()
+    return out
+
+
+def ablation_heatmap_figure(scores: ImportanceTable, truth: ImportanceTable, granularity: str,
+                            truth_scorer: str = "ablation") -> Figure:
+    """The ablation and every scorer side by side in the same [L, X] layout, coloured by rank percentile within
+    each panel (1 = most important), so where a scorer's colours differ from the ablation's it misjudges.
+
+    Layer granularity: one panel whose columns are the ablation and the scorers (each column ranked alone).
+    """
+    names = [truth_scorer] + _panel_scorers(scores, granularity, truth_scorer)
+    tables = {truth_scorer: truth, **{s: scores for s in names[1:]}}
+    cmap = cm.magma.with_extremes(bad="#d0d0d0")
+    if granularity == "layer":
+        m = torch.stack([_percentiles(values(tables[s], s, "layer")) for s in names], 1)  # [L, S]
+        fig = Figure(figsize=(1.0 + 0.9 * len(names), 1.0 + 0.22 * m.shape[0]), layout="constrained")
+        ax = fig.subplots()
+        image = ax.imshow(m.numpy(), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        _layer_ticks(ax, m.shape[0])
+        fig.colorbar(image, ax=ax, label="rank percentile (1 = most important)")
+        fig.suptitle("layer ablation beside the scorers' layer scores", fontsize=11)
+        return fig
+    mats = [_percentiles(values(tables[s], s, granularity, truth.components if granularity == "component" else None))
+            for s in names]
+    n_layers, width = mats[0].shape
+    rows, cols = _grid(len(names), 5)
+    fig = Figure(figsize=(0.8 + cols * (0.9 + 0.32 * width), 0.9 + rows * (0.6 + 0.2 * n_layers)),
+                 layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    labels = truth.components if granularity == "component" else \
+        [f"{_SHORT[granularity]}{j}" for j in range(width)]
+    image = None
+    for ax, name, m in zip(axes, names, mats):
+        image = ax.imshow(m[:, :width].numpy(), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(name + (" (measured)" if name == truth_scorer else ""), fontsize=10)
+        ax.set_xticks(range(width), labels, rotation=90, fontsize=7)
+        _layer_ticks(ax, n_layers)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[:len(names)]), label="rank percentile in the panel (1 = most important)",
+                     shrink=0.8)
+    fig.suptitle(f"{granularity} ablation beside the scorers, same layout", fontsize=11)
+    return fig
+
+
+def _layer_ticks(ax, n_layers: int) -> None:
+    step = max(1, -(-n_layers // 24))
+    ticks = list(range(0, n_layers, step))
+    ax.set_yticks(ticks, [f"L{i}" for i in ticks], fontsize=7)

@@ -1,0 +1,161 @@
+"""Structured rows of the quality benchmark: perplexity after physically removing heads + channels or layers.
+
+``rows(args) -> list[dict]`` is what ``scripts/bench_quality.py`` plugs in; run alone, this file prints the
+same rows as a markdown table (with the dense figure) and writes a JSON beside it.
+
+Rows (shared/protocol.md; one scoring pass with every criterion on the dense model feeds all of them):
+  width 20% of block parameters   taylor, fisher, activation, magnitude (uniform allocation: the same
+                                  widths in every layer); taylor, fisher, activation with importance-guided
+                                  allocation (when ``pruning.allocate`` is present) and with bias compensation
+  layers 25% of the layers        block_influence, taylor, fisher (8 of SmolLM2's 30 layers)
+Reference setting: SmolLM2 float32, calibration 32 x 256 Austen windows without Persuasion (seed 0),
+evaluation on the first 16,384 tokens of Persuasion in windows of 256. ``--quick``: 8 x 256 calibration,
+4,096 evaluation tokens.
+
+``args`` attributes read (all optional): model, seed, batch_size, quick, only (comma-separated substrings
+of row names, e.g. 'layers' or 'width taylor'), calib_windows, eval_tokens, seq_len.
+
+    python scripts/quality_structured.py [--quick] [--only layers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+ROWS: list[dict[str, Any]] = [
+    *({"method": "width", "sparsity": 0.2, "criterion": c, "allocation": "uniform", "bias_compensation": False}
+      for c in ("taylor", "fisher", "activation", "magnitude")),
+    *({"method": "width", "sparsity": 0.2, "criterion": c, "allocation": "importance", "bias_compensation": False}
+      for c in ("taylor", "fisher", "activation")),
+    *({"method": "width", "sparsity": 0.2, "criterion": c, "allocation": "uniform", "bias_compensation": True}
+      for c in ("taylor", "fisher", "activation")),
+    *({"method": "layers", "sparsity": 0.25, "criterion": c} for c in ("block_influence", "taylor", "fisher")),
+]
+CRITERIA = ["taylor", "fisher", "activation", "magnitude", "block_influence"]
+
+
+def row_name(spec: dict[str, Any]) -> str:
+    extra = f" {spec['allocation']}" if spec["method"] != "layers" else ""
+    extra += " +bias" if spec.get("bias_compensation") else ""
+    return f"structured {spec['method']} {spec['criterion']}{extra} {spec['sparsity']:g}"
+
+
+def _settings(args: Any) -> dict[str, Any]:
+    quick = bool(getattr(args, "quick", False))
+    return {"model": getattr(args, "model", None) or "builtin:smollm2-135m", "seed": getattr(args, "seed", 0),
+            "batch_size": getattr(args, "batch_size", None) or 4, "quick": quick,
+            "seq_len": getattr(args, "seq_len", None) or 256,
+            "calib_windows": getattr(args, "calib_windows", None) or (8 if quick else 32),
+            "eval_tokens": getattr(args, "eval_tokens", None) or (4096 if quick else 16384)}
+
+
+def _selected(args: Any) -> list[dict[str, Any]]:
+    only = [s.strip() for s in (getattr(args, "only", None) or "").split(",") if s.strip()]
+    chosen = [r for r in ROWS if not only or any(s in row_name(r) for s in only)]
+    try:
+        import pruning.allocate  # noqa: F401
+    except ModuleNotFoundError:
+        chosen = [r for r in chosen if r.get("allocation") != "importance"]
+    return chosen
+
+
+def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
+    """One dict per structured row (``dense=True`` adds the dense model first)."""
+    from importance.data import load_data
+    from importance.models import load_model
+    from importance.score import score
+    from pruning.evaluate import perplexity
+    from pruning.structured import StructuredConfig, prune_layers, prune_structured
+
+    st = _settings(args)
+    chosen = _selected(args)
+    if not chosen:
+        return []
+    base = load_model(st["model"])
+    limit = getattr(base.model.config, "max_position_embeddings", None)
+    calib = load_data("austen:train", base.tokenizer, seq_len=st["seq_len"], samples=st["calib_windows"],
+                      seed=st["seed"], max_positions=limit)
+    evals = load_data("austen:eval", base.tokenizer, seq_len=st["seq_len"], tokens=st["eval_tokens"],
+                      sampling="sequential", max_positions=limit)
+    start = time.perf_counter()
+    table = score(base, calib, CRITERIA, batch_size=st["batch_size"], progress=False)
+    score_seconds = time.perf_counter() - start
+    common = {"family": "structured", "calibration": dict(calib.meta), "score_seconds": round(score_seconds, 1)}
+    out = []
+    if dense:
+        ppl = perplexity(base.model, evals, base.task, progress=False)
+        out.append({**common, "name": "dense", "method": "dense", "ppl": ppl.ppl, "nll": ppl.nll,
+                    "predicted": ppl.predicted, "windows": ppl.windows, "seq_len": ppl.seq_len})
+    params_before = sum(p.numel() for p in base.model.parameters())
+    for spec in chosen:
+        lm = copy.deepcopy(base)
+        start = time.perf_counter()
+        if spec["method"] == "layers":
+            res = prune_layers(lm, spec["sparsity"], spec["criterion"], table)
+        else:
+            cfg = StructuredConfig(spec["sparsity"], spec["method"], spec["criterion"], spec["allocation"],
+                                   bias_compensation=spec["bias_compensation"])
+            res = prune_structured(lm, cfg, table, calib, st["batch_size"])
+        seconds = time.perf_counter() - start
+        ppl = perplexity(lm.model, evals, lm.task, progress=False)
+        s = res.record["structured"]
+        out.append({**common, **spec, "name": row_name(spec), "ppl": ppl.ppl, "nll": ppl.nll,
+                    "predicted": ppl.predicted, "windows": ppl.windows, "seq_len": ppl.seq_len,
+                    "achieved": s["achieved"], "params_before": params_before,
+                    "params_after": sum(p.numel() for p in lm.model.parameters()), "prune_seconds": round(seconds, 2),
+                    "removed_layers": s.get("layers_removed"), "widths": _widths(s)})
+        print(f"  {row_name(spec):<45} ppl {ppl.ppl:9.2f}", flush=True)
+        del lm
+    return out
+
+
+def _widths(s: dict[str, Any]) -> dict[str, Any] | None:
+    """Heads / channels left per layer, summarised: {'heads': [...distinct], 'intermediate': [min, max]}."""
+    layers = s.get("layers")
+    if not layers:
+        return None
+    heads = sorted({v["heads"] for v in layers.values()})
+    inter = [v["intermediate"] for v in layers.values()]
+    return {"heads": heads, "intermediate": [min(inter), max(inter)]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="builtin:smollm2-135m")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="scripts/results/quality_structured.json")
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    st = _settings(args)
+    print("settings:", json.dumps({**st, "threads": args.threads, "rows": [row_name(r) for r in _selected(args)]}))
+    result = rows(args, dense=True)
+    dense = next(r for r in result if r["name"] == "dense")
+    print(f"\nperplexity on {dense['windows']} x {dense['seq_len']} Persuasion tokens ({dense['predicted']} predicted)"
+          f"; calibration {st['calib_windows']} x {st['seq_len']} Austen tokens (seed {st['seed']})\n")
+    print("| row | target | achieved | params after | perplexity | vs dense | widths / removed layers |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result:
+        if r["name"] == "dense":
+            print(f"| dense | - | - | - | {r['ppl']:.2f} | 1.00x | - |")
+            continue
+        shape = r["removed_layers"] if r["method"] == "layers" else r["widths"]
+        print(f"| {r['name']} | {r['sparsity']:.2f} | {r['achieved']:.3f} | {r['params_after']:,} | {r['ppl']:.2f} | "
+              f"{r['ppl'] / dense['ppl']:.2f}x | {shape} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"settings": st, "results": result}, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
