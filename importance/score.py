@@ -8,6 +8,7 @@ from typing import Any
 from .arch import model_map
 from .collect import CollectConfig, collect
 from .data import Windows, load_data
+from .distributed import all_reduce_statistics, process_state, shard_windows
 from .errors import ImpruneError
 from .meta import versions
 from .models import LoadedModel
@@ -53,7 +54,15 @@ def score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequence
                         activation=any(SCORERS[n].needs_activation for n in names),
                         block_influence="block_influence" in names, fisher_unit=fisher_unit)
     mm = model_map(hf)
-    stats = collect(hf, data, task, cfg, batch_size=batch_size, progress=progress, mm=mm)
+    state = process_state()  # a multi-process launch: score a shard, then add the sums of every process
+    if state is None:
+        stats = collect(hf, data, task, cfg, batch_size=batch_size, progress=progress, mm=mm)
+    else:
+        shard = shard_windows(data, batch_size, state.process_index, state.num_processes)
+        stats = collect(hf, shard, task, cfg, batch_size=batch_size, progress=progress and state.is_main_process,
+                        mm=mm)
+        all_reduce_statistics(stats, state)
     meta = {"model": ident, "data": dict(data.meta), "seed": seed, "batch_size": batch_size,
-            "seconds": round(stats.meta.get("seconds", 0.0), 3), "versions": versions()}
+            "seconds": round(stats.meta.get("seconds", 0.0), 3), "processes": stats.meta.get("processes", 1),
+            "versions": versions()}
     return build_table(stats, mm, names, elements=elements, obd=obd, meta=meta)

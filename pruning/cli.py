@@ -49,7 +49,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-_COMMAND_MODULES = ("pruning.cli_importance", "pruning.cli_prune", "pruning.cli_validate")
+_COMMAND_MODULES = ("pruning.cli_importance", "pruning.cli_prune", "pruning.cli_validate", "pruning.cli_run")
 
 
 def command(name: str, help: str, args: Sequence[Arg] = ()) -> Callable[[Callable[..., int]], Callable[..., int]]:
@@ -98,7 +98,9 @@ def _quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the raw command line, for commands that relaunch themselves (score --processes)
     if not args.command:
         parser.print_help()
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from importance.arch import model_map
 from importance.data import load_data
@@ -87,24 +88,53 @@ def evaluate(args: argparse.Namespace) -> int:
     arg("--elements", action="store_true", help="also keep per-weight tensors (the size of the model)"),
     arg("--fisher-unit", default="sequence", choices=["sequence", "batch"]),
     arg("--obd", action="store_true", help="element Fisher as the OBD saliency w^2 F / 2"),
+    arg("--processes", type=int, default=1,
+        help="score data-parallel in N processes (accelerate launch; equals `accelerate launch -m pruning score`)"),
     arg("--out", required=True, help="output folder for the table"), OVERWRITE, QUIET])
 def score_cmd(args: argparse.Namespace) -> int:
+    from importance.distributed import launched, process_state
     from importance.score import parse_scorers, score
 
     names = parse_scorers(args.scorers)
     positive(args.batch_size, "--batch-size")
+    positive(args.processes, "--processes")
     out = check_output(args.out, args.overwrite)
+    if args.processes > 1 and not launched():
+        return _relaunch(args)
+    state = process_state()
+    if state is not None and state.device.type != "cpu":
+        args.device = str(state.device)  # one accelerator per process
     lm = _load(args)
     windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, tokens=args.tokens, samples=args.samples,
                         seed=args.seed, max_positions=_max_positions(lm.model))
     table = score(lm, windows, names, seed=args.seed, batch_size=args.batch_size, elements=args.elements,
                   fisher_unit=args.fisher_unit, obd=args.obd, progress=not args.quiet)
+    if state is not None and not state.is_main_process:
+        return 0  # every process holds the same table; only the main one writes it
     table.save(out, overwrite=args.overwrite)
     counts = table.meta["counts"]
     print(f"scored {lm.spec} on {args.data}: {len(windows)} windows x {windows.seq_len} tokens "
           f"({int(counts.get('tokens', 0))} tokens) in {table.meta['seconds']:.1f} s -> {out}")
     print_ranking(table)
     return 0
+
+
+def _relaunch(args: argparse.Namespace) -> int:
+    """Run this same command in ``--processes`` processes through ``accelerate launch``."""
+    import subprocess
+
+    from importance.distributed import launch_command
+
+    argv, skip = [], False
+    for a in args.argv:  # drop --processes N / --processes=N
+        if skip or a.startswith("--processes"):
+            skip = a == "--processes" and not skip
+            continue
+        argv.append(a)
+    cmd = launch_command(argv, args.processes)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2)
+                                                                                       // args.processes))))
+    return subprocess.run(cmd, env=env).returncode
 
 
 def print_ranking(table, k: int = 3) -> None:

@@ -57,6 +57,20 @@ class Method:
 
 METHODS: dict[str, Method] = {}
 
+# flags that several methods share, declared once here so every method spells them the same way;
+# each method checks the values it accepts (e.g. block_influence only ranks whole layers)
+CRITERION: Arg = (("--criterion",), dict(
+    default=None,
+    help="ranking: magnitude | wanda | activation | taylor | fisher | sparsegpt (unstructured, nm); "
+         "taylor | fisher | activation | magnitude | block_influence (structured; default fisher for "
+         "heads/channels/width, block_influence for layers)"))
+ALLOCATION: Arg = (("--allocation",), dict(
+    default="uniform",
+    help="per-layer x component ratios: uniform | importance (bounded by --band around the target) | "
+         "global (one threshold, unstructured only)"))
+BAND: Arg = (("--band",), dict(type=float, default=0.1,
+                               help="largest per-layer deviation from the target ratio (--allocation importance)"))
+
 
 def register_method(name: str, help: str, args: Sequence[Arg] = (), needs_table: bool = False):
     def add(fn: Callable[[PruneContext], PruneResult]) -> Callable[[PruneContext], PruneResult]:

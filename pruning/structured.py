@@ -42,7 +42,7 @@ from importance.models import LoadedModel
 from importance.table import ImportanceTable
 
 from .cli import arg
-from .methods import PruneContext, PruneResult, register_method
+from .methods import ALLOCATION, BAND, CRITERION, PruneContext, PruneResult, register_method
 from .surgery import (
     add_missing_params_,
     channel_params,
@@ -446,12 +446,7 @@ def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "block_influ
 
 # ----------------------------------------------------------------------------------------- CLI methods
 
-_CRITERION = arg("--criterion", default=None,
-                 help="ranking: taylor | fisher | activation | magnitude | block_influence (layers only); "
-                      "structured default: fisher (heads/channels/width), block_influence (layers)")
-_ALLOCATION = arg("--allocation", default="uniform",
-                  help="per-layer ratios: uniform | importance (bounded by --band around the target)")
-_BAND = arg("--band", type=float, default=0.1, help="largest per-layer deviation from the target ratio")
+_CRITERION, _ALLOCATION, _BAND = CRITERION, ALLOCATION, BAND
 _GQA = arg("--gqa", default="groups", choices=list(GQA_MODES),
            help="heads: groups = whole KV groups with their query heads (default); per-group = the same number of "
                 "query heads from every KV group")

@@ -1,0 +1,283 @@
+"""``imprune run``: evaluate, score, prune by a recipe, evaluate and score again, draw, report.
+
+Run directory (what ``pruning.report`` reads)::
+
+    RUN_DIR/metrics.json        perplexity before/after, parameters, weight bytes, timings per stage, settings
+    RUN_DIR/scores_before/      ImportanceTable of the dense model
+    RUN_DIR/scores_after/       ImportanceTable of the pruned model (same data)
+    RUN_DIR/model/              the pruned model (+ imprune.json with the recipe and the sparsity map)
+    RUN_DIR/figures/            heatmaps before / after / delta, the sparsity map
+    RUN_DIR/report.html         one self-contained page
+    RUN_DIR/stages/NAME.json    one marker per finished stage: the key of its settings, its seconds
+
+A stage is reused when its marker holds the key of the same settings (upstream keys included, so a new
+recipe redoes pruning and everything after it but not the dense evaluation). A stage removes its marker
+before it starts and writes it only after its output was renamed into place, so an interrupted stage
+never looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from importance.arch import model_map
+from importance.data import Windows, load_data
+from importance.errors import ImpruneError
+from importance.meta import versions, write_json
+from importance.models import LoadedModel, load_model
+from importance.score import DEFAULT_SCORERS, score
+from importance.table import ImportanceTable
+
+from .evaluate import perplexity
+from .methods import METHODS, PruneContext
+from .recipes import Recipe, Step
+
+_TABLE_CRITERIA = {"taylor", "fisher"}  # criteria that read an importance table (the rest use calibration)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings of one run; everything that changes a result is part of some stage key."""
+
+    model: str = "builtin:smollm2-135m"
+    data: str = "austen:train"
+    tokens: int = 8192
+    seq_len: int = 256
+    seed: int = 0
+    batch_size: int = 4
+    scorers: tuple[str, ...] = DEFAULT_SCORERS
+    eval_data: str = "austen:eval"
+    eval_tokens: int = 16384
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class RunResult:
+    out: Path
+    metrics: dict[str, Any]
+    reused: list[str] = field(default_factory=list)
+
+
+def _key(settings: Any) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _publish(final: Path, write: Callable[[Path], None], is_dir: bool) -> None:
+    """Write into a temporary sibling, then swap it into ``final`` (the old copy goes only after)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        shutil.rmtree(tmp)
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        write(tmp)
+        if final.is_dir():
+            trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+
+
+class Pipeline:
+    """One run: stages in order, each reused when its settings key matches what is on disk."""
+
+    def __init__(self, cfg: RunConfig, recipe: Recipe, out: Path, progress: bool = True,
+                 log: Callable[[str], None] = print) -> None:
+        self.cfg, self.recipe, self.out, self.progress, self.log = cfg, recipe, Path(out), progress, log
+        self.timings: dict[str, float] = {}
+        self.reused: list[str] = []
+        self._dense: LoadedModel | None = None
+        self._pruned: LoadedModel | None = None
+        self._windows: dict[str, Windows] = {}
+
+    # ---------------------------------------------------------------------------------------------- stages
+
+    def _stage(self, name: str, settings: dict[str, Any], output: Path, write: Callable[[Path], None],
+               is_dir: bool) -> str:
+        key = _key(settings)
+        marker = self.out / "stages" / f"{name}.json"
+        if marker.is_file() and output.exists() and json.loads(marker.read_text()).get("key") == key:
+            self.reused.append(name)
+            self.log(f"  {name}: reused (settings unchanged)")
+            return key
+        marker.unlink(missing_ok=True)
+        self.log(f"  {name} ...")
+        start = time.perf_counter()
+        _publish(output, write, is_dir)
+        self.timings[name] = round(time.perf_counter() - start, 2)
+        write_json(marker, {"key": key, "settings": settings, "seconds": self.timings[name]})
+        return key
+
+    def run(self) -> RunResult:
+        c, out = self.cfg, self.out
+        model_s = {"model": c.model, "dtype": c.dtype, "trust_remote_code": c.trust_remote_code}
+        eval_s = {"data": c.eval_data, "tokens": c.eval_tokens, "seq_len": c.seq_len}
+        calib_s = {"data": c.data, "tokens": c.tokens, "seq_len": c.seq_len, "seed": c.seed}
+        score_s = {**calib_s, "scorers": list(c.scorers), "batch_size": c.batch_size}
+        self.log(f"[1/6] dense evaluation on {c.eval_data}")
+        k_eval = self._stage("eval_before", {**model_s, **eval_s}, out / "stages" / "eval_before.out.json",
+                             lambda p: self._evaluate(self.dense(), p), False)
+        self.log(f"[2/6] scoring the dense model on {c.data} ({', '.join(c.scorers)})")
+        k_score = self._stage("scores_before", {**model_s, **score_s}, out / "scores_before",
+                              lambda p: self._score(self.dense(), p), True)
+        self.log(f"[3/6] pruning: recipe {self.recipe.name} ({len(self.recipe.steps)} step(s))")
+        prune_s = {**model_s, **calib_s, "batch_size": c.batch_size, "recipe": self.recipe.to_dict(),
+                   "scores": k_score}
+        k_prune = self._stage("prune", prune_s, out / "model", self._prune, True)
+        self.log("[4/6] evaluating the pruned model")
+        self._stage("eval_after", {"prune": k_prune, "eval": k_eval}, out / "stages" / "eval_after.out.json",
+                    lambda p: self._evaluate(self.pruned(), p), False)
+        self.log("[5/6] scoring the pruned model on the same data")
+        self._stage("scores_after", {"prune": k_prune, **score_s}, out / "scores_after",
+                    lambda p: self._score(self.pruned(), p), True)
+        self.log("[6/6] figures, metrics and report")
+        metrics = self._metrics()
+        write_json(out / "metrics.json", metrics)
+        from .run_outputs import write_figures_and_report
+
+        write_figures_and_report(out, metrics)
+        return RunResult(out, metrics, self.reused)
+
+    # --------------------------------------------------------------------------------------------- models
+
+    def dense(self) -> LoadedModel:
+        if self._dense is None:
+            c = self.cfg
+            self._dense = load_model(c.model, dtype=c.dtype, device=c.device, trust_remote_code=c.trust_remote_code)
+            if self._dense.task != "causal-lm" and self._dense.task != "masked-lm":
+                raise ImpruneError(f"{c.model} is an encoder without a language-model head: `imprune run` needs a "
+                                   "loss to evaluate; use a causal or masked language model")
+        return self._dense
+
+    def pruned(self) -> LoadedModel:
+        if self._pruned is None:  # pruning was reused: reload what it wrote (this also proves it reloads)
+            c = self.cfg
+            self._pruned = load_model(str(self.out / "model"), dtype=c.dtype, device=c.device)
+        return self._pruned
+
+    def windows(self, which: str, lm: LoadedModel) -> Windows:
+        if which not in self._windows:
+            c = self.cfg
+            limit = getattr(lm.model.config, "max_position_embeddings", None)
+            if which == "eval":
+                self._windows[which] = load_data(c.eval_data, lm.tokenizer, seq_len=c.seq_len, tokens=c.eval_tokens,
+                                                 sampling="sequential", max_positions=limit)
+            else:
+                self._windows[which] = load_data(c.data, lm.tokenizer, seq_len=c.seq_len, tokens=c.tokens,
+                                                 seed=c.seed, max_positions=limit)
+        return self._windows[which]
+
+    # ------------------------------------------------------------------------------------------ stage bodies
+
+    def _evaluate(self, lm: LoadedModel, path: Path) -> None:
+        ppl = perplexity(lm.model, self.windows("eval", lm), lm.task, batch_size=8, progress=self.progress)
+        write_json(path, {**ppl.to_dict(), **_size(lm)})
+
+    def _score(self, lm: LoadedModel, path: Path) -> None:
+        table = score(lm, self.windows("calib", lm), list(self.cfg.scorers), seed=self.cfg.seed,
+                      batch_size=self.cfg.batch_size, progress=self.progress)
+        table.save(path)
+
+    def _prune(self, path: Path) -> None:
+        from .cli_prune import check_table
+        from .io import save_model
+
+        lm = self.dense()
+        self._dense = None  # pruned in place: the dense copy is gone
+        mm = model_map(lm.model)
+        before = {(c.layer, c.name): c.numel for c in mm.components() if c.kind != "norm"}
+        origin = list(range(mm.n_layers))  # current layer index -> original index
+        table: ImportanceTable | None = ImportanceTable.load(self.out / "scores_before")
+        check_table(table, lm)
+        steps = []
+        for i, step in enumerate(self.recipe.steps, 1):
+            if i > 1:
+                table = self._table_for(step, lm)
+            args = step.namespace(batch_size=self.cfg.batch_size, quiet=not self.progress, data=self.cfg.data,
+                                  tokens=self.cfg.tokens, seq_len=self.cfg.seq_len, seed=self.cfg.seed)
+            start = time.perf_counter()
+            result = METHODS[step.method].fn(PruneContext(lm, args, table, lambda: self.windows("calib", lm)))
+            kept = result.record.get("structured", {}).get("layers_kept")
+            if kept is not None:
+                origin = [origin[k] for k in kept]
+            steps.append({**step.to_dict(), **result.record, "seconds": round(time.perf_counter() - start, 2),
+                          "sparsity": {str(k): v for k, v in result.sparsity.items()}})
+        self._pruned = lm
+        sparsity = measured_sparsity(before, model_map(lm.model), origin)
+        shapes_changed = any(s.get("shapes_changed") or s.get("structured") for s in steps)
+        record = {"method": "recipe", "recipe": self.recipe.to_dict(), "steps": steps, "layers_kept": origin,
+                  "sparsity": {str(k): v for k, v in sparsity.items()}, "shapes_changed": shapes_changed,
+                  "calibration": dict(self.windows("calib", lm).meta)}
+        save_model(lm, path, record)
+
+    def _table_for(self, step: Step, lm: LoadedModel) -> ImportanceTable | None:
+        """A later step that ranks by a table gets one scored on the model as the earlier steps left it."""
+        opts = dict(step.options)
+        crit = opts.get("criterion") or ("fisher" if step.method in ("heads", "channels", "width") else None)
+        if crit not in _TABLE_CRITERIA and opts.get("allocation") != "importance":
+            return None
+        names = sorted({n for n in (crit, opts.get("alloc_scorer")) if n in DEFAULT_SCORERS} or {"fisher"})
+        return score(lm, self.windows("calib", lm), names, batch_size=self.cfg.batch_size, progress=self.progress)
+
+    # ------------------------------------------------------------------------------------------------ metrics
+
+    def _metrics(self) -> dict[str, Any]:
+        read = lambda name: json.loads((self.out / "stages" / f"{name}.out.json").read_text())  # noqa: E731
+        before, after = read("eval_before"), read("eval_after")
+        size = ("params", "nonzero", "weight_bytes")
+        timings = {}
+        for marker in sorted((self.out / "stages").glob("*.json")):
+            if not marker.name.endswith(".out.json"):
+                timings[marker.stem] = json.loads(marker.read_text()).get("seconds")
+        return {"schema": "imprune.metrics/1", "model": self.cfg.model, "recipe": self.recipe.to_dict(),
+                "perplexity": {"before": {k: v for k, v in before.items() if k not in size},
+                               "after": {k: v for k, v in after.items() if k not in size}},
+                "params": {"before": before["params"], "after": after["params"]},
+                "nonzero_params": {"before": before["nonzero"], "after": after["nonzero"]},
+                "memory": {"weight_bytes_before": before["weight_bytes"], "weight_bytes_after": after["weight_bytes"]},
+                "timings": timings, "computed_now": dict(self.timings), "reused": list(self.reused),
+                "settings": asdict(self.cfg), "versions": versions()}
+
+
+def _size(lm: LoadedModel) -> dict[str, int]:
+    """Parameter count, non-zeros and bytes of the model's distinct tensors (tied weights once)."""
+    seen, params, nonzero, nbytes = set(), 0, 0, 0
+    for p in lm.model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        params += p.numel()
+        nonzero += int(p.count_nonzero())
+        nbytes += p.numel() * p.element_size()
+    return {"params": params, "nonzero": nonzero, "weight_bytes": nbytes}
+
+
+def measured_sparsity(before: dict[tuple[int, str], int], after: Any, origin: list[int]) -> dict[int, dict]:
+    """Fraction of each original layer x component's weights that are gone (removed or zero) in ``after``."""
+    left = {}
+    for c in after.components():
+        if (origin[c.layer], c.name) in before:
+            left[(origin[c.layer], c.name)] = int(c.weight.count_nonzero())
+    out: dict[int, dict[str, float]] = {}
+    for (layer, name), n in before.items():
+        out.setdefault(layer, {})[name] = round(1.0 - left.get((layer, name), 0) / n, 6) if n else 0.0
+    return out
