@@ -25,15 +25,16 @@ $(STAMP): pyproject.toml Makefile
 	  || echo "note: Debian's chromium is not installed; the browser test of the report will be skipped")
 	touch $(STAMP)
 
+# the README's main job: dense eval, one scoring pass, the demo recipe, eval + scores after, heatmaps, report
 demo: setup
-	$(VENV)/bin/imprune info --model builtin:smollm2-135m
-	$(VENV)/bin/imprune eval --model builtin:smollm2-135m --data austen:eval --seq-len 256 --tokens 16384
+	$(VENV)/bin/imprune info --model builtin:smollm2-135m | head -6
+	$(VENV)/bin/imprune run --model builtin:smollm2-135m --data austen:train --recipe demo --out runs/demo
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) scripts/bench_scoring.py
+	for b in scripts/bench_*.py; do $(PY) $$b || exit 1; done
 
 lint: setup
 	$(VENV)/bin/ruff check importance pruning tests scripts

@@ -55,6 +55,7 @@ from .arch import Block, Component, ModelMap, model_map
 from .collect import Statistics
 from .data import Batch, Windows
 from .errors import ImpruneError
+from .models import input_device
 from .objective import require_loss, token_nll
 from .table import ImportanceTable, build_table
 
@@ -222,7 +223,7 @@ class Replay:
                  shortcut: bool = True) -> None:
         require_loss(task, "ablation (measured loss increase)")
         self.model, self.mm, self.task = model, mm, task
-        device = next(model.parameters()).device
+        device = input_device(model)
         self.batches: list[Batch] = [b.to(device) for b in windows.batches(batch_size)]
         self.outputs: list[list[Any]] = [[] for _ in self.batches]  # [batch][block] recorded block outputs
         self.shortcut, self.reason = shortcut, "" if shortcut else "disabled"

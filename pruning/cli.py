@@ -30,6 +30,9 @@ MODEL = arg("--model", default="builtin:smollm2-135m",
             help="builtin:smollm2-135m | builtin:minilm-l6 | random:<model_type> | folder | .gguf | hub id")
 DTYPE = arg("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 DEVICE = arg("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+MAX_MEMORY = arg("--max-memory", default=None,
+                 help="cap on --device memory, e.g. 200MiB or 0=20GiB,cpu=64GiB: accelerate offloads the rest "
+                      "(CPU, then disk) and streams it in per module")
 TRUST = arg("--trust-remote-code", action="store_true", help="allow model code from the model folder (off)")
 SEQ_LEN = arg("--seq-len", type=int, default=256, help="window length in tokens")
 TOKENS = arg("--tokens", type=int, default=None, help="cap on tokens (whole windows)")
@@ -49,7 +52,8 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-_COMMAND_MODULES = ("pruning.cli_importance", "pruning.cli_prune", "pruning.cli_validate", "pruning.cli_run")
+_COMMAND_MODULES = ("pruning.cli_importance", "pruning.cli_prune", "pruning.cli_validate", "pruning.cli_run",
+                    "pruning.cli_quant")
 
 
 def command(name: str, help: str, args: Sequence[Arg] = ()) -> Callable[[Callable[..., int]], Callable[..., int]]:

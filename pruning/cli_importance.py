@@ -11,12 +11,13 @@ from importance.data import load_data
 from importance.meta import versions, write_json
 from importance.models import load_model
 
-from .cli import DEVICE, DTYPE, MODEL, OVERWRITE, QUIET, SEED, TRUST, arg, check_output, command, positive
+from .cli import DEVICE, DTYPE, MAX_MEMORY, MODEL, OVERWRITE, QUIET, SEED, TRUST, arg, check_output, command, positive
 from .evaluate import perplexity
 
 
 def _load(args: argparse.Namespace):
-    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                      max_memory=getattr(args, "max_memory", None))
 
 
 def _max_positions(model) -> int | None:
@@ -57,7 +58,8 @@ def info(args: argparse.Namespace) -> int:
 
 
 @command("eval", "token-level perplexity on non-overlapping windows (shared/protocol.md)", [
-    MODEL, DTYPE, DEVICE, TRUST, arg("--data", default="austen:eval", help="data spec (default: Persuasion)"),
+    MODEL, DTYPE, DEVICE, MAX_MEMORY, TRUST,
+    arg("--data", default="austen:eval", help="data spec (default: Persuasion)"),
     arg("--seq-len", type=int, default=256, help="window length"),
     arg("--tokens", type=int, default=16384, help="evaluate the first N tokens (whole windows)"),
     arg("--batch-size", type=int, default=8), arg("--out", default=None, help="write metrics JSON here"),
@@ -80,7 +82,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 @command("score", "score every parameter group with all scorers in one pass -> an importance table", [
-    MODEL, DTYPE, DEVICE, TRUST, arg("--data", default="austen:train", help="calibration data spec"),
+    MODEL, DTYPE, DEVICE, MAX_MEMORY, TRUST, arg("--data", default="austen:train", help="calibration data spec"),
     arg("--scorers", default="taylor,fisher,activation,magnitude,block_influence",
         help="comma-separated: taylor, fisher, activation, magnitude, block_influence"),
     arg("--seq-len", type=int, default=256), arg("--tokens", type=int, default=8192),

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from importance.data import Windows
+from importance.models import input_device
 from importance.objective import require_loss, token_nll
 
 
@@ -42,7 +43,7 @@ def perplexity(model: Any, windows: Windows, task: str = "causal-lm", batch_size
                progress: bool = True) -> Perplexity:
     """Perplexity of ``model`` over ``windows`` (sum of token NLL / predicted tokens, then exp)."""
     require_loss(task, "perplexity")
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count = 0.0, 0
     bar = tqdm(total=len(windows), desc="eval", unit="win", disable=not progress, leave=False)
     for batch in windows.batches(batch_size):
