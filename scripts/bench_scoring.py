@@ -16,22 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from benchlib import peak_rss_mb, rss_mb, run_child, write_results  # noqa: E402
+
 VARIANTS = ("bare_fwd", "bare_fwdbwd", "activation", "groups", "elements")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def child(args: argparse.Namespace) -> None:
@@ -47,7 +40,7 @@ def child(args: argparse.Namespace) -> None:
     lm = load_model(args.model)
     windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.windows, seed=0)
     model, task = lm.model, lm.task
-    rss_loaded = _rss_mb()
+    rss_loaded = rss_mb()
     start = time.perf_counter()
     if args.variant == "bare_fwd":
         with torch.no_grad():
@@ -62,7 +55,7 @@ def child(args: argparse.Namespace) -> None:
                    "elements": ["taylor", "fisher", "activation", "magnitude"]}[args.variant]
         score(lm, windows, scorers, batch_size=args.batch_size, elements=args.variant == "elements", progress=False)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(json.dumps({"variant": args.variant, "seconds": seconds, "peak_rss_mb": peak, "loaded_rss_mb": rss_loaded,
                       "tokens": windows.n_tokens}))
 
@@ -91,8 +84,7 @@ def main() -> None:
         for v in variants:
             cmd = [sys.executable, __file__, "--variant", v, *sum(([f"--{k.replace('_', '-')}", str(val)]
                                                                   for k, val in settings.items() if k != "reps"), [])]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            runs[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs[v].append(run_child(cmd))
             print(f"  rep {rep} {v:<12} {runs[v][-1]['seconds']:7.1f} s  peak {runs[v][-1]['peak_rss_mb']:7.0f} MB",
                   flush=True)
     med = {v: {"seconds": statistics.median(r["seconds"] for r in rs),
@@ -119,9 +111,7 @@ def main() -> None:
         print(f"| {v} | {m['seconds']:.1f} | {ref or '-'} | {tr} | {m['peak_rss_mb']:.0f} | {pr} | "
               f"{row['increase_mb']:.0f} |")
         table.append(row)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": settings, "results": table, "runs": runs}, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_results(args.out, {"settings": settings, "results": table, "runs": runs})
 
 
 if __name__ == "__main__":
