@@ -101,7 +101,8 @@ def load_pruned(folder: str | Path, dtype: torch.dtype | str = torch.float32, de
     """
     import transformers
 
-    from importance.arch import model_map, set_attention_heads
+    from importance.arch import model_map
+    from importance.arch_edit import set_attention_heads
     from importance.models import resolve_dtype
 
     from .surgery import resize_params_

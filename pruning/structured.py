@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from importance.arch import Block, ModelMap, model_map, set_attention_heads, set_config_geometry
+from importance.arch import Block, ModelMap, model_map
+from importance.arch_edit import set_attention_heads, set_config_geometry
 from importance.data import Windows
 from importance.errors import ImpruneError
 from importance.models import LoadedModel

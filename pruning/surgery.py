@@ -4,7 +4,7 @@ Everything goes through the canonical view (``importance.arch``): a component's 
 rows of its module it owns (a slice of a fused q|k|v or gate|up projection, GPT-NeoX's interleaved rows)
 and ``transposed`` marks GPT-2's Conv1D, so one function cuts every layout. All cuts of one module are
 gathered first and applied at once (a fused module is cut once for q, k and v together); then the
-attention is told its new head counts (``arch.set_attention_heads``). Also here: the exact parameter
+attention is told its new head counts (``arch_edit.set_attention_heads``). Also here: the exact parameter
 arithmetic of a cut (``head_params``, ``channel_params``), block removal with its config check, the
 calibration means and bias folding of bias compensation, and ``resize_params_`` / ``config_shapes`` that
 ``pruning.io`` uses to record and rebuild shapes a config cannot describe (on meta tensors).
@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from importance.arch import Block, Component, ModelMap, drop_layers_config, renumber_block, set_attention_heads
+from importance.arch import Block, Component, ModelMap
+from importance.arch_edit import drop_layers_config, renumber_block, set_attention_heads
 from importance.data import Windows
 from importance.errors import ImpruneError
 
