@@ -177,7 +177,8 @@ def _load_hub_dataset(rest: str) -> Any:
 def _from_dataset(spec: str, ds: Any) -> Source:
     cols = list(ds.column_names)
     if "prompt" in cols and "answer" in cols:
-        return Source(spec, items=tuple((str(p), str(a)) for p, a in zip(ds["prompt"], ds["answer"])))
+        return Source(spec, items=tuple((str(p), str(a)) for p, a in zip(ds["prompt"], ds["answer"])
+                                        if p is not None and a is not None))  # an empty cell is no item
     text_col = "text" if "text" in cols else next(
         (c for c in cols if ds.features[c].dtype == "string"), None) if hasattr(ds, "features") else None
     if text_col is None:
@@ -255,7 +256,9 @@ def _item_windows(source: Source, tokenizer: Any, seq_len: int) -> Windows:
         a = tokenizer(answer, add_special_tokens=False)["input_ids"]
         if not a:
             continue
-        if len(p) + len(a) > seq_len:  # keep the answer and the end of the prompt
+        if len(a) >= seq_len:  # an answer alone fills the window: the last prompt token predicts its start
+            p, a = p[-1:], a[:seq_len - min(1, len(p))]
+        elif len(p) + len(a) > seq_len:  # keep the answer and the end of the prompt
             p = p[max(0, len(p) + len(a) - seq_len):]
         rows.append((p, a))
     if not rows:

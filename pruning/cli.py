@@ -53,7 +53,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {}
 _COMMAND_MODULES = ("pruning.cli_importance", "pruning.cli_prune", "pruning.cli_validate", "pruning.cli_run",
-                    "pruning.cli_quant")
+                    "pruning.cli_quant", "pruning.cli_viz")
 
 
 def command(name: str, help: str, args: Sequence[Arg] = ()) -> Callable[[Callable[..., int]], Callable[..., int]]:
@@ -98,6 +98,13 @@ def _quiet_libraries() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    try:  # datasets prints "Generating train split" bars for csv / json / parquet files
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:

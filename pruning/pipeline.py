@@ -152,9 +152,9 @@ class Pipeline:
         self.log("[6/6] figures, metrics and report")
         metrics = self._metrics()
         write_json(out / "metrics.json", metrics)
-        from .run_outputs import write_figures_and_report
+        from .report import write_run_outputs
 
-        write_figures_and_report(out, metrics)
+        write_run_outputs(out)
         return RunResult(out, metrics, self.reused)
 
     # --------------------------------------------------------------------------------------------- models
