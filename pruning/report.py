@@ -1,0 +1,286 @@
+"""The HTML report of a run or of one importance table: a single self-contained page.
+
+Everything is inside the one file: PNG figures base64-embedded, inline CSS, no external URL, so it opens in
+any browser, offline, and can be mailed or attached as a CI artifact. All text from files is HTML-escaped.
+
+Run directory layout it reads (what ``imprune run`` writes; see ``pruning.pipeline``)::
+
+    RUN_DIR/metrics.json        optional: {"perplexity": {"before": {Perplexity.to_dict()}, "after": {...}},
+                                "params": {"before": n, "after": n}, "memory": {...}, "timings": {...},
+                                "settings": {...}} (other keys are listed as they are)
+    RUN_DIR/scores_before/      ImportanceTable folder (of the dense model)
+    RUN_DIR/scores_after/       optional ImportanceTable folder (of the pruned / quantized model)
+    RUN_DIR/model/imprune.json  optional: a pruning record ("sparsity": LayerMap with string layer keys,
+                                "layers_kept" when layers were removed) or a quantization record ("bits": LayerMap)
+    RUN_DIR/figures/            where ``write_run_outputs`` puts the PNGs it embeds
+
+RUN_DIR may also be a single table folder (table.json + table.safetensors): the page then shows that table
+alone. ``compare`` (``--compare TABLE``) replaces scores_after as the second table of before / after / delta.
+
+Page: settings, metrics (perplexity, parameters, memory, timings) when present, the layer x component and
+layer x head heatmaps, before / after / difference when there is a second table, the sparsity or bits map
+beside the importance it came from, and the top and bottom components and heads as tables. A small inline
+script records script errors and whether every image decoded on ``<body>`` (``data-images``,
+``data-decoded``, ``data-errors``): the browser test reads them, and anyone can check a page the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from importance import heatmap as H
+from importance.cache import atomic_file
+from importance.errors import ImpruneError
+from importance.table import ImportanceTable
+
+FIGURE_DPI = 110
+TOP_K = 10
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a report shows: one or two tables, and whatever metrics and plan the run folder holds."""
+
+    root: Path
+    before: ImportanceTable
+    after: ImportanceTable | None = None
+    after_label: str = "after"
+    metrics: dict[str, Any] | None = None
+    record: dict[str, Any] | None = None
+    is_run: bool = True
+
+
+def _is_table(folder: Path) -> bool:
+    return (folder / "table.json").is_file() and (folder / "table.safetensors").is_file()
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ImpruneError(f"'{path}' is not valid JSON ({err.msg}, line {err.lineno}); rewrite or remove it") from None
+    if not isinstance(data, dict):
+        raise ImpruneError(f"'{path}' should hold a JSON object; rewrite or remove it")
+    return data
+
+
+def load_run(path: str | Path, compare: str | Path | None = None) -> Run:
+    """A run folder (see the module docstring) or a single table folder, plus an optional second table."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ImpruneError(f"'{root}' is not a folder; pass an `imprune run` folder or an importance table folder")
+    other = ImportanceTable.load(Path(compare).expanduser()) if compare is not None else None
+    other_label = Path(compare).name if compare is not None else "after"
+    if _is_table(root):
+        return Run(root, ImportanceTable.load(root), other, other_label, is_run=False)
+    if not _is_table(root / "scores_before"):
+        raise ImpruneError(f"'{root}' holds neither a table nor scores_before/; pass an `imprune run` folder or a "
+                           "folder written by `imprune score`")
+    after = other
+    if after is None and _is_table(root / "scores_after"):
+        after = ImportanceTable.load(root / "scores_after")
+    return Run(root, ImportanceTable.load(root / "scores_before"), after, other_label,
+               _read_json(root / "metrics.json"), _read_json(root / "model" / "imprune.json"))
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+def run_figures(run: Run, scorer: str | None = None) -> dict[str, tuple[str, Any]]:
+    """{file stem: (caption, Figure)} in page order. Importance is drawn as the mean per weight on a log scale
+    (it spans decades across layers and components); the difference is log10(after / before)."""
+    figs: dict[str, tuple[str, Any]] = {}
+    t = run.before
+    comp_scorer = H.pick_scorer(t, scorer, "component")
+    figs["components"] = ("Layer x component importance (mean per weight, log scale; grey: absent)",
+                          H.component_figure(t, comp_scorer, "mean", "none", log=True))
+    if any(t.has(s, "head") for s in t.scorers):
+        head_scorer = H.pick_scorer(t, scorer, "head")
+        tables = [t] + ([run.after] if run.after is not None and run.after.has(head_scorer, "head") else [])
+        titles = ["before", run.after_label][: len(tables)]
+        figs["heads"] = ("Layer x head importance" + (", before and after on one scale" if len(tables) > 1 else ""),
+                         H.heads_figure(tables, titles, head_scorer, "mean", "none", log=True, cols=2))
+    if run.after is not None:
+        kept = (run.record or {}).get("layers_kept")
+        kept = kept if kept is not None and len(kept) == run.after.n_layers else None
+        figs["delta"] = ("Before / after on one scale, and log10(after / before) centred at zero",
+                         H.delta_figure(t, run.after, comp_scorer, "component", "mean", "none", log=True,
+                                        titles=("before", run.after_label), layers_kept=kept))
+    if run.record is not None:
+        try:
+            kind, values = H.plan_map(run.record)
+        except ImpruneError:
+            kind = None
+        if kind is not None:
+            figs["plan"] = (f"The {kind} map beside the importance it came from",
+                            H.layer_map_figure(values, kind, t, comp_scorer, "mean", "layer"))
+    return figs
+
+
+def _png(fig: Any) -> bytes:
+    return H.figure_bytes(fig, "png", FIGURE_DPI)
+
+
+# ------------------------------------------------------------------------------------------------ HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1200px;color:#222;
+padding:0 1rem;line-height:1.4}
+h1{font-size:1.5rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
+table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}
+td,th{border:1px solid #ddd;padding:.25rem .6rem;text-align:left;vertical-align:top}
+th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.9rem;color:#555}.pair{display:flex;gap:2rem;flex-wrap:wrap}
+.muted{color:#777;font-size:.85rem}code{background:#f4f4f4;padding:0 .2rem}
+"""
+
+# on load, records script errors and how many images decoded (complete, with a width) as attributes of <body>
+_CHECK = """
+window.__impruneErrors=[];
+window.addEventListener('error',function(e){window.__impruneErrors.push(String(e.message||e));});
+window.addEventListener('load',function(){
+  var imgs=Array.prototype.slice.call(document.images);
+  var ok=imgs.filter(function(i){return i.complete&&i.naturalWidth>0;}).length;
+  var b=document.body;b.setAttribute('data-images',String(imgs.length));
+  b.setAttribute('data-decoded',String(ok));b.setAttribute('data-errors',String(window.__impruneErrors.length));
+});
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def _kv_table(rows: list[tuple[str, Any]]) -> str:
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(_fmt(v))}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _settings(run: Run) -> list[tuple[str, Any]]:
+    settings = (run.metrics or {}).get("settings")
+    if isinstance(settings, dict) and settings:
+        return list(settings.items())
+    meta = run.before.meta
+    model, data = H.describe(run.before)
+    rows = [("model", model), ("data", data), ("scorers", ", ".join(run.before.scorers)),
+            ("layers", run.before.n_layers), ("seed", meta.get("seed")), ("batch size", meta.get("batch_size")),
+            ("tokens counted", meta.get("counts", {}).get("targets", meta.get("counts", {}).get("tokens"))),
+            ("scoring seconds", meta.get("seconds"))]
+    if run.after is not None:
+        rows.append((f"second table ({run.after_label})", " ".join(H.describe(run.after))))
+    return [(k, v) for k, v in rows if v is not None]
+
+
+def _metrics_section(metrics: dict[str, Any]) -> str:
+    parts = []
+    ppl = metrics.get("perplexity") or {}
+    if isinstance(ppl, dict) and ppl:
+        keys = ["ppl", "nll", "predicted", "windows", "seq_len", "data"]
+        head = "".join(f"<th>{_e(k)}</th>" for k in ["", *keys])
+        rows = "".join("<tr><th>" + _e(when) + "</th>" + "".join(
+            f"<td class='num'>{_e(_fmt(v.get(k)))}</td>" for k in keys) + "</tr>"
+            for when, v in ppl.items() if isinstance(v, dict))
+        parts.append(f"<h3>Perplexity</h3><table><tr>{head}</tr>{rows}</table>")
+    for key, title in (("params", "Parameters"), ("nonzero_params", "Non-zero parameters"), ("memory", "Memory"),
+                       ("timings", "Timings (seconds)")):
+        block = metrics.get(key)
+        if isinstance(block, dict) and block:
+            rows = list(block.items())
+            if {"before", "after"} <= block.keys() and all(isinstance(block[k], (int, float))
+                                                           for k in ("before", "after")) and block["before"]:
+                rows.append(("after / before", block["after"] / block["before"]))
+            parts.append(f"<h3>{_e(title)}</h3>" + _kv_table(rows))
+    return "".join(parts)
+
+
+def _ranking_tables(table: ImportanceTable, scorer: str, label: str) -> str:
+    out = []
+    for gran in ("component", "head"):
+        if not table.has(scorer, gran):
+            continue
+        top, bottom = table.ranking(scorer, gran, "mean", TOP_K, skip_norms=True)
+        cells = []
+        for name, items in (("most important", top), ("least important", bottom)):
+            rows = "".join(f"<tr><td>{i}</td><td>{_e(lab)}</td><td class='num'>{_e(f'{v:.4g}')}</td></tr>"
+                           for i, (lab, v) in enumerate(items, 1))
+            cells.append(f"<div><h4>{_e(label)}: {gran}s, {name}</h4><table><tr><th>#</th><th>{gran}</th>"
+                         f"<th>{_e(scorer)} (mean per weight)</th></tr>{rows}</table></div>")
+        out.append(f"<div class='pair'>{''.join(cells)}</div>")
+    return "".join(out)
+
+
+def render(run: Run, figures: dict[str, tuple[str, bytes]], scorer: str | None = None) -> str:
+    """The page as a string, from a loaded run and its figures rendered to PNG bytes ({stem: (caption, png)})."""
+    model, data = H.describe(run.before)
+    title = f"imprune report: {model}"
+    body = [f"<h1>{_e(title)}</h1>",
+            f"<p class='muted'>{_e('run folder' if run.is_run else 'table')}: <code>{_e(run.root)}</code>; "
+            f"scored on <code>{_e(data)}</code></p>", "<h2>Settings</h2>", _kv_table(_settings(run))]
+    if run.metrics:
+        body += ["<h2>Metrics</h2>", _metrics_section(run.metrics)]
+    body.append("<h2>Figures</h2>")
+    for stem, (caption, png) in figures.items():
+        src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        body.append(f"<figure id='{_e(stem)}'><img src='{src}' alt='{_e(caption)}'>"
+                    f"<figcaption>{_e(caption)}</figcaption></figure>")
+    rank_scorer = H.pick_scorer(run.before, scorer, "component")
+    body += ["<h2>Top and bottom</h2>", _ranking_tables(run.before, rank_scorer, "before" if run.after else "table")]
+    if run.after is not None and rank_scorer in run.after.scorers:
+        body.append(_ranking_tables(run.after, rank_scorer, run.after_label))
+    versions = run.before.meta.get("versions") or {}
+    if versions:
+        body.append("<p class='muted'>" + _e(", ".join(f"{k} {v}" for k, v in versions.items())) + "</p>")
+    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{_e(title)}</title><style>{_CSS}</style><script>{_CHECK}</script></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def build_report(path: str | Path, compare: str | Path | None = None, scorer: str | None = None,
+                 figures_dir: Path | None = None) -> str:
+    """Load, draw and render; with ``figures_dir``, also write each PNG there (atomically)."""
+    run = load_run(path, compare)
+    pngs = {stem: (caption, _png(fig)) for stem, (caption, fig) in run_figures(run, scorer).items()}
+    if figures_dir is not None:
+        for stem, (_, png) in pngs.items():
+            with atomic_file(Path(figures_dir) / f"{stem}.png") as tmp:
+                tmp.write_bytes(png)
+    return render(run, pngs, scorer)
+
+
+def write_report(path: str | Path, out: str | Path, compare: str | Path | None = None, scorer: str | None = None,
+                 overwrite: bool = False, figures_dir: Path | None = None) -> Path:
+    """Build the whole page first, then write ``out`` atomically."""
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise ImpruneError(f"output '{out}' already exists; choose another path or pass --overwrite")
+    page = build_report(path, compare, scorer, figures_dir)
+    with atomic_file(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return out
+
+
+def write_run_outputs(run_dir: str | Path) -> Path:
+    """What ``imprune run`` ends with: RUN_DIR/figures/*.png and RUN_DIR/report.html (replaced if present)."""
+    run_dir = Path(run_dir)
+    return write_report(run_dir, run_dir / "report.html", overwrite=True, figures_dir=run_dir / "figures")

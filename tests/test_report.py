@@ -1,0 +1,209 @@
+"""The HTML report: self-contained (every image a data: URI, nothing external), escaped, complete for a run
+folder, a single table and --compare; rendered in headless Chromium when it is installed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_windows, tiny
+
+from importance.errors import ImpruneError
+from importance.score import score
+from importance.table import ImportanceTable
+from pruning.cli import main
+from pruning.report import build_report, load_run, write_run_outputs
+
+EVIL = "<script>alert('x')</script>"
+
+
+class Page(HTMLParser):
+    """Collects every tag with its attributes, and the visible text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+    def all(self, tag: str) -> list[dict[str, str | None]]:
+        return [a for t, a in self.tags if t == tag]
+
+
+@pytest.fixture(scope="module")
+def tables() -> tuple[ImportanceTable, ImportanceTable]:
+    lm = tiny("llama")
+    names = ["taylor", "fisher", "magnitude"]
+    return (score(lm, random_windows(4, 16, seed=1), names, progress=False),
+            score(lm, random_windows(4, 16, seed=2), names, progress=False))
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path, tables) -> Path:
+    run = tmp_path / "run"
+    tables[0].save(run / "scores_before")
+    tables[1].save(run / "scores_after")
+    (run / "model").mkdir()
+    (run / "model" / "imprune.json").write_text(json.dumps(
+        {"method": "recipe", "sparsity": {"0": {"attn.q": 0.5, "mlp.up": 0.25}, "1": {"attn.q": 0.75}}}))
+    metrics = {"perplexity": {"before": {"ppl": 43.2187, "nll": 3.766, "predicted": 16320, "windows": 64,
+                                         "seq_len": 256, "data": "austen:eval"},
+                              "after": {"ppl": 51.9034, "nll": 3.949, "predicted": 16320, "windows": 64,
+                                        "seq_len": 256, "data": "austen:eval"}},
+               "params": {"before": 1000, "after": 750}, "memory": {"weight_bytes_before": 4000},
+               "timings": {"prune": 1.5}, "settings": {"model": "random:llama", "note": EVIL}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def check_self_contained(page: str) -> Page:
+    parsed = Page(page)
+    for tag, attrs in parsed.tags:
+        for key in ("src", "href", "srcset", "action", "data"):
+            if attrs.get(key) is not None:
+                assert attrs[key].startswith("data:"), f"<{tag} {key}> points outside the page"
+    assert not parsed.all("link") and not parsed.all("iframe")
+    assert all(s.get("src") is None for s in parsed.all("script"))
+    assert "@import" not in page and "url(" not in page
+    return parsed
+
+
+def test_run_report_has_everything(run_dir: Path, tables) -> None:
+    page = build_report(run_dir)
+    parsed = check_self_contained(page)
+    figures = [a["id"] for a in parsed.all("figure")]
+    assert figures == ["components", "heads", "delta", "plan"]
+    imgs = parsed.all("img")
+    assert len(imgs) == 4 and all(a["src"].startswith("data:image/png;base64,") and a["alt"] for a in imgs)
+    text = " ".join(parsed.text)
+    assert "43.22" in text and "51.9" in text and "0.75" in text  # perplexities and params after / before
+    assert EVIL in text  # shown as text ...
+    assert EVIL not in page and "&lt;script&gt;" in page  # ... because it was escaped
+    # the most and least important component by mean taylor, computed here from the table's tensors
+    t = tables[0]
+    m = t.tensors["taylor/component"] / t.tensors["count/component"]
+    keep = [j for j, c in enumerate(t.components) if not c.startswith("norm.")]
+    flat = [(float(m[i, j]), f"L{i} {t.components[j]}") for i in range(t.n_layers) for j in keep]
+    assert max(flat)[1] in text and min(flat)[1] in text
+
+
+def test_single_table_and_compare(tmp_path: Path, tables) -> None:
+    a, b = tables[0].save(tmp_path / "a"), tables[1].save(tmp_path / "b")
+    parsed = check_self_contained(build_report(a))
+    assert [f["id"] for f in parsed.all("figure")] == ["components", "heads"]
+    parsed = check_self_contained(build_report(a, compare=b))
+    assert [f["id"] for f in parsed.all("figure")] == ["components", "heads", "delta"]
+    assert load_run(a, compare=b).after_label == "b"
+
+
+def test_report_errors_and_cli(tmp_path: Path, run_dir: Path, capsys) -> None:
+    with pytest.raises(ImpruneError, match="neither a table"):
+        load_run(tmp_path)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "scores_before").mkdir()
+    shutil.copytree(run_dir / "scores_before", tmp_path / "bad" / "scores_before", dirs_exist_ok=True)
+    (tmp_path / "bad" / "metrics.json").write_text("{not json")
+    with pytest.raises(ImpruneError, match="not valid JSON"):
+        load_run(tmp_path / "bad")
+    out = tmp_path / "r.html"
+    assert main(["report", str(run_dir), "--out", str(out)]) == 0
+    assert out.read_text().startswith("<!DOCTYPE html>")
+    assert main(["report", str(run_dir), "--out", str(out)]) == 2  # exists
+    assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "m.html")]) == 2
+    assert main(["report", str(run_dir), "--scorer", "activation", "--out", str(tmp_path / "s.html")]) == 2
+    assert "no scorer 'activation'" in capsys.readouterr().err
+    assert not (tmp_path / "m.html").exists() and not (tmp_path / "s.html").exists()
+
+
+def test_write_run_outputs(run_dir: Path) -> None:
+    page = write_run_outputs(run_dir)
+    assert page == run_dir / "report.html"
+    assert sorted(p.name for p in (run_dir / "figures").iterdir()) == \
+        ["components.png", "delta.png", "heads.png", "plan.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in (run_dir / "figures").iterdir())
+    write_run_outputs(run_dir)  # rerunning replaces them
+
+
+def test_delta_after_layer_removal_uses_layers_kept(run_dir: Path, tables) -> None:
+    t = tables[1]
+    keep = {k: v for k, v in t.tensors.items()}
+    for k, v in t.tensors.items():
+        if v.dim() >= 1 and v.shape[0] == t.n_layers and not k.startswith(("taylor/channel", "fisher/channel")):
+            keep[k] = v[1:]  # the after model lost layer 0
+    after = ImportanceTable(keep, {**t.meta, "layers": t.n_layers - 1})
+    shutil.rmtree(run_dir / "scores_after")
+    after.save(run_dir / "scores_after")
+    record = json.loads((run_dir / "model" / "imprune.json").read_text())
+    (run_dir / "model" / "imprune.json").write_text(json.dumps({**record, "layers_kept": [1]}))
+    parsed = check_self_contained(build_report(run_dir))
+    assert "delta" in [f["id"] for f in parsed.all("figure")]
+
+
+# ------------------------------------------------------------------------------------------------ browser
+
+
+def render_in_chromium(path: Path, tmp_path: Path) -> dict[str, str | None]:
+    """Open ``path`` in headless Chromium and return <body>'s attributes after the page's scripts ran."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium is not on PATH (Debian: apt-get install chromium; `make setup` tries it)")
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'prof'}",
+           "--virtual-time-budget=5000", "--dump-dom", path.resolve().as_uri()]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bodies = Page(done.stdout).all("body")
+    assert bodies, done.stdout[:500]
+    return bodies[0]
+
+
+def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
+    page = write_run_outputs(run_dir)
+    body = render_in_chromium(page, tmp_path)
+    assert body.get("data-errors") == "0"
+    assert body.get("data-images") == "4" and body.get("data-decoded") == "4"
+
+
+def test_browser_check_catches_a_broken_image_and_a_script_error(run_dir: Path, tmp_path: Path) -> None:
+    page = write_run_outputs(run_dir)
+    text = page.read_text().replace("data:image/png;base64,", "data:image/png;base64,AAAA", 1)
+    text = text.replace("</body>", "<script>undefinedFunction();</script></body>")
+    broken = tmp_path / "broken.html"
+    broken.write_text(text)
+    body = render_in_chromium(broken, tmp_path)
+    assert body.get("data-images") == "4" and body.get("data-decoded") == "3"
+    assert body.get("data-errors") == "1"
+
+
+# ------------------------------------------------------------------------------------------------ SmolLM2
+
+
+@pytest.mark.integration
+def test_smollm2_heatmaps_and_report(tmp_path: Path) -> None:
+    from importance import heatmap as H
+    from importance.data import load_data
+    from importance.models import load_model
+
+    lm = load_model("builtin:smollm2-135m")
+    tables = [score(lm, load_data(f"tasks:{t}", lm.tokenizer, seq_len=64, samples=4), ["taylor"], progress=False)
+              for t in ("math", "knowledge")]
+    axs = [ax for ax in H.heads_figure(tables).axes if hasattr(ax, "imprune")]
+    assert [ax.get_title() for ax in axs] == ["math", "knowledge"]
+    assert all(ax.imprune.matrix.shape == (30, 9) for ax in axs)
+    assert torch.isfinite(torch.as_tensor(axs[0].imprune.matrix)).all()
+    folder = tables[0].save(tmp_path / "math")
+    out = tmp_path / "r.html"
+    assert main(["report", str(folder), "--compare", str(tables[1].save(tmp_path / "kn")), "--out", str(out)]) == 0
+    body = render_in_chromium(out, tmp_path)
+    assert body.get("data-errors") == "0" and body.get("data-decoded") == body.get("data-images") == "3"
