@@ -113,11 +113,13 @@ class _Pass:
         self._inside_norm = False
 
     # -------------------------------------------------------------------------------- installation
-    def install(self) -> list[Any]:
+    def install(self, layers: set[int] | None = None) -> list[Any]:
+        """Hook every component (or only those of ``layers``); returns the handles to remove."""
         handles: list[Any] = []
         by_module: dict[int, list[Component]] = defaultdict(list)
         for comp in self.mm.components():
-            by_module[id(comp.module)].append(comp)
+            if layers is None or comp.layer in layers:
+                by_module[id(comp.module)].append(comp)
         for comps in by_module.values():
             mod, kind = comps[0].module, comps[0].kind
             if kind == "linear":
@@ -132,7 +134,8 @@ class _Pass:
                 handles.append(mod.register_forward_hook(self._experts_forward(comps), with_kwargs=True))
         if self.cfg.block_influence:
             for block in self.mm.blocks:
-                handles.extend(self._influence_hooks(block))
+                if layers is None or block.index in layers:
+                    handles.extend(self._influence_hooks(block))
         return handles
 
     @property

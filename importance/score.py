@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .arch import model_map
+from .blockwise import collect_blockwise
 from .collect import CollectConfig, collect
 from .data import Windows, load_data
 from .distributed import all_reduce_statistics, process_state, shard_windows
@@ -30,11 +31,14 @@ def parse_scorers(names: str | Sequence[str]) -> list[str]:
 def score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequence[str] = DEFAULT_SCORERS, *,
           tokenizer: Any = None, task: str | None = None, seq_len: int = 256, tokens: int | None = None,
           samples: int | None = None, seed: int = 0, batch_size: int = 4, elements: bool = False,
-          fisher_unit: str = "sequence", obd: bool = False, progress: bool = True) -> ImportanceTable:
+          fisher_unit: str = "sequence", obd: bool = False, blockwise: bool = False,
+          progress: bool = True) -> ImportanceTable:
     """Score ``model`` on ``data`` with every scorer in ``scorers`` from one hooked pass.
 
     ``model`` is a ``LoadedModel`` (from ``importance.load_model``) or a Hugging Face model plus
-    ``tokenizer``/``task``; ``data`` is ``Windows`` or a ``--data`` spec string.
+    ``tokenizer``/``task``; ``data`` is ``Windows`` or a ``--data`` spec string. ``blockwise`` runs the
+    forward-only scorers block by block over kept hidden states (``importance.blockwise``): with an
+    offloaded model, peak memory is about one block plus the hidden states.
     """
     names = parse_scorers(scorers)
     if isinstance(model, LoadedModel):
@@ -55,14 +59,16 @@ def score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequence
                         block_influence="block_influence" in names, fisher_unit=fisher_unit)
     mm = model_map(hf)
     state = process_state()  # a multi-process launch: score a shard, then add the sums of every process
-    if state is None:
-        stats = collect(hf, data, task, cfg, batch_size=batch_size, progress=progress, mm=mm)
+    if state is not None:
+        data = shard_windows(data, batch_size, state.process_index, state.num_processes)
+        progress = progress and state.is_main_process
+    if blockwise:
+        stats = collect_blockwise(hf, data, cfg, batch_size=batch_size, progress=progress, mm=mm)
     else:
-        shard = shard_windows(data, batch_size, state.process_index, state.num_processes)
-        stats = collect(hf, shard, task, cfg, batch_size=batch_size, progress=progress and state.is_main_process,
-                        mm=mm)
+        stats = collect(hf, data, task, cfg, batch_size=batch_size, progress=progress, mm=mm)
+    if state is not None:
         all_reduce_statistics(stats, state)
-    meta = {"model": ident, "data": dict(data.meta), "seed": seed, "batch_size": batch_size,
+    meta = {"model": ident, "data": dict(data.meta), "seed": seed, "batch_size": batch_size, "blockwise": blockwise,
             "seconds": round(stats.meta.get("seconds", 0.0), 3), "processes": stats.meta.get("processes", 1),
             "versions": versions()}
     return build_table(stats, mm, names, elements=elements, obd=obd, meta=meta)

@@ -90,6 +90,8 @@ def evaluate(args: argparse.Namespace) -> int:
     arg("--elements", action="store_true", help="also keep per-weight tensors (the size of the model)"),
     arg("--fisher-unit", default="sequence", choices=["sequence", "batch"]),
     arg("--obd", action="store_true", help="element Fisher as the OBD saliency w^2 F / 2"),
+    arg("--blockwise", action="store_true",
+        help="forward-only scorers block by block over kept hidden states (with --max-memory: ~one block resident)"),
     arg("--processes", type=int, default=1,
         help="score data-parallel in N processes (accelerate launch; equals `accelerate launch -m pruning score`)"),
     arg("--out", required=True, help="output folder for the table"), OVERWRITE, QUIET])
@@ -110,7 +112,8 @@ def score_cmd(args: argparse.Namespace) -> int:
     windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, tokens=args.tokens, samples=args.samples,
                         seed=args.seed, max_positions=_max_positions(lm.model))
     table = score(lm, windows, names, seed=args.seed, batch_size=args.batch_size, elements=args.elements,
-                  fisher_unit=args.fisher_unit, obd=args.obd, progress=not args.quiet)
+                  fisher_unit=args.fisher_unit, obd=args.obd, blockwise=args.blockwise,
+                  progress=not args.quiet)
     if state is not None and not state.is_main_process:
         return 0  # every process holds the same table; only the main one writes it
     table.save(out, overwrite=args.overwrite)
