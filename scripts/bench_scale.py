@@ -1,9 +1,12 @@
-"""How scoring scales (shared/protocol.md): calibration tokens x1 / x2 / x4, and 1 vs 2 processes.
+"""How scoring scales (shared/protocol.md): calibration tokens x1 / x2 / x4, 1 vs 2 processes, block by block.
 
 Each variant runs in its own process (so its peak RSS is its own), repeated in interleaved order; the
 table prints median seconds of the scoring pass, time ratios against x1 (linear = 2.0 and 4.0), peak RSS
 ratios (flat = 1.0), and the 2-process run (accelerate, gloo on CPU) against 1 process on the same tokens.
-Group-level taylor + fisher + activation + magnitude.
+Group-level taylor + fisher + activation + magnitude. Last, the block-by-block mode (forward-only scorers over
+kept hidden states, the model loaded with ``--max-memory`` so accelerate keeps its blocks on disk) against the
+usual whole-model forward pass: peak resident memory of the scoring pass, sampled every 20 ms (VmRSS and the
+anonymous part RssAnon; memory-mapped weight files count in VmRSS only).
 
     python scripts/bench_scale.py [--model builtin:smollm2-135m] [--windows 8] [--seq-len 256] [--reps 2]
 """
@@ -42,6 +45,41 @@ def child(args: argparse.Namespace) -> None:
                       "tokens": windows.n_tokens}))
 
 
+def memory_child(args: argparse.Namespace) -> None:
+    """Forward-only scoring, whole model in memory or block by block on an offloaded model; sampled peaks."""
+    import threading
+
+    peak = {"VmRSS": 0, "RssAnon": 0}
+
+    def sample() -> None:
+        while True:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    key = line.split(":")[0]
+                    if key in peak:
+                        peak[key] = max(peak[key], int(line.split()[1]))
+            time.sleep(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from importance.data import load_data
+    from importance.models import load_model
+    from importance.score import score
+
+    cap = None if args.blockmem == "none" else args.blockmem
+    lm = load_model(args.model, max_memory=cap)
+    windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.windows, seed=0)
+    model_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
+    peak.update(VmRSS=0, RssAnon=0)
+    start = time.perf_counter()
+    score(lm, windows, ["activation", "magnitude", "block_influence"], batch_size=args.batch_size,
+          blockwise=cap is not None, progress=False)
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_vmrss_mb": peak["VmRSS"] / 1024,
+                      "peak_anon_mb": peak["RssAnon"] / 1024, "model_mb": model_mb, "max_memory": cap}))
+
+
 def processes(args: argparse.Namespace, n: int, windows: int) -> dict:
     """``imprune score --processes n`` (n > 1 goes through accelerate launch); seconds from the table."""
     from importance.table import ImportanceTable
@@ -69,15 +107,21 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--out", default="scripts/results/bench_scale.json")
+    p.add_argument("--cap", default="100MB", help="--max-memory of the block-by-block run")
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--blockmem", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.n:
         child(args)
         return
+    if args.blockmem:
+        memory_child(args)
+        return
     settings = {k: getattr(args, k) for k in ("model", "data", "windows", "seq_len", "batch_size", "threads", "reps")}
     print("settings:", json.dumps(settings))
     mult = (1, 2, 4)
-    runs: dict[str, list[dict]] = {f"x{m}": [] for m in mult} | {"1 process": [], "2 processes": []}
+    runs: dict[str, list[dict]] = {f"x{m}": [] for m in mult} | {"1 process": [], "2 processes": [],
+                                                                 "whole model": [], "block by block": []}
     base = [sys.executable, __file__, "--model", args.model, "--data", args.data, "--seq-len", str(args.seq_len),
             "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
     for rep in range(args.reps):
@@ -89,6 +133,9 @@ def main() -> None:
             runs[name].append(processes(args, n, args.windows * 2))
             print(f"  rep {rep} {name}: {runs[name][-1]['seconds']:.1f} s pass, "
                   f"{runs[name][-1]['wall_seconds']:.1f} s wall", flush=True)
+        for name, cap in (("whole model", "none"), ("block by block", args.cap)):
+            runs[name].append(run_child([*base, "--windows", str(args.windows * 4), "--blockmem", cap]))
+            print(f"  rep {rep} {name}: peak {runs[name][-1]['peak_vmrss_mb']:.0f} MB", flush=True)
     med = {k: {f: statistics.median(r[f] for r in rs) for f in rs[0] if isinstance(rs[0][f], (int, float))}
            for k, rs in runs.items()}
     rows = []
@@ -107,6 +154,13 @@ def main() -> None:
           f"{one['seconds']:.1f} s vs {two['seconds']:.1f} s = {speed:.2f}x; wall (launch + load included) "
           f"{one['wall_seconds']:.1f} s vs {two['wall_seconds']:.1f} s")
     rows.append({"variant": "processes", "one": one, "two": two, "pass_speedup": speed})
+    whole, block = med["whole model"], med["block by block"]
+    print(f"\nforward-only scoring of {args.windows * 4 * args.seq_len} tokens, model {whole['model_mb']:.0f} MB: "
+          f"whole model peak {whole['peak_vmrss_mb']:.0f} MB (anon {whole['peak_anon_mb']:.0f}) vs block by block "
+          f"under --max-memory {args.cap} {block['peak_vmrss_mb']:.0f} MB (anon {block['peak_anon_mb']:.0f}) = "
+          f"{block['peak_vmrss_mb'] / whole['peak_vmrss_mb']:.2f}x; time {block['seconds'] / whole['seconds']:.2f}x")
+    rows.append({"variant": "blockwise", "whole": whole, "block": block,
+                 "peak_ratio": block["peak_vmrss_mb"] / whole["peak_vmrss_mb"]})
     write_results(args.out, {"settings": settings, "results": rows, "runs": runs})
 
 
