@@ -9,6 +9,7 @@ sequential pruning needs (block l sees the outputs of the already-changed blocks
 * ``capture_block_inputs(model, mm, windows, batch_size)`` runs the model up to the first block once per
   batch and keeps what that block receives: the hidden states and every keyword argument (position
   embeddings, attention mask, cache position ...), plus the padding mask.
+* ``forward_block(module, inputs)`` is one block's outputs for every batch, the inputs left as they are.
 * ``run_blocks(mm, inputs, before, after)`` pushes the inputs through each block in turn, calling
   ``before(block)`` / ``after(block)`` around it (hook installation, pruning ...).
 * ``collect_blockwise(...)`` is ``importance.collect.collect`` for forward-only scorers (activation,
@@ -79,6 +80,19 @@ def capture_block_inputs(model: torch.nn.Module, mm: ModelMap, windows: Windows,
 
 
 @torch.no_grad()
+def forward_block(module: torch.nn.Module, inputs: list[BlockInput],
+                  on_batch: Callable[[BlockInput], Any] | None = None) -> list[torch.Tensor]:
+    """``module``'s output hidden states [B, T, D] for every batch of ``inputs`` (which stay unchanged)."""
+    outs = []
+    for item in inputs:
+        if on_batch:
+            on_batch(item)
+        y = module(item.hidden, *item.args, **item.kwargs)
+        outs.append(y[0] if isinstance(y, tuple) else y)
+    return outs
+
+
+@torch.no_grad()
 def run_blocks(mm: ModelMap, inputs: list[BlockInput], before: Callable[[Block], Any] | None = None,
                after: Callable[[Block], Any] | None = None, on_batch: Callable[[BlockInput], Any] | None = None,
                progress: bool = True) -> list[BlockInput]:
@@ -89,11 +103,8 @@ def run_blocks(mm: ModelMap, inputs: list[BlockInput], before: Callable[[Block],
             if before:
                 before(block)
             try:
-                for item in inputs:
-                    if on_batch:
-                        on_batch(item)
-                    y = block.module(item.hidden, *item.args, **item.kwargs)
-                    item.hidden = y[0] if isinstance(y, tuple) else y
+                for item, y in zip(inputs, forward_block(block.module, inputs, on_batch), strict=True):
+                    item.hidden = y
             finally:
                 if after:
                     after(block)

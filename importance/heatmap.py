@@ -2,10 +2,11 @@
 
 Every picture is an [L, X] matrix (layers down the y axis, components or heads across) drawn by ONE helper,
 ``draw_matrix``, on a ``Scale``: sequential for importance (optionally log, over the positive finite values and
-at most ``LOG_DECADES`` below the largest),
-diverging and centred at zero for a delta, a fixed 0..1 for sparsity, discrete for bits. NaN cells (a component
-the layer does not have, a head that was removed) are left blank on a grey background. Panels of one figure
-that are compared share one scale and one colour bar.
+at most ``LOG_DECADES`` below the largest), diverging and centred at zero for a delta, a fixed 0..1 for sparsity
+and for rank percentiles, discrete for bits. NaN cells (a component the layer does not have, a head that was
+removed) are left blank on a grey background. Panels of one figure that are compared share one scale and one
+colour bar. Other figure modules (``importance.plots_validate``) build on the same pieces: ``draw_matrix``,
+``scale_for``, ``add_colorbar``, ``sized_figure``, ``grid_shape``, ``group_labels`` and ``layer_step``.
 
 The figure functions return a ``matplotlib.figure.Figure`` built without pyplot (no display, no global state,
 no backend switch; PNGs render through Agg); save with ``save_figure`` (atomic; .png, .svg or .pdf) or
@@ -48,7 +49,10 @@ _NORM_WORDS = {"none": "not normalized", "layer": "share of its layer", "compone
 
 @dataclass(frozen=True)
 class Scale:
-    """How values become colours. kind: 'sequential' | 'diverging' | 'fraction' | 'bits'."""
+    """How values become colours. kind: 'sequential' | 'diverging' | 'fraction' | 'rank' | 'bits'.
+
+    'fraction' and 'rank' are fixed 0..1 scales: a share of weights removed (reds), and a rank percentile
+    (1 = most important; magma)."""
 
     kind: str
     vmin: float
@@ -73,7 +77,7 @@ class Scale:
         if self.kind == "bits":
             cmap = colors.ListedColormap(sns.color_palette("crest", max(len(self.levels), 1)))
         else:
-            name = {"sequential": "viridis", "diverging": "vlag", "fraction": "Reds"}[self.kind]
+            name = {"sequential": "viridis", "diverging": "vlag", "fraction": "Reds", "rank": "magma"}[self.kind]
             cmap = sns.color_palette(name, as_cmap=True) if name == "vlag" else matplotlib.colormaps[name]
         return cmap.with_extremes(bad=_BAD)
 
@@ -82,7 +86,7 @@ def scale_for(matrices: Sequence[np.ndarray], kind: str = "sequential", log: boo
     """One scale covering every finite value of ``matrices`` (positive ones for log); shared by their panels."""
     vals = np.concatenate([np.asarray(m, dtype=float).ravel() for m in matrices]) if matrices else np.zeros(0)
     vals = vals[np.isfinite(vals)]
-    if kind == "fraction":
+    if kind in ("fraction", "rank"):
         return Scale(kind, 0.0, 1.0, label=label)
     if kind == "bits":
         levels = tuple(float(v) for v in np.unique(vals)) or (0.0,)
@@ -120,6 +124,17 @@ def layer_step(n_layers: int, max_labels: int = MAX_LAYER_LABELS) -> int:
     return max(1, math.ceil(n_layers / max_labels))
 
 
+def group_labels(granularity: str, width: int) -> list[str]:
+    """Column labels of a [L, X] matrix of heads, KV groups, channels or experts: h0, h1, ... / kv0, ..."""
+    return [f"{_SHORT[granularity]}{j}" for j in range(width)]
+
+
+def grid_shape(n: int, cols: int) -> tuple[int, int]:
+    """(rows, cols) of a grid of ``n`` panels at most ``cols`` wide."""
+    cols = max(1, min(cols, n))
+    return math.ceil(n / cols), cols
+
+
 def draw_matrix(ax: Any, m: np.ndarray | torch.Tensor, xlabels: Sequence[str], scale: Scale, title: str = "",
                 ylabels: bool = True, annotate: bool = False, xlabel: str = "") -> Any:
     """Draw ``m`` [L, X] on ``ax`` with seaborn; returns the mesh (the mappable for a colour bar).
@@ -153,7 +168,8 @@ def draw_matrix(ax: Any, m: np.ndarray | torch.Tensor, xlabels: Sequence[str], s
     return ax.collections[0]
 
 
-def _colorbar(fig: Figure, mesh: Any, axes: Sequence[Any], scale: Scale) -> Any:
+def add_colorbar(fig: Figure, mesh: Any, axes: Sequence[Any], scale: Scale) -> Any:
+    """One colour bar for the panels ``axes`` drawn on ``scale`` (``mesh``: what ``draw_matrix`` returned)."""
     bar = fig.colorbar(mesh, ax=list(axes), label=scale.label, shrink=0.9 if len(axes) == 1 else 0.6,
                        pad=0.02, aspect=30, extend="min" if scale.clipped else "neither")
     if scale.kind == "bits":
@@ -161,7 +177,7 @@ def _colorbar(fig: Figure, mesh: Any, axes: Sequence[Any], scale: Scale) -> Any:
     return bar
 
 
-def _figure(n_layers: int, width: int, rows: int = 1, cols: int = 1, extra: float = 1.4) -> Figure:
+def sized_figure(n_layers: int, width: int, rows: int = 1, cols: int = 1, extra: float = 1.4) -> Figure:
     """A figure sized from the matrix shape: about 0.42 in per column and 0.2 in per layer per panel."""
     panel_w = max(1.8, 0.7 + 0.36 * width)
     panel_h = min(max(2.2, 0.6 + 0.19 * n_layers), 11.0 if rows == 1 else 7.0)
@@ -214,7 +230,7 @@ def matrix(table: ImportanceTable, scorer: str, granularity: str = "component", 
         labels = order_components(table.components, norms)
         m = m[:, [table.components.index(c) for c in labels]]
     else:
-        labels = [f"{_SHORT[granularity]}{j}" for j in range(m.shape[1])]
+        labels = group_labels(granularity, m.shape[1])
     return normalize(m, norm), labels
 
 
@@ -252,11 +268,10 @@ def grid_figure(tables: Sequence[ImportanceTable], titles: Sequence[str] | None 
         mats.append((m, labels))
     scale = scale_for([m.numpy() for m, _ in mats], "sequential", log, value_label(scorer, aggregation, norm, log))
     n = len(tables)
-    cols = max(1, min(cols, n))
-    rows = math.ceil(n / cols)
+    rows, cols = grid_shape(n, cols)
     n_layers = max(m.shape[0] for m, _ in mats)
     width = max(m.shape[1] for m, _ in mats)
-    fig = _figure(n_layers, width, rows, cols)
+    fig = sized_figure(n_layers, width, rows, cols)
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
     mesh = None
     for k, (ax, (m, labels), name) in enumerate(zip(axes, mats, names)):
@@ -264,7 +279,7 @@ def grid_figure(tables: Sequence[ImportanceTable], titles: Sequence[str] | None 
                            xlabel=granularity.replace("_", " ") if k >= n - cols else "")
     for ax in axes[n:]:
         ax.set_visible(False)
-    _colorbar(fig, mesh, axes[:n], scale)
+    add_colorbar(fig, mesh, axes[:n], scale)
     model = describe(tables[0])[0]
     data_sets = list(dict.fromkeys(describe(t)[1] for t in tables))
     if title is None:
@@ -333,20 +348,20 @@ def delta_figure(before: ImportanceTable, after: ImportanceTable, scorer: str | 
         width = max(a_raw.shape[1], b.shape[1])
         pad = lambda m: torch.cat([m, torch.full((m.shape[0], width - m.shape[1]), float("nan"))], 1)  # noqa: E731
         b, a_raw = pad(b), pad(a_raw)
-        labels = a_labels = [f"{_SHORT[granularity]}{j}" for j in range(width)]
+        labels = a_labels = group_labels(granularity, width)
     a = _align(b, labels, a_raw, a_labels, layers_kept)
     d = delta(b, a, log)
     label = value_label(scorer, aggregation, norm, log)
     shared = scale_for([b.numpy(), a.numpy()], "sequential", log, label)
     dscale = scale_for([d.numpy()], "diverging", label=("log10(after / before)" if log else "after - before"))
-    fig = _figure(b.shape[0], b.shape[1], 1, 3, extra=2.4)
+    fig = sized_figure(b.shape[0], b.shape[1], 1, 3, extra=2.4)
     axes = fig.subplots(1, 3, squeeze=False)[0]
     mesh = None
     for k, (ax, m, name) in enumerate(zip(axes[:2], (b, a), titles)):
         mesh = draw_matrix(ax, m, labels, shared, name, ylabels=k == 0)
-    _colorbar(fig, mesh, axes[:2], shared)
+    add_colorbar(fig, mesh, axes[:2], shared)
     dmesh = draw_matrix(axes[2], d, labels, dscale, "difference", ylabels=False)
-    _colorbar(fig, dmesh, axes[2:], dscale)
+    add_colorbar(fig, dmesh, axes[2:], dscale)
     model, data = describe(before)
     fig.suptitle(f"{model}: {scorer} importance before / after / difference\non {data}, {_NORM_WORDS[norm]}",
                  fontsize=10)
@@ -386,16 +401,16 @@ def layer_map_figure(values: LayerMap, kind: str = "sparsity", table: Importance
     label = "fraction of weights removed" if kind == "sparsity" else "bits per weight"
     scale = scale_for([m.numpy()], "fraction" if kind == "sparsity" else "bits", label=label)
     panels = 1 + (table is not None)
-    fig = _figure(m.shape[0], m.shape[1], 1, panels, extra=1.6 * panels)
+    fig = sized_figure(m.shape[0], m.shape[1], 1, panels, extra=1.6 * panels)
     axes = fig.subplots(1, panels, squeeze=False)[0]
     if table is not None:
         scorer = pick_scorer(table, scorer, "component")
         imp, labels = matrix(table, scorer, "component", aggregation, "none", norms=True)
         imp = normalize(imp[:, [labels.index(c) for c in comps]], norm)  # normalized over the columns shown
         iscale = scale_for([imp.numpy()], "sequential", log, value_label(scorer, aggregation, norm, log))
-        _colorbar(fig, draw_matrix(axes[0], imp, comps, iscale, f"importance ({scorer})"), axes[:1], iscale)
+        add_colorbar(fig, draw_matrix(axes[0], imp, comps, iscale, f"importance ({scorer})"), axes[:1], iscale)
     mesh = draw_matrix(axes[-1], m, comps, scale, kind, ylabels=table is None, annotate=kind == "bits")
-    _colorbar(fig, mesh, axes[-1:], scale)
+    add_colorbar(fig, mesh, axes[-1:], scale)
     if title is None:
         mean = float(torch.nanmean(m)) if torch.isfinite(m).any() else float("nan")
         title = f"{kind} per layer x component\n(mean {mean:.3g}" + (", beside the importance)" if table else ")")

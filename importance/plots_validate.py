@@ -1,8 +1,9 @@
 """Figures of ``imprune validate``: predicted vs measured scatter plots, and the ablation beside the scorers.
 
 Both functions return a ``matplotlib.figure.Figure`` built without pyplot (no global state, no display; save
-with ``fig.savefig``). ``ablation_heatmap_figure`` is the one place to switch to ``importance.heatmap``'s
-shared drawing helper once it is available: it draws every panel in the table's [L, X] layout.
+with ``fig.savefig``). ``ablation_heatmap_figure`` draws its panels with ``importance.heatmap``'s own pieces
+(``draw_matrix`` on a 0..1 'rank' ``Scale``, figure sizing, grid, column labels, thinned layer labels, colour
+bar), so it looks like every other heatmap and each panel carries its matrix as ``ax.imprune``.
 """
 
 from __future__ import annotations
@@ -13,19 +14,15 @@ import torch
 from matplotlib import cm, colors, ticker
 from matplotlib.figure import Figure
 
+from . import heatmap as H
 from .faithfulness import paired, rank, values
 from .table import ImportanceTable
 
-_SHORT = {"head": "h", "kv_group": "kv", "component": "", "layer": ""}
+RANK_LABEL = "rank percentile (1 = most important)"
 
 
 def _panel_scorers(scores: ImportanceTable, granularity: str, truth_scorer: str) -> list[str]:
     return [s for s in scores.scorers if s != truth_scorer and scores.has(s, granularity)]
-
-
-def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
-    cols = min(n, max_cols)
-    return (n + cols - 1) // cols, cols
 
 
 def _floor(v: torch.Tensor) -> float:
@@ -42,7 +39,7 @@ def scatter_figure(scores: ImportanceTable, truth: ImportanceTable, granularity:
     value) as downward triangles. ``results`` (from ``faithfulness.compare``) puts the correlations in titles.
     """
     names = _panel_scorers(scores, granularity, truth_scorer)
-    rows, cols = _grid(max(len(names), 1))
+    rows, cols = H.grid_shape(max(len(names), 1), 3)
     fig = Figure(figsize=(4.2 * cols + (1.0 if granularity != "component" else 0), 3.8 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
     comps = truth.components
@@ -108,45 +105,31 @@ def ablation_heatmap_figure(scores: ImportanceTable, truth: ImportanceTable, gra
     each panel (1 = most important), so where a scorer's colours differ from the ablation's it misjudges.
 
     Layer granularity: one panel whose columns are the ablation and the scorers (each column ranked alone).
+    Components keep the table's column order (norms included), as ``faithfulness`` compares them.
     """
     names = [truth_scorer] + _panel_scorers(scores, granularity, truth_scorer)
     tables = {truth_scorer: truth, **{s: scores for s in names[1:]}}
-    cmap = cm.magma.with_extremes(bad="#d0d0d0")
+    scale = H.scale_for([], "rank", label=RANK_LABEL)
     if granularity == "layer":
         m = torch.stack([_percentiles(values(tables[s], s, "layer")) for s in names], 1)  # [L, S]
-        fig = Figure(figsize=(1.0 + 0.9 * len(names), 1.0 + 0.22 * m.shape[0]), layout="constrained")
+        fig = H.sized_figure(m.shape[0], len(names))
         ax = fig.subplots()
-        image = ax.imshow(m.numpy(), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        _layer_ticks(ax, m.shape[0])
-        fig.colorbar(image, ax=ax, label="rank percentile (1 = most important)")
-        fig.suptitle("layer ablation beside the scorers' layer scores", fontsize=11)
+        H.add_colorbar(fig, H.draw_matrix(ax, m, names, scale), [ax], scale)
+        fig.suptitle("layer ablation beside the scorers' layer scores (each column ranked alone)", fontsize=11)
         return fig
     mats = [_percentiles(values(tables[s], s, granularity, truth.components if granularity == "component" else None))
             for s in names]
     n_layers, width = mats[0].shape
-    rows, cols = _grid(len(names), 5)
-    fig = Figure(figsize=(0.8 + cols * (0.9 + 0.32 * width), 0.9 + rows * (0.6 + 0.2 * n_layers)),
-                 layout="constrained")
+    rows, cols = H.grid_shape(len(names), 5)
+    fig = H.sized_figure(n_layers, width, rows, cols)
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
-    labels = truth.components if granularity == "component" else \
-        [f"{_SHORT[granularity]}{j}" for j in range(width)]
-    image = None
-    for ax, name, m in zip(axes, names, mats):
-        image = ax.imshow(m[:, :width].numpy(), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(name + (" (measured)" if name == truth_scorer else ""), fontsize=10)
-        ax.set_xticks(range(width), labels, rotation=90, fontsize=7)
-        _layer_ticks(ax, n_layers)
+    labels = truth.components if granularity == "component" else H.group_labels(granularity, width)
+    mesh = None
+    for k, (ax, name, m) in enumerate(zip(axes, names, mats)):
+        mesh = H.draw_matrix(ax, m, labels, scale, name + (" (measured)" if name == truth_scorer else ""),
+                             ylabels=k % cols == 0)
     for ax in axes[len(names):]:
         ax.set_visible(False)
-    if image is not None:
-        fig.colorbar(image, ax=list(axes[:len(names)]), label="rank percentile in the panel (1 = most important)",
-                     shrink=0.8)
-    fig.suptitle(f"{granularity} ablation beside the scorers, same layout", fontsize=11)
+    H.add_colorbar(fig, mesh, axes[:len(names)], scale)
+    fig.suptitle(f"{granularity} ablation beside the scorers, same layout (each panel ranked alone)", fontsize=11)
     return fig
-
-
-def _layer_ticks(ax, n_layers: int) -> None:
-    step = max(1, -(-n_layers // 24))
-    ticks = list(range(0, n_layers, step))
-    ax.set_yticks(ticks, [f"L{i}" for i in ticks], fontsize=7)

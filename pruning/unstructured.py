@@ -42,7 +42,7 @@ from importance.table import ImportanceTable, LayerMap
 from . import allocate as A
 from .cli import arg
 from .methods import ALLOCATION, BAND, CRITERION, PruneContext, PruneResult, register_method
-from .sequential import InputStatistics, block_forward, run_blocks
+from .sequential import InputStatistics, run_sequential
 from .sparsegpt import sparsegpt
 
 SCOPES = ("row", "matrix", "global")
@@ -388,7 +388,7 @@ def _run_blockwise(lm: LoadedModel, mm: ModelMap, comps: list[Component], cfg: U
             return
         modules = {str(id(c.module)): c.module for c in todo}  # fused q/k/v share one module and its inputs
         with InputStatistics(modules, hessian=cfg.criterion == "sparsegpt") as st:
-            block_forward(block, inputs, st)
+            st.gather(block, inputs)
         for c in todo:
             k = str(id(c.module))
             extra = {"in_sq": st.sq[k], "tokens": torch.tensor(st.tokens[k])}
@@ -396,8 +396,8 @@ def _run_blockwise(lm: LoadedModel, mm: ModelMap, comps: list[Component], cfg: U
                 extra["xtx"] = st.xtx[k]
             _prune_component(c, cfg, counts[_key(c)], extra)
 
-    run_blocks(lm.model, [b.module for b in mm.blocks], windows, step, sequential=cfg.effective_sequential,
-               batch_size=batch_size, device=next(lm.model.parameters()).device, progress=progress)
+    run_sequential(lm.model, mm, windows, step, sequential=cfg.effective_sequential, batch_size=batch_size,
+                   progress=progress)
 
 
 def achieved(comps: list[Component]) -> dict[tuple[int, str], float]:

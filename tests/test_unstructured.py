@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from importance.arch import model_map
+from importance.blockwise import BlockInput
 from importance.errors import ImpruneError
-from pruning.sequential import BlockInputs, run_blocks
+from pruning.sequential import run_sequential
 from pruning.sparsegpt import sparsegpt
 from pruning.unstructured import (
     UnstructuredConfig,
@@ -173,11 +174,12 @@ def test_block_runner_reproduces_the_models_hidden_states() -> None:
                           output_hidden_states=True).hidden_states
     seen: dict[int, torch.Tensor] = {}
 
-    def step(layer: int, block: torch.nn.Module, inputs: BlockInputs) -> None:
-        seen[layer] = torch.cat(inputs.hidden)
+    def step(layer: int, block: torch.nn.Module, inputs: list[BlockInput]) -> None:
+        seen[layer] = torch.cat([item.hidden for item in inputs])
 
-    blocks = [b.module for b in model_map(lm.model).blocks]
-    run_blocks(lm.model, blocks, windows, step, batch_size=2)
+    mm = model_map(lm.model)
+    blocks = mm.blocks
+    run_sequential(lm.model, mm, windows, step, batch_size=2)
     assert sorted(seen) == list(range(len(blocks)))
     for layer, h in seen.items():
         assert torch.allclose(h, hidden[layer], atol=1e-5), layer
