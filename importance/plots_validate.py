@@ -112,10 +112,11 @@ def ablation_heatmap_figure(scores: ImportanceTable, truth: ImportanceTable, gra
     scale = H.scale_for([], "rank", label=RANK_LABEL)
     if granularity == "layer":
         m = torch.stack([_percentiles(values(tables[s], s, "layer")) for s in names], 1)  # [L, S]
-        fig = H.sized_figure(m.shape[0], len(names))
+        fig = H.sized_figure(m.shape[0], len(names), extra=1.0 + 0.5 * len(names))  # columns named by scorer
+        fig.set_figheight(max(fig.get_figheight(), 4.0))  # room for the rotated names and the colour bar label
         ax = fig.subplots()
         H.add_colorbar(fig, H.draw_matrix(ax, m, names, scale), [ax], scale)
-        fig.suptitle("layer ablation beside the scorers' layer scores (each column ranked alone)", fontsize=11)
+        fig.suptitle("layer ablation beside the scorers' layer scores", fontsize=11)
         return fig
     mats = [_percentiles(values(tables[s], s, granularity, truth.components if granularity == "component" else None))
             for s in names]

@@ -13,13 +13,24 @@ Run directory layout it reads (what ``imprune run`` writes; see ``pruning.pipeli
     RUN_DIR/model/imprune.json  optional: a pruning record ("sparsity": LayerMap with string layer keys,
                                 "layers_kept" when layers were removed) or a quantization record ("bits": LayerMap)
     RUN_DIR/figures/            where ``write_run_outputs`` puts the PNGs it embeds
+    RUN_DIR/scores_before/validation/
+                                optional: what ``imprune validate --scores RUN_DIR/scores_before`` writes
+                                (validation.json, schema ``imprune.validation/1`` in ``pruning.cli_validate``,
+                                and its PNGs)
 
 RUN_DIR may also be a single table folder (table.json + table.safetensors): the page then shows that table
-alone. ``compare`` (``--compare TABLE``) replaces scores_after as the second table of before / after / delta.
+alone, and its validation from TABLE/validation/ when there is one. ``compare`` (``--compare TABLE``) replaces
+scores_after as the second table of before / after / delta.
 
 Page: settings, metrics (perplexity, parameters, memory, timings) when present, the layer x component and
 layer x head heatmaps, before / after / difference when there is a second table, the sparsity or bits map
-beside the importance it came from, and the top and bottom components and heads as tables. A small inline
+beside the importance it came from, and the top and bottom components and heads as tables. With a validation
+folder, a section "Does the importance predict removal?": one row per scorer with its Spearman, Kendall and
+bottom-fraction overlap against the measured loss increase at the validated granularity and its layer-level
+Spearman, the best scorer highlighted, the held-out data and the measurement's noise ceiling, and the
+validation's own scatter and ablation heatmap PNGs (embedded as written, not redrawn). A validation.json that
+is not valid JSON, has another schema, lacks the agreement numbers or names a figure outside its folder stops
+the report with a one-line ``ImpruneError``; a figure file that is missing is noted on the page. A small inline
 script records script errors and whether every image decoded on ``<body>`` (``data-images``,
 ``data-decoded``, ``data-errors``): the browser test reads them, and anyone can check a page the same way.
 """
@@ -54,6 +65,7 @@ class Run:
     metrics: dict[str, Any] | None = None
     record: dict[str, Any] | None = None
     is_run: bool = True
+    validation: Validation | None = None
 
 
 def _is_table(folder: Path) -> bool:
@@ -80,7 +92,8 @@ def load_run(path: str | Path, compare: str | Path | None = None) -> Run:
     other = ImportanceTable.load(Path(compare).expanduser()) if compare is not None else None
     other_label = Path(compare).name if compare is not None else "after"
     if _is_table(root):
-        return Run(root, ImportanceTable.load(root), other, other_label, is_run=False)
+        return Run(root, ImportanceTable.load(root), other, other_label, is_run=False,
+                   validation=load_validation(root / VALIDATION_DIR))
     if not _is_table(root / "scores_before"):
         raise ImpruneError(f"'{root}' holds neither a table nor scores_before/; pass an `imprune run` folder or a "
                            "folder written by `imprune score`")
@@ -88,7 +101,73 @@ def load_run(path: str | Path, compare: str | Path | None = None) -> Run:
     if after is None and _is_table(root / "scores_after"):
         after = ImportanceTable.load(root / "scores_after")
     return Run(root, ImportanceTable.load(root / "scores_before"), after, other_label,
-               _read_json(root / "metrics.json"), _read_json(root / "model" / "imprune.json"))
+               _read_json(root / "metrics.json"), _read_json(root / "model" / "imprune.json"),
+               validation=load_validation(root / "scores_before" / VALIDATION_DIR))
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+VALIDATION_DIR = "validation"
+_STATS = ("spearman", "kendall", "bottom_overlap")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class Validation:
+    """An ``imprune validate`` folder as the page shows it: validation.json (checked) and its figures."""
+
+    folder: Path
+    doc: dict[str, Any]
+    granularity: str  # the validated one ("layer" only when that was the one asked for)
+    figures: dict[str, tuple[str, str, bytes | None]]  # stem: (caption, file name, PNG or None when unreadable)
+
+
+def _number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def load_validation(folder: Path) -> Validation | None:
+    """FOLDER/validation.json and the PNGs it names, or None without one; a malformed file is an ImpruneError."""
+    from .cli_validate import SCHEMA
+
+    path = folder / "validation.json"
+    doc = _read_json(path)
+    if doc is None:
+        return None
+
+    def bad(what: str) -> ImpruneError:
+        return ImpruneError(f"'{path}' is not a usable validation file ({what}); rerun `imprune validate` with "
+                            "--overwrite, or remove the folder")
+
+    if doc.get("schema") != SCHEMA:
+        raise bad(f"schema {doc.get('schema')!r}, expected {SCHEMA!r}")
+    grans = doc.get("granularities")
+    if not isinstance(grans, dict) or not grans:
+        raise bad("no 'granularities'")
+    for gran, res in grans.items():
+        stats = res.get("scorers") if isinstance(res, dict) else None
+        if not isinstance(stats, dict) or not stats or not all(
+                isinstance(st, dict) and all(_number(st.get(k)) for k in _STATS) for st in stats.values()):
+            raise bad(f"granularities.{gran} needs 'scorers' with numbers {', '.join(_STATS)} for each")
+    for key in ("model", "scores", "ground_truth", "figures"):
+        if not isinstance(doc.get(key, {}), dict):
+            raise bad(f"'{key}' is not an object")
+    figures = {}
+    for stem, name in doc.get("figures", {}).items():
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".png"):
+            raise bad(f"figure '{stem}' is not the name of a .png file in the folder")
+        png = (folder / name).read_bytes() if (folder / name).is_file() else b""
+        figures[str(stem)] = (_validation_caption(str(stem)), name, png if png.startswith(_PNG_MAGIC) else None)
+    return Validation(folder, doc, next((g for g in grans if g != "layer"), "layer"), figures)
+
+
+def _validation_caption(stem: str) -> str:
+    if stem.startswith("scatter_"):
+        return (f"{stem[len('scatter_'):]} ablation: each scorer's prediction (sum over the group) against the "
+                "measured loss increase, log scales")
+    if stem == "ablation_heatmap":
+        return "The measured ablation beside every scorer, same layout, as rank percentiles (1 = most important)"
+    return stem
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -140,6 +219,7 @@ th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.9rem;color:#555}.pair{display:flex;gap:2rem;flex-wrap:wrap}
 .muted{color:#777;font-size:.85rem}code{background:#f4f4f4;padding:0 .2rem}
+tr.best td,tr.best th{background:#fff1b8;font-weight:600}td.lead{font-weight:700}tr.muted td,tr.muted th{color:#777}
 """
 
 # on load, records script errors and how many images decoded (complete, with a width) as attributes of <body>
@@ -229,6 +309,101 @@ def _ranking_tables(table: ImportanceTable, scorer: str, label: str) -> str:
     return "".join(out)
 
 
+def _figure_html(stem: str, caption: str, png: bytes) -> str:
+    src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return (f"<figure id='{_e(stem)}'><img src='{src}' alt='{_e(caption)}'>"
+            f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+
+def _stat(value: Any) -> str:
+    """A correlation or overlap as three decimals ('nan' when undefined, '–' when absent)."""
+    if value is None:
+        return "–"
+    return _fmt(value) if not _number(value) or math.isnan(value) else f"{value:.3f}"
+
+
+def _obj(doc: dict[str, Any], key: str) -> dict[str, Any]:
+    value = doc.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _ceiling(rel: Any) -> float | None:
+    value = rel.get("ceiling") if isinstance(rel, dict) else None
+    return value if _number(value) and value is not None and not math.isnan(value) else None
+
+
+def _noise(rel: Any) -> str:
+    if not isinstance(rel, dict):
+        return "not measured (fewer than two held-out windows)"
+    text = f"split-half Spearman {_stat(rel.get('split_half'))} over {_fmt(rel.get('windows'))} windows"
+    if _ceiling(rel) is None:
+        return text + "; too noisy for a ceiling"
+    return text + f"; a perfect scorer would reach about {_stat(rel['ceiling'])}"
+
+
+def _validation_facts(v: Validation) -> list[tuple[str, Any]]:
+    truth, grans = _obj(v.doc, "ground_truth"), v.doc["granularities"]
+    ev, groups, rel = _obj(truth, "eval"), _obj(truth, "groups"), _obj(truth, "reliability")
+    rows: list[tuple[str, Any]] = [
+        ("granularity", v.granularity + "".join(f"; {_fmt(groups.get(g, grans[g].get('n')))} {g} groups"
+                                               for g in grans)),
+        ("held-out data", ev.get("data")),
+        ("held-out tokens", None if ev.get("tokens") is None else
+         f"{_fmt(ev.get('tokens'))} ({_fmt(ev.get('windows'))} windows of {_fmt(ev.get('seq_len'))}), "
+         f"{_fmt(truth.get('predicted_tokens'))} predicted"),
+        ("base loss (mean token NLL)", truth.get("base_nll"))]
+    rows += [(f"measurement noise ({g})", _noise(rel.get(g))) for g in grans if g in rel]
+    if truth.get("shortcut") is False:
+        rows.append(("measured with", f"full forwards ({_fmt(truth.get('shortcut_reason'))})"))
+    rows += [("ground truth", truth.get("definition")), ("validated model", _obj(v.doc, "model").get("spec")),
+             ("score table", _obj(v.doc, "scores").get("path"))]
+    return [(k, val) for k, val in rows if val is not None]
+
+
+def _validation_section(v: Validation) -> str:
+    """Agreement of each scorer with the measured loss increase, the facts behind it, and the figures."""
+    grans, gran = v.doc["granularities"], v.granularity
+    res = grans[gran]
+    layer = grans.get("layer") if gran != "layer" else None
+    frac = res.get("bottom_fraction")
+    cols = ["Spearman", "Kendall", f"bottom {frac:.0%} overlap" if _number(frac) and frac else "bottom overlap"]
+    cols += ["layer Spearman"] if layer else []
+    names = list(dict.fromkeys([*res["scorers"], *(layer["scorers"] if layer else [])]))
+    rows = []
+    for name in names:
+        s, ls = res["scorers"].get(name, {}), (layer or {}).get("scorers", {}).get(name, {})
+        cells = [f"<td class='num'>{_stat(s.get(k))}</td>" for k in _STATS]
+        if layer:
+            lead = " lead" if name == layer.get("best") else ""
+            cells.append(f"<td class='num{lead}'>{_stat(ls.get('spearman'))}</td>")
+        best = name == res.get("best")
+        rows.append(("<tr class='best'>" if best else "<tr>") + f"<th>{_e(name)}{' (best)' if best else ''}</th>"
+                    + "".join(cells) + "</tr>")
+    rel = _obj(_obj(v.doc, "ground_truth"), "reliability")
+    ceilings = [_ceiling(rel.get(gran)), None, None] + ([_ceiling(rel.get("layer"))] if layer else [])
+    if any(c is not None for c in ceilings):
+        rows.append("<tr class='muted'><th>noise ceiling</th>" + "".join(
+            f"<td class='num'>{_stat(c)}</td>" for c in ceilings) + "</tr>")
+    head = "<tr><th>scorer</th>" + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>"
+    frac_words = f"{frac:.0%} of" if _number(frac) and frac else "bottom fraction of"
+    word = gran.replace("_", " ")
+    out = ["<h2 id='validation'>Does the importance predict removal?</h2>",
+           f"<p>Each {_e(word)} was removed alone and the increase of the mean token loss on held-out text "
+           f"measured (the ground truth). Spearman and Kendall: rank agreement of each scorer's {_e(word)} values "
+           f"(summed over the {_e(word)}) with it, 1 = the same order; bottom overlap: the share of the "
+           f"{_e(frac_words)} {_e(word)}s the scorer ranks least important that are also among the least harmful "
+           "to remove"
+           + ("; layer Spearman: the same for whole layers" if layer else "")
+           + ". Best scorer (highest Spearman) highlighted; the noise ceiling is about the best Spearman any scorer "
+           "can reach against a measurement this noisy.</p>",
+           f"<table>{head}{''.join(rows)}</table>", _kv_table(_validation_facts(v))]
+    for stem, (caption, name, png) in v.figures.items():
+        out.append(_figure_html(f"validation-{stem}", caption, png) if png is not None else
+                   f"<p class='muted'>{_e(name)} is missing or not a PNG in <code>{_e(v.folder)}</code></p>")
+    out.append(f"<p class='muted'>from <code>{_e(v.folder / 'validation.json')}</code></p>")
+    return "".join(out)
+
+
 def render(run: Run, figures: dict[str, tuple[str, bytes]], scorer: str | None = None) -> str:
     """The page as a string, from a loaded run and its figures rendered to PNG bytes ({stem: (caption, png)})."""
     model, data = H.describe(run.before)
@@ -239,14 +414,13 @@ def render(run: Run, figures: dict[str, tuple[str, bytes]], scorer: str | None =
     if run.metrics:
         body += ["<h2>Metrics</h2>", _metrics_section(run.metrics)]
     body.append("<h2>Figures</h2>")
-    for stem, (caption, png) in figures.items():
-        src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-        body.append(f"<figure id='{_e(stem)}'><img src='{src}' alt='{_e(caption)}'>"
-                    f"<figcaption>{_e(caption)}</figcaption></figure>")
+    body += [_figure_html(stem, caption, png) for stem, (caption, png) in figures.items()]
     rank_scorer = H.pick_scorer(run.before, scorer, "component")
     body += ["<h2>Top and bottom</h2>", _ranking_tables(run.before, rank_scorer, "before" if run.after else "table")]
     if run.after is not None and rank_scorer in run.after.scorers:
         body.append(_ranking_tables(run.after, rank_scorer, run.after_label))
+    if run.validation is not None:
+        body.append(_validation_section(run.validation))
     versions = run.before.meta.get("versions") or {}
     if versions:
         body.append("<p class='muted'>" + _e(", ".join(f"{k} {v}" for k, v in versions.items())) + "</p>")

@@ -1,9 +1,12 @@
 """The HTML report: self-contained (every image a data: URI, nothing external), escaped, complete for a run
-folder, a single table and --compare; rendered in headless Chromium when it is installed."""
+folder, a single table and --compare, with the validation section when ``imprune validate`` wrote one; rendered
+in headless Chromium when it is installed."""
 
 from __future__ import annotations
 
+import base64
 import json
+import math
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -12,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_windows, tiny
+from matplotlib.figure import Figure
 
+from importance import heatmap as H
 from importance.errors import ImpruneError
 from importance.score import score
 from importance.table import ImportanceTable
@@ -23,19 +28,38 @@ EVIL = "<script>alert('x')</script>"
 
 
 class Page(HTMLParser):
-    """Collects every tag with its attributes, and the visible text."""
+    """Collects every tag with its attributes, the visible text, and every table row as (its class, cell texts)."""
 
     def __init__(self, text: str) -> None:
         super().__init__()
         self.tags: list[tuple[str, dict[str, str | None]]] = []
         self.text: list[str] = []
+        self.rows: list[tuple[str | None, list[str]]] = []
+        self._cell: list[str] | None = None
         self.feed(text)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.append((tag, dict(attrs)))
+        if tag == "tr":
+            self.rows.append((dict(attrs).get("class"), []))
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None:
+            self.rows[-1][1].append("".join(self._cell))
+            self._cell = None
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def row(self, first: str) -> tuple[str | None, list[str]]:
+        """The one table row whose first cell is ``first``."""
+        found = [r for r in self.rows if r[1] and r[1][0] == first]
+        assert len(found) == 1, (first, found)
+        return found[0]
 
     def all(self, tag: str) -> list[dict[str, str | None]]:
         return [a for t, a in self.tags if t == tag]
@@ -150,6 +174,141 @@ def test_delta_after_layer_removal_uses_layers_kept(run_dir: Path, tables) -> No
     assert "delta" in [f["id"] for f in parsed.all("figure")]
 
 
+# ------------------------------------------------------------------------------------------------ validation
+
+SECTION = "Does the importance predict removal?"
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory, tables) -> Path:
+    """A table folder with the validation folder the real `imprune validate` writes for it (heads)."""
+    root = tmp_path_factory.mktemp("validated")
+    folder = tables[0].save(root / "table")
+    text = root / "text.txt"
+    text.write_text(" ".join(f"word{i % 37} and more{i % 11}." for i in range(800)))
+    assert main(["validate", "--model", "random:llama", "--scores", str(folder), "--eval-data", f"file:{text}",
+                 "--eval-tokens", "96", "--eval-seq-len", "32", "--granularity", "head", "--quiet"]) == 0
+    return folder
+
+
+def _img_bytes(parsed: Page, figure_id: str) -> bytes:
+    index = [i for i, (t, a) in enumerate(parsed.tags) if t == "figure" and a.get("id") == figure_id]
+    assert len(index) == 1, figure_id
+    tag, attrs = parsed.tags[index[0] + 1]
+    assert tag == "img" and attrs["src"].startswith("data:image/png;base64,")
+    return base64.b64decode(attrs["src"].split(",", 1)[1])
+
+
+def test_run_report_shows_the_validation(run_dir: Path, validated: Path) -> None:
+    shutil.copytree(validated / "validation", run_dir / "scores_before" / "validation")
+    doc = json.loads((validated / "validation" / "validation.json").read_text())
+    parsed = check_self_contained(build_report(run_dir))
+    assert SECTION in parsed.text
+    ids = [a["id"] for a in parsed.all("figure")]
+    assert ids == ["components", "heads", "delta", "plan", "validation-scatter_head", "validation-scatter_layer",
+                   "validation-ablation_heatmap"]
+    for stem, name in doc["figures"].items():  # embedded exactly as validate wrote them
+        assert _img_bytes(parsed, f"validation-{stem}") == (validated / "validation" / name).read_bytes()
+    head, layer = doc["granularities"]["head"], doc["granularities"]["layer"]
+    assert parsed.row("scorer")[1] == ["scorer", "Spearman", "Kendall", "bottom 25% overlap", "layer Spearman"]
+    for name in dict.fromkeys([*head["scorers"], *layer["scorers"]]):
+        cls, cells = parsed.row(name + (" (best)" if name == head["best"] else ""))
+        assert cls == ("best" if name == head["best"] else None)
+        s = head["scorers"].get(name)
+        expect = [f"{s[k]:.3f}" for k in ("spearman", "kendall", "bottom_overlap")] if s else ["–"] * 3
+        assert cells[1:] == [*expect, f"{layer['scorers'][name]['spearman']:.3f}"]
+    truth = doc["ground_truth"]
+    ev = truth["eval"]
+    assert parsed.row("held-out tokens")[1][1] == \
+        f"{ev['tokens']} ({ev['windows']} windows of {ev['seq_len']}), {truth['predicted_tokens']} predicted"
+    assert parsed.row("held-out data")[1][1] == ev["data"]
+    assert parsed.row("granularity")[1][1].startswith("head; 8 head groups; 2 layer groups")
+    ceiling = truth["reliability"]["head"]["ceiling"]
+    if not math.isnan(ceiling):
+        assert parsed.row("noise ceiling")[1][1] == f"{ceiling:.3f}"
+
+
+def _write_validation(folder: Path, **changes) -> dict:
+    """A validation.json written by hand from the schema: components, a 10% bottom fraction, an undefined
+    Spearman, a layer-only scorer, no layer ceiling, full forwards, and scatter_layer.png missing."""
+    stats = lambda sp, kt, bo: {"spearman": sp, "kendall": kt, "bottom_overlap": bo, "n": 14}  # noqa: E731
+    doc = {"schema": "imprune.validation/1", "model": {"spec": "random:llama"},
+           "scores": {"path": str(folder), "scorers": ["taylor", "fisher", "magnitude", "block_influence"]},
+           "ground_truth": {"definition": "mean token NLL increase", "base_nll": 5.25,
+                            "eval": {"data": "austen:eval", "seq_len": 256, "windows": 4, "tokens": 1024},
+                            "predicted_tokens": 1020, "shortcut": False, "shortcut_reason": EVIL,
+                            "groups": {"component": 14, "layer": 2},
+                            "reliability": {"component": {"split_half": 0.6, "full_set": 0.75, "ceiling": 0.8660254,
+                                                          "windows": 4}, "layer": None}},
+           "granularities": {
+               "component": {"n": 14, "best": "fisher", "bottom_fraction": 0.1,
+                             "scorers": {"taylor": stats(0.71234, 0.5, 0.5), "fisher": stats(0.8125, 0.625, 1.0),
+                                         "magnitude": stats(float("nan"), float("nan"), 0.0)}},
+               "layer": {"n": 2, "best": "block_influence", "bottom_fraction": 0.1,
+                         "scorers": {"taylor": stats(-1.0, -1.0, 0.0), "fisher": stats(-1.0, -1.0, 0.0),
+                                     "magnitude": stats(1.0, 1.0, 1.0), "block_influence": stats(1.0, 1.0, 1.0)}}},
+           "aggregation": "sum",
+           "figures": {"scatter_component": "scatter_component.png", "scatter_layer": "scatter_layer.png",
+                       "ablation_heatmap": "ablation_heatmap.png"},
+           "ablation_table": "ablation", "versions": {}}
+    doc.update(changes)
+    out = folder / "validation"
+    out.mkdir(exist_ok=True)
+    png = H.figure_bytes(Figure(figsize=(1, 1)), "png", 20)
+    for name in ("scatter_component.png", "ablation_heatmap.png"):
+        (out / name).write_bytes(png)
+    (out / "validation.json").write_text(json.dumps(doc))
+    return doc
+
+
+def test_table_report_shows_a_handwritten_validation_and_nothing_without_one(tmp_path: Path, tables) -> None:
+    folder = tables[0].save(tmp_path / "t")
+    page = build_report(folder)
+    assert SECTION not in page and "validation-" not in page
+    _write_validation(folder)
+    page = build_report(folder)
+    parsed = check_self_contained(page)
+    assert SECTION in parsed.text
+    assert [a["id"] for a in parsed.all("figure")][-2:] == ["validation-scatter_component",
+                                                            "validation-ablation_heatmap"]
+    assert "scatter_layer.png is missing or not a PNG" in " ".join(parsed.text)
+    assert parsed.row("scorer")[1][1:] == ["Spearman", "Kendall", "bottom 10% overlap", "layer Spearman"]
+    assert parsed.row("fisher (best)") == ("best", ["fisher (best)", "0.812", "0.625", "1.000", "-1.000"])
+    assert parsed.row("taylor")[1] == ["taylor", "0.712", "0.500", "0.500", "-1.000"]
+    assert parsed.row("magnitude")[1] == ["magnitude", "nan", "nan", "0.000", "1.000"]
+    assert parsed.row("block_influence")[1] == ["block_influence", "–", "–", "–", "1.000"]
+    assert parsed.row("noise ceiling")[1] == ["noise ceiling", "0.866", "–", "–", "–"]
+    assert parsed.row("held-out tokens")[1][1] == "1,024 (4 windows of 256), 1,020 predicted"
+    assert parsed.row("measurement noise (layer)")[1][1].startswith("not measured")
+    assert parsed.row("measured with")[1][1] == f"full forwards ({EVIL})" and EVIL not in page
+    assert "<td class='num lead'>1.000</td>" in page  # the best layer-level scorer (block_influence) in bold
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"schema": "imprune.other/1"}, "schema 'imprune.other/1'"),
+    ({"granularities": {"head": {"best": "x", "scorers": {"x": {"spearman": "high"}}}}}, "granularities.head"),
+    ({"granularities": []}, "no 'granularities'"),
+    ({"ground_truth": "measured"}, "'ground_truth' is not an object"),
+    ({"figures": {"scatter_head": "../../secret.png"}}, "figure 'scatter_head'"),
+])
+def test_malformed_validation_is_a_one_line_error(tmp_path: Path, tables, changes, match, capsys) -> None:
+    folder = tables[0].save(tmp_path / "t")
+    _write_validation(folder, **changes)
+    with pytest.raises(ImpruneError, match=match):
+        load_run(folder)
+    assert main(["report", str(folder), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "validation.json" in err and len(err.splitlines()) == 1 and not (tmp_path / "r.html").exists()
+
+
+def test_validation_that_is_not_json_is_a_user_error(tmp_path: Path, tables) -> None:
+    folder = tables[0].save(tmp_path / "t")
+    (folder / "validation").mkdir()
+    (folder / "validation" / "validation.json").write_text("{not json")
+    with pytest.raises(ImpruneError, match="not valid JSON"):
+        load_run(folder)
+
+
 # ------------------------------------------------------------------------------------------------ browser
 
 
@@ -173,6 +332,13 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
     body = render_in_chromium(page, tmp_path)
     assert body.get("data-errors") == "0"
     assert body.get("data-images") == "4" and body.get("data-decoded") == "4"
+
+
+def test_report_with_validation_renders_in_headless_chromium(run_dir: Path, validated: Path, tmp_path: Path) -> None:
+    shutil.copytree(validated / "validation", run_dir / "scores_before" / "validation")
+    body = render_in_chromium(write_run_outputs(run_dir), tmp_path)
+    assert body.get("data-errors") == "0"
+    assert body.get("data-images") == "7" and body.get("data-decoded") == "7"
 
 
 def test_browser_check_catches_a_broken_image_and_a_script_error(run_dir: Path, tmp_path: Path) -> None:

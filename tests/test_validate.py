@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from test_collect import _model, _windows
@@ -301,6 +302,41 @@ def test_ablation_table_has_the_scorer_layout_and_round_trips(tmp_path) -> None:
         assert good["bottom_overlap"] == 1.0
         assert bad["spearman"] == pytest.approx(-1.0)
     assert agreement(torch.arange(4.0), torch.arange(4.0))["n"] == 4
+
+
+def _random_table(scorers: list[str], n_layers: int, seed: int) -> ImportanceTable:
+    g = torch.Generator().manual_seed(seed)
+    comps = ["norm.attn_in", "attn.q", "attn.k", "mlp.up"]
+    tensors = {}
+    for name in scorers:
+        tensors.update({f"{name}/component": torch.rand(n_layers, len(comps), generator=g),
+                        f"{name}/head": torch.rand(n_layers, 4, generator=g),
+                        f"{name}/layer": torch.rand(n_layers, generator=g)})
+    return ImportanceTable(tensors, {"scorers": scorers, "components": comps, "layers": n_layers})
+
+
+def test_ablation_heatmap_panels_are_rank_percentiles_in_the_table_layout() -> None:
+    from importance.plots_validate import ablation_heatmap_figure
+
+    scores, truth = _random_table(["taylor", "fisher"], 30, seed=1), _random_table(["ablation"], 30, seed=2)
+
+    def percentiles(v: torch.Tensor) -> torch.Tensor:  # no ties in random values: rank = position when sorted
+        flat = v.flatten()
+        return (flat.argsort().argsort().double() / (flat.numel() - 1)).reshape(v.shape)
+
+    for gran, labels in (("component", ["norm.attn_in", "attn.q", "attn.k", "mlp.up"]),
+                         ("head", ["h0", "h1", "h2", "h3"])):
+        axs = [ax for ax in ablation_heatmap_figure(scores, truth, gran).axes if hasattr(ax, "imprune")]
+        assert [ax.imprune.title for ax in axs] == ["ablation (measured)", "taylor", "fisher"]
+        for ax, (table, name) in zip(axs, [(truth, "ablation"), (scores, "taylor"), (scores, "fisher")]):
+            assert list(ax.imprune.xlabels) == labels and ax.imprune.scale.kind == "rank"
+            assert np.allclose(ax.imprune.matrix, percentiles(table.tensors[f"{name}/{gran}"]).numpy())
+        assert [t.get_text() for t in axs[0].get_yticklabels()] == [str(i) for i in range(0, 30, 2)]  # thinned
+    (ax,) = [ax for ax in ablation_heatmap_figure(scores, truth, "layer").axes if hasattr(ax, "imprune")]
+    assert list(ax.imprune.xlabels) == ["ablation", "taylor", "fisher"]
+    expected = torch.stack([percentiles(truth.tensors["ablation/layer"]), percentiles(scores.tensors["taylor/layer"]),
+                            percentiles(scores.tensors["fisher/layer"])], 1)
+    assert np.allclose(ax.imprune.matrix, expected.numpy())
 
 
 # ----------------------------------------------------------------------------------------- command line
