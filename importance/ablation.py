@@ -350,7 +350,8 @@ class Ablation:
                         a repeat of itself on as many fresh windows
         ``ceiling``     sqrt(full_set): about the best correlation ANY predictor, even one knowing the exact
                         expected loss increases, can reach against this noisy measurement
-        None with fewer than two windows (or when a half-correlation is undefined or negative: no ceiling)."""
+        None with fewer than two windows; when the split-half correlation is undefined or not positive,
+        ``full_set`` and ``ceiling`` are NaN (too noisy for a ceiling) and ``split_half`` says why."""
         from .faithfulness import spearman
 
         d = self.window_deltas[granularity]
