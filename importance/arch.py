@@ -14,7 +14,7 @@ a warning; where that cannot work, ``ImpruneError`` names the model type and ``r
 
 from __future__ import annotations
 
-import contextlib
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import ImpruneError
+from .offload import offloaded_weight, write_offloaded_
 
 LINEAR_NAMES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 NORM_NAMES = ("norm.attn_in", "norm.attn_out", "norm.mlp_in", "norm.mlp_out", "norm.q", "norm.k")
@@ -149,31 +150,6 @@ register_arch("qwen2_moe")(ArchSpec("model.layers", _LLAMA_LIN, _LLAMA_NORMS, ex
 
 # ----------------------------------------------------------------------------------------- views
 
-@contextlib.contextmanager
-def bare_forward(module: nn.Module) -> Iterator[nn.Module]:
-    """Call ``module`` without accelerate's offload hook (which would reload the weights we pass)."""
-    old = getattr(module, "_old_forward", None)
-    if old is None or "forward" not in vars(module):
-        yield module
-        return
-    wrapped = module.forward
-    module.forward = old
-    try:
-        yield module
-    finally:
-        module.forward = wrapped
-
-
-def offloaded_weight(module: nn.Module, param: str, path: str) -> torch.Tensor:
-    """The CPU / disk copy of an offloaded parameter (accelerate keeps it in the module hook's weights map)."""
-    hook = getattr(module, "_hf_hook", None)
-    for h in getattr(hook, "hooks", None) or [hook]:
-        weights = getattr(h, "weights_map", None) if getattr(h, "offload", False) else None
-        if weights is not None and param in weights:
-            return weights[param]
-    raise ImpruneError(f"the weights of {path} are not loaded (meta tensors) and no offload copy was found; load the "
-                       "model with importance.load_model(..., max_memory=...) or without device_map")
-
 @dataclass(eq=False)
 class Component:
     """One canonical component of one block, as a plain weight view.
@@ -195,19 +171,28 @@ class Component:
     out_group: str | None = None  # 'head' | 'kv_group' | 'mlp_channel' | 'expert' along rows
     in_group: str | None = None  # ... along columns
 
-    def _full(self) -> torch.Tensor:
+    def _stored(self) -> tuple[torch.Tensor, bool]:
+        """The module's parameter as stored, and whether it is accelerate's offloaded copy."""
         w = getattr(self.module, self.param)
         if w.device.type == "meta" and hasattr(self.module, "_hf_hook"):  # offloaded by accelerate: its copy
-            w = offloaded_weight(self.module, self.param, self.path)
+            return offloaded_weight(self.module, self.param, self.path), True
+        return w, False
+
+    def _full(self) -> torch.Tensor:
+        w = self._stored()[0]
         return w.transpose(-1, -2) if self.transposed else w
+
+    def _view(self, full: torch.Tensor) -> torch.Tensor:
+        if self.rows is None:
+            return full
+        return full[..., self.rows, :] if self.kind == "experts" else full[self.rows]
 
     @property
     def weight(self) -> torch.Tensor:
-        """``[out, in]`` (``[E, out, in]`` for experts, ``[d]`` for norms): a view where the layout allows."""
-        w = self._full()
-        if self.rows is None:
-            return w
-        return w[..., self.rows, :] if self.kind == "experts" else w[self.rows]
+        """``[out, in]`` (``[E, out, in]`` for experts, ``[d]`` for norms): a view where the layout allows.
+
+        On an offloaded module this reads accelerate's CPU / disk copy (a disk copy afresh on every access)."""
+        return self._view(self._full())
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -224,22 +209,28 @@ class Component:
 
     @torch.no_grad()
     def update_weight_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Replace the weight view by ``fn(weight)`` in place (writes through slices and transposes)."""
-        full = self._full()
+        """Replace the weight view by ``fn(weight)`` in place (writes through slices and transposes, and into
+        accelerate's offloaded copy when the module is offloaded)."""
+        stored, offloaded = self._stored()
+        full = stored.transpose(-1, -2) if self.transposed else stored
         if self.rows is None:
             full.copy_(fn(full))
         elif self.kind == "experts":
             full[..., self.rows, :] = fn(full[..., self.rows, :])
         else:
             full[self.rows] = fn(full[self.rows])
+        if offloaded:
+            write_offloaded_(self.module, self.param, stored, self.path)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape)
+        """Read from the module's parameter itself (a meta tensor when offloaded): no weights are loaded."""
+        w = getattr(self.module, self.param)
+        return tuple(self._view(w.transpose(-1, -2) if self.transposed else w).shape)
 
     @property
     def numel(self) -> int:
-        return self.weight.numel()
+        return math.prod(self.shape)
 
 
 @dataclass(eq=False)

@@ -32,11 +32,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Block, Component, ModelMap, bare_forward, model_map, offloaded_weight
+from .arch import Block, Component, ModelMap, model_map
 from .data import Batch, Windows
 from .errors import ImpruneError
 from .models import input_device
 from .objective import require_loss, token_nll
+from .offload import bare_forward, offloaded_weight
 
 
 @dataclass

@@ -20,7 +20,10 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import socket
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,11 +78,31 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
 
     ``max_memory`` (e.g. ``"200MiB"``, or ``"0=20GiB,cpu=64GiB"``) loads with ``device_map="auto"``: accelerate
     places what fits under the cap on ``device`` and offloads the rest (to CPU memory, then to a disk folder
-    under the cache), moving each offloaded module's weights in only for its forward.
+    under the cache), moving each offloaded module's weights in only for its forward. The cap must hold the
+    largest module accelerate moves in whole (a block, or the embedding when that is larger); a smaller one is
+    an ``ImpruneError`` saying how much is needed. Each load gets its own offload folder, removed with the
+    model: weights changed in place (pruning) are written there, never into the model folder, and no other
+    load of the same model sees them.
     """
     torch_dtype = resolve_dtype(dtype)
     spec = spec.strip()
     placement = offload_placement(max_memory, device, spec) if max_memory else None
+    try:
+        loaded = _load_spec(spec, torch_dtype, trust_remote_code, placement)
+    except BaseException:
+        if placement:
+            shutil.rmtree(placement["offload_folder"], ignore_errors=True)
+        raise
+    if placement is None:
+        loaded.model.to(device)
+    else:  # the folder holds this model's changed offloaded weights: it goes with the model
+        weakref.finalize(loaded.model, shutil.rmtree, placement["offload_folder"], True)
+    loaded.model.eval()
+    return loaded
+
+
+def _load_spec(spec: str, torch_dtype: torch.dtype, trust_remote_code: bool,
+               placement: dict[str, Any] | None) -> LoadedModel:
     if spec.startswith("builtin:"):
         loaded = _load_builtin(spec, torch_dtype, placement)
     elif spec.startswith("random:"):
@@ -100,9 +123,6 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
             raise ImpruneError(
                 f"unknown model '{spec}': pass a local folder, a .gguf file, a hub id 'org/name', "
                 f"'random:<model_type>' or one of {', '.join('builtin:' + b for b in BUILTINS)}")
-    if placement is None:
-        loaded.model.to(device)
-    loaded.model.eval()
     return loaded
 
 
@@ -136,9 +156,65 @@ def offload_placement(max_memory: str, device: str, spec: str) -> dict[str, Any]
         raise ImpruneError(f"--max-memory '{max_memory}' must be positive")
     if device != "cpu" and "cpu" not in caps:
         caps["cpu"] = 0  # with a GPU cap given alone, the rest goes to disk, not to an unbounded CPU
-    folder = cache_root() / "offload" / re.sub(r"[^\w.\-]+", "_", spec)[-80:]
-    folder.mkdir(parents=True, exist_ok=True)
-    return {"device_map": "auto", "max_memory": caps, "offload_folder": str(folder), "offload_buffers": False}
+    return {"device_map": "auto", "max_memory": caps, "offload_folder": str(_offload_folder(spec)),
+            "offload_buffers": False}
+
+
+def _offload_folder(spec: str) -> Path:
+    """A new folder for one load's offloaded weights: ``<cache>/offload/<spec>/<pid>-<random>``.
+
+    Per load, not per model: weights changed in place are written there, and two loads of one model (in one
+    process or in two) must not see each other's. Folders left by processes that are gone are removed here.
+    """
+    base = cache_root() / "offload" / re.sub(r"[^\w.\-]+", "_", spec)[-80:]
+    base.mkdir(parents=True, exist_ok=True)
+    for old in base.iterdir():
+        pid = old.name.split("-", 1)[0]
+        if old.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name != "posix" or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _size_text(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def _at_least(n: int) -> str:
+    """``n`` bytes rounded up to a --max-memory value: whole MB, or tenths of a GB from 1 GB."""
+    return f"{-(-n // 10**8) / 10:g}GB" if n >= 10**9 else f"{-(-n // 10**6)}MB"
+
+
+def check_cap(model: Any, caps: dict[Any, int]) -> None:
+    """Raise when the cap of the device that runs the model cannot hold its largest module.
+
+    accelerate moves each offloaded module (a block, kept whole, or a leaf such as the embedding) into that
+    memory for its forward and reserves room for the largest one; under a smaller cap it silently places
+    everything on disk and the cap is not kept. ``model`` may be on the meta device."""
+    from accelerate.utils import compute_module_sizes, get_max_layer_size
+
+    main = min((k for k in caps if isinstance(k, int)), default="cpu")  # accelerate's execution device
+    if main not in caps:
+        return
+    sizes = compute_module_sizes(model)
+    top = [*model.named_parameters(recurse=False), *model.named_children(), *model.named_buffers(recurse=False)]
+    need, names = get_max_layer_size(top, sizes, list(getattr(model, "_no_split_modules", None) or []))
+    if caps[main] < need:
+        where = "" if main == "cpu" else f"{main}="
+        raise ImpruneError(f"--max-memory {where}{_size_text(caps[main])} is below the largest module that must fit "
+                           f"whole ({names[0] if names else '?'}, {_size_text(need)}; accelerate loads each offloaded "
+                           f"module into this memory for its forward): pass at least {where}{_at_least(need)}")
 
 
 # ----------------------------------------------------------------------------------------- builtins
@@ -222,6 +298,12 @@ def _load_folder(folder: Path, spec: str, dtype: torch.dtype, trust_remote_code:
             raise ImpruneError(f"'{folder}' has per-layer widths; --max-memory cannot place it yet, load it whole")
         model = load_pruned(folder, dtype=dtype)
     else:
+        if placement:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights():  # the module sizes only, before anything is read or offloaded
+                check_cap(cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code),
+                          placement["max_memory"])
         model = cls.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code, **(placement or {}))
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if task == "masked-lm" and getattr(model.config, "mask_token_id", None) is None:

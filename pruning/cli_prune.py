@@ -14,7 +14,7 @@ from importance.errors import ImpruneError
 from importance.models import load_model
 from importance.table import ImportanceTable
 
-from .cli import DEVICE, DTYPE, MODEL, OVERWRITE, QUIET, SEED, TRUST, Arg, arg, check_output, command
+from .cli import DEVICE, DTYPE, MAX_MEMORY, MODEL, OVERWRITE, QUIET, SEED, TRUST, Arg, arg, check_output, command
 from .evaluate import perplexity
 from .methods import METHODS, PruneContext
 
@@ -53,7 +53,7 @@ def _shapes(mm: Any) -> dict[str, list[int]]:
 
 
 def _prune_args() -> list[Arg]:
-    return [MODEL, DTYPE, DEVICE, TRUST,
+    return [MODEL, DTYPE, DEVICE, MAX_MEMORY, TRUST,
             arg("--method", required=True, help="pruning method (see the list in --help)"),
             arg("--sparsity", type=float, required=True, help="fraction to remove, in [0, 1)"),
             arg("--scores", default=None, help="importance table folder from `imprune score`"),
@@ -74,9 +74,14 @@ def prune_cmd(args: argparse.Namespace) -> int:
     if not 0.0 <= args.sparsity < 1.0:
         raise ImpruneError(f"--sparsity {args.sparsity} is outside [0, 1); give the fraction to remove, e.g. 0.5")
     method = METHODS[args.method]
+    if args.max_memory and not method.offload:
+        offloadable = ", ".join(m.name for m in METHODS.values() if m.offload)
+        raise ImpruneError(f"--method {args.method} changes shapes and needs the whole model in memory; --max-memory "
+                           f"works with --method {offloadable} (weights change in place), or drop --max-memory")
     out = check_output(args.out, args.overwrite)
     table = ImportanceTable.load(args.scores) if args.scores else None
-    lm = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                    max_memory=args.max_memory)
     if table is not None:
         check_table(table, lm)
     if method.needs_table and table is None:

@@ -53,6 +53,7 @@ class Method:
     args: tuple[Arg, ...]
     fn: Callable[[PruneContext], PruneResult]
     needs_table: bool = False
+    offload: bool = False  # works on a model accelerate offloaded (``--max-memory``): weights change in place
 
 
 METHODS: dict[str, Method] = {}
@@ -72,9 +73,10 @@ BAND: Arg = (("--band",), dict(type=float, default=0.1,
                                help="largest per-layer deviation from the target ratio (--allocation importance)"))
 
 
-def register_method(name: str, help: str, args: Sequence[Arg] = (), needs_table: bool = False):
+def register_method(name: str, help: str, args: Sequence[Arg] = (), needs_table: bool = False,
+                    offload: bool = False):
     def add(fn: Callable[[PruneContext], PruneResult]) -> Callable[[PruneContext], PruneResult]:
-        METHODS[name] = Method(name, help, tuple(args), fn, needs_table)
+        METHODS[name] = Method(name, help, tuple(args), fn, needs_table, offload)
         return fn
 
     return add

@@ -40,6 +40,7 @@ from importance.arch_edit import set_attention_heads, set_config_geometry
 from importance.data import Windows
 from importance.errors import ImpruneError
 from importance.models import LoadedModel
+from importance.offload import is_offloaded
 from importance.table import ImportanceTable
 
 from .cli import arg
@@ -374,10 +375,17 @@ _SELECTION = {
     "width-importance": "per layer, units by lowest importance per parameter (mean aggregation) up to its budget"}
 
 
+def _check_in_memory(lm: LoadedModel) -> None:
+    if is_offloaded(lm.model):
+        raise ImpruneError("structured pruning changes shapes and needs the whole model in memory; load it without "
+                           "--max-memory (unstructured and N:M pruning work on offloaded models)")
+
+
 def prune_structured(lm: LoadedModel, cfg: StructuredConfig, table: ImportanceTable | None = None,
                      windows: Windows | None = None, batch_size: int = 4, progress: bool = False) -> PruneResult:
     """Remove heads / channels / both from ``lm.model`` in place (see module docstring); record what left."""
     cfg.validate()
+    _check_in_memory(lm)
     mm = model_map(lm.model)
     if cfg.keep_heads is not None:  # a bad head count fails before any scoring
         for b in mm.blocks:
@@ -419,6 +427,7 @@ def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "block_influ
                  table: ImportanceTable | None = None, windows: Windows | None = None, batch_size: int = 4,
                  progress: bool = False) -> PruneResult:
     """Remove round(sparsity x layers) whole blocks with the lowest ``criterion`` layer score."""
+    _check_in_memory(lm)
     if not 0.0 <= sparsity < 1.0:
         raise ImpruneError(f"sparsity {sparsity} is outside [0, 1); give the fraction of layers to remove")
     if criterion not in CRITERIA:

@@ -21,6 +21,11 @@ Allocation (``--allocation``): uniform, importance (``pruning.allocate.allocate`
 signal: a table scorer, or ``owl``, the share of Wanda scores above 5x their layer mean, computed on the
 fly), or global. Masks are applied through ``Component.update_weight_``, so fused and transposed layouts
 are handled by the arch layer; the saved folder holds plain dense safetensors with zeros.
+
+Offloaded models (``load_model(..., max_memory=...)``, ``imprune prune --max-memory``): weights are read from
+and written back to accelerate's CPU / disk copies (``Component.update_weight_``), one matrix at a time; the
+sequential pass gathers and prunes block l before it reads block l + 1, so about one block is resident. The
+masks (and SparseGPT's updated weights) are those of the in-memory run, and ``save_model`` writes them.
 """
 
 from __future__ import annotations
@@ -494,11 +499,12 @@ def _run(ctx: PruneContext, method: str) -> PruneResult:
 
 
 @register_method("unstructured", "zero individual weights by magnitude, wanda, taylor, fisher or sparsegpt",
-                 args=_FLAGS)
+                 args=_FLAGS, offload=True)
 def unstructured_method(ctx: PruneContext) -> PruneResult:
     return _run(ctx, "unstructured")
 
 
-@register_method("nm", "N:M semi-structured sparsity (2:4, 4:8, ...) by the same criteria", args=_FLAGS)
+@register_method("nm", "N:M semi-structured sparsity (2:4, 4:8, ...) by the same criteria", args=_FLAGS,
+                 offload=True)
 def nm_method(ctx: PruneContext) -> PruneResult:
     return _run(ctx, "nm")
