@@ -87,6 +87,19 @@ def layer_shapes(model: Any) -> dict[str, Any] | None:
     return {"params": differ, "attention": [[b.n_heads, b.n_kv_heads] for b in model_map(model).blocks]}
 
 
+def model_class(folder: Path) -> tuple[Any, type]:
+    """The config of a saved model folder and the transformers class its ``architectures`` names (never remote code)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise ImpruneError(f"'{folder}': config.json names no transformers model class ({names}); "
+                           "it cannot be rebuilt without trust_remote_code, which imprune keeps off")
+    return config, cls
+
+
 def needs_load_pruned(folder: str | Path) -> bool:
     """True when ``folder``'s imprune.json records per-layer shapes its config cannot describe."""
     path = Path(folder) / "imprune.json"
@@ -99,7 +112,6 @@ def load_pruned(folder: str | Path, dtype: torch.dtype | str = torch.float32, de
     The model class from the config is built under empty (meta) weights, the recorded parameters get their
     saved shapes and each attention its head counts, then transformers loads the safetensors into it.
     """
-    import transformers
 
     from importance.arch import model_map
     from importance.arch_edit import set_attention_heads
@@ -110,12 +122,7 @@ def load_pruned(folder: str | Path, dtype: torch.dtype | str = torch.float32, de
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ImpruneError(f"'{folder}' has no config.json; pass a folder written by `imprune prune`")
-    config = transformers.AutoConfig.from_pretrained(folder)
-    names = getattr(config, "architectures", None) or []
-    base = getattr(transformers, names[0], None) if names else None
-    if base is None:
-        raise ImpruneError(f"'{folder}': config.json names no transformers model class ({names}); "
-                           "it cannot be rebuilt without trust_remote_code, which imprune keeps off")
+    config, base = model_class(folder)
     torch_dtype = resolve_dtype(dtype)
     shapes = json.loads((folder / "imprune.json").read_text()).get("layer_shapes") \
         if (folder / "imprune.json").is_file() else None

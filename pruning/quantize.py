@@ -40,6 +40,7 @@ from importance.meta import versions, write_json
 from importance.models import LoadedModel
 
 from .bits import BitPlan, fake_quantize
+from .io import model_class
 
 FORMAT = "imprune.quanto/1"
 _QTYPES = {2: "qint2", 4: "qint4", 8: "qint8"}
@@ -187,12 +188,7 @@ def load_quantized(folder: str | Path, device: str = "cpu") -> LoadedModel:
     doc = json.loads(qfile.read_text())
     if doc.get("format") != FORMAT:
         raise ImpruneError(f"'{qfile}' has format {doc.get('format')!r}; this imprune reads {FORMAT}")
-    config = transformers.AutoConfig.from_pretrained(folder)
-    names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is None:
-        raise ImpruneError(f"'{folder}': config.json names no transformers model class ({names}); it cannot be "
-                           "rebuilt without trust_remote_code, which imprune keeps off")
+    config, cls = model_class(folder)
     from transformers.initialization import no_init_weights
 
     with no_init_weights():  # every weight is loaded below; skip the random init
