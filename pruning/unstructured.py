@@ -18,9 +18,10 @@ the already-pruned blocks 0..l-1 produce (on by default for sparsegpt, where it 
 where it changes little). Taylor and fisher use one gradient pass on the dense model; magnitude no data.
 
 Allocation (``--allocation``): uniform, importance (``pruning.allocate.allocate`` over a layer x component
-signal: a table scorer, or ``owl``, the share of Wanda scores above 5x their layer mean, computed on the
-fly), or global. Masks are applied through ``Component.update_weight_``, so fused and transposed layouts
-are handled by the arch layer; the saved folder holds plain dense safetensors with zeros.
+signal: a table scorer, by default fisher on a log scale, scored on the fly when no table is given; or
+``owl``, the share of Wanda scores above 5x their layer mean), or global. Masks are applied through
+``Component.update_weight_``, so fused and transposed layouts are handled by the arch layer; the saved
+folder holds plain dense safetensors with zeros.
 
 Offloaded models (``load_model(..., max_memory=...)``, ``imprune prune --max-memory``): weights are read from
 and written back to accelerate's CPU / disk copies (``Component.update_weight_``), one matrix at a time; the
@@ -267,7 +268,7 @@ def plan_ratios(lm: LoadedModel, cfg: UnstructuredConfig, comps: list[Component]
     sizes = torch.zeros(n_layers, len(mm_names), dtype=torch.float64)
     for c in comps:
         sizes[c.layer, mm_names.index(c.name)] = c.numel
-    scorer = cfg.alloc_scorer or "owl"
+    scorer = cfg.alloc_scorer or default_signal(table)
     transform = cfg.alloc_transform or ("linear" if scorer == "owl" else "log")
     if scorer == "owl":
         imp = owl_importance(comps, _activation_stats(lm, windows(), batch_size, progress), n_layers)
@@ -286,6 +287,14 @@ def plan_ratios(lm: LoadedModel, cfg: UnstructuredConfig, comps: list[Component]
     return ratios, {"method": "importance", "signal": scorer, "granularity": granularity, "transform": transform,
                     "band": cfg.band, "importance": importance[:, 0 if granularity == "layer" else slice(None)]
                     .tolist()}
+
+
+def default_signal(table: ImportanceTable | None) -> str:
+    """fisher (measured best on SmolLM2 at 50%: Wanda 75.9 uniform -> 71.3 guided, where owl gave 80.1), else the
+    table's first group scorer."""
+    if table is None or "fisher" in table.scorers:
+        return "fisher"
+    return next((s for s in table.scorers if table.has(s, "component")), table.scorers[0])
 
 
 def _table_for(lm: LoadedModel, table: ImportanceTable | None, scorer: str, windows: Callable[[], Windows],
@@ -458,8 +467,8 @@ _COMPONENTS = arg("--components", default="all", help="linears to prune: all or 
 _SEQUENTIAL = arg("--sequential", action=argparse.BooleanOptionalAction, default=None,
                   help="gather each block's statistics after pruning the blocks before it (default: on for "
                        "sparsegpt, off for wanda)")
-_ALLOC_SCORER = arg("--alloc-scorer", default=None, help="--allocation importance signal: owl (default) or a "
-                    "table scorer (fisher, taylor, activation, magnitude, block_influence)")
+_ALLOC_SCORER = arg("--alloc-scorer", default=None, help="--allocation importance signal: a table scorer (fisher, "
+                    "the default; taylor, activation, magnitude, block_influence) or owl (Wanda outlier share)")
 _ALLOC_GRAN = arg("--alloc-granularity", default="layer", choices=list(A.GRANULARITIES),
                   help="one ratio per layer, or per layer x component")
 _ALLOC_TRANSFORM = arg("--alloc-transform", default=None, choices=list(A.TRANSFORMS),

@@ -1,9 +1,11 @@
 """Quality benchmark (shared/protocol.md): perplexity after pruning, every method in ONE run, one table.
 
 Unstructured rows: 50% unstructured and 2:4 for every criterion (magnitude, wanda, taylor, fisher, sparsegpt),
-each with uniform allocation and (unstructured) with importance-guided allocation (``--alloc-scorer``, band
-``--band``). 2:4 keeps 2 of every 4 weights in every row, so it has no guided variant. Structured rows come
-from other modules' ``rows(args)`` functions, listed in ``ROW_SOURCES`` (select with ``--families``).
+each with uniform allocation and (unstructured) with importance-guided allocation, one row per signal in
+``--alloc-scorer`` (default fisher, the table's per-layer Fisher on a log scale, and owl, the share of Wanda
+outliers per layer), band ``--band``. 2:4 keeps 2 of every 4 weights in every row, so it has no guided
+variant. Structured rows come from other modules' ``rows(args)`` functions,
+listed in ``ROW_SOURCES`` (select with ``--families``).
 
 Reference setting: SmolLM2-135M float32; calibration 32 x 256 Austen windows without Persuasion (seed 0, no
 BOS); evaluation on the first 16,384 tokens of Persuasion in windows of 256. ``--quick``: 16 x 256
@@ -12,6 +14,7 @@ Each row starts from the same dense weights (restored in memory). Expect ~30-60 
 2 CPU cores.
 
     python scripts/bench_quality.py [--quick] [--only wanda,sparsegpt] [--families unstructured,structured]
+        [--alloc-scorer fisher,owl] [--update]      (--update: rerun the selected rows into the existing file)
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ def settings(args: Any) -> dict[str, Any]:
             "band": args.band}
 
 
+def signals(args: Any) -> list[str]:
+    return [s.strip() for s in str(args.alloc_scorer).split(",") if s.strip()]
+
+
 def unstructured_specs(args: Any) -> list[dict[str, Any]]:
     crits = CRITERIA if not args.quick or args.only else ("wanda", "sparsegpt")
     specs = []
@@ -50,13 +57,15 @@ def unstructured_specs(args: Any) -> list[dict[str, Any]]:
             for alloc in ALLOCATIONS:
                 if pattern == "2:4" and alloc != "uniform":
                     continue
-                specs.append({"criterion": crit, "pattern": pattern, "allocation": alloc})
+                for sig in signals(args) if alloc == "importance" else [None]:
+                    specs.append({"criterion": crit, "pattern": pattern, "allocation": alloc, "signal": sig})
     only = [s.strip() for s in (args.only or "").split(",") if s.strip()]
     return [s for s in specs if not only or any(o in spec_name(s) for o in only)]
 
 
 def spec_name(s: dict[str, Any]) -> str:
-    return f"{s['criterion']} {s['pattern']} {s['allocation']}"
+    guided = f" ({s['signal']})" if s.get("signal") else ""
+    return f"{s['criterion']} {s['pattern']} {s['allocation']}{guided}"
 
 
 def unstructured_rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
@@ -79,10 +88,11 @@ def unstructured_rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
                       sampling="sequential", max_positions=limit)
     dense_state = {k: v.clone() for k, v in lm.model.state_dict().items()}
     table = None
-    if args.alloc_scorer in TABLE_SCORERS and any(s["allocation"] == "importance" for s in specs):
+    wanted = [sig for sig in signals(args) if sig in TABLE_SCORERS]
+    if wanted and any(s["allocation"] == "importance" for s in specs):
         start = time.perf_counter()
-        table = score(lm, calib, [args.alloc_scorer], batch_size=st["batch_size"], progress=False)
-        print(f"  scored the dense model with {args.alloc_scorer} in {time.perf_counter() - start:.1f} s", flush=True)
+        table = score(lm, calib, wanted, batch_size=st["batch_size"], progress=False)
+        print(f"  scored the dense model with {','.join(wanted)} in {time.perf_counter() - start:.1f} s", flush=True)
     out = []
     common = {"family": "unstructured", "calibration": dict(calib.meta)}
     if dense:
@@ -94,7 +104,7 @@ def unstructured_rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
         lm.model.load_state_dict(dense_state)
         nm = (2, 4) if s["pattern"] == "2:4" else None
         cfg = UnstructuredConfig(0.5, s["criterion"], nm=nm, allocation=s["allocation"], band=args.band,
-                                 alloc_scorer=args.alloc_scorer, alloc_granularity=args.alloc_granularity,
+                                 alloc_scorer=s["signal"], alloc_granularity=args.alloc_granularity,
                                  alloc_transform=args.alloc_transform)
         start = time.perf_counter()
         res = prune_unstructured(lm, cfg, table, calib, st["batch_size"])
@@ -103,7 +113,7 @@ def unstructured_rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
         out.append({**common, **s, "name": spec_name(s), "ppl": ppl.ppl, "nll": ppl.nll,
                     "predicted": ppl.predicted, "windows": ppl.windows, "seq_len": ppl.seq_len,
                     "achieved": res.record["achieved"]["overall"], "prune_seconds": round(seconds, 1),
-                    "recipe": res.record["unstructured"], "allocation": res.record["allocation"]})
+                    "recipe": res.record["unstructured"], "allocation_plan": res.record["allocation"]})
         print(f"  {spec_name(s):<34} ppl {ppl.ppl:9.2f}  ({seconds:.0f} s)", flush=True)
     lm.model.load_state_dict(dense_state)
     del dense_state
@@ -123,6 +133,23 @@ def _module_rows(name: str) -> Any:
 ROW_SOURCES = {"unstructured": unstructured_rows, "structured": _module_rows("quality_structured")}
 
 
+def normalized(r: dict[str, Any]) -> dict[str, Any]:
+    """A row as this version writes it (older files kept the allocation record under 'allocation')."""
+    plan = r.get("allocation")
+    if isinstance(plan, dict):
+        r = {**r, "allocation": plan.get("method"), "allocation_plan": plan}
+        if r["allocation"] == "importance":
+            r["signal"] = r.get("signal") or plan.get("signal")
+        r["name"] = spec_name(r)
+    return r
+
+
+def _signal(r: dict[str, Any], st: dict[str, Any]) -> str | None:
+    if r.get("allocation") != "importance":
+        return None
+    return r.get("signal") or str(st["alloc_scorer"]).split(",")[0]
+
+
 def markdown(rows: list[dict[str, Any]], st: dict[str, Any]) -> str:
     dense = next((r for r in rows if r["name"] == "dense"), None)
     d = dense["ppl"] if dense else float("nan")
@@ -131,15 +158,18 @@ def markdown(rows: list[dict[str, Any]], st: dict[str, Any]) -> str:
         lines.append(f"Perplexity on the first {dense['windows'] * dense['seq_len']:,} Persuasion tokens "
                      f"({dense['windows']} windows of {dense['seq_len']}, {dense['predicted']:,} predicted); "
                      f"calibration {st['calib_windows']} x {st['seq_len']} Austen tokens (seed {st['seed']}); "
-                     f"guided = {st['alloc_scorer']} signal, band {st['band']}. Dense: {d:.2f}.")
+                     f"guided = per-layer ratios from the named signal, band +/-{st['band']}. Dense: {d:.2f}.")
         lines.append("")
     uns = [r for r in rows if r.get("family") == "unstructured" and r["name"] != "dense"]
     if uns:
-        lines += ["| criterion | 50% uniform | 50% guided | 2:4 |", "|---|---|---|---|"]
+        sigs = list(dict.fromkeys(sg for r in uns if (sg := _signal(r, st))))
+        cols = [("50%", None, "50% uniform")] + [("50%", sg, f"50% guided ({sg})") for sg in sigs] + \
+            [("2:4", None, "2:4")]
+        lines += ["| criterion | " + " | ".join(c[2] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for crit in dict.fromkeys(r["criterion"] for r in uns):
             cells = []
-            for pattern, alloc in (("50%", "uniform"), ("50%", "importance"), ("2:4", "uniform")):
-                hit = [r for r in uns if (r["criterion"], r["pattern"], r["allocation"]) == (crit, pattern, alloc)]
+            for pattern, sig, _ in cols:
+                hit = [r for r in uns if (r["criterion"], r["pattern"], _signal(r, st)) == (crit, pattern, sig)]
                 cells.append(f"{hit[0]['ppl']:.2f}" if hit else "-")
             lines.append(f"| {crit} | " + " | ".join(cells) + " |")
     other = [r for r in rows if r.get("family") != "unstructured" and r["name"] != "dense"]
@@ -147,6 +177,23 @@ def markdown(rows: list[dict[str, Any]], st: dict[str, Any]) -> str:
         lines += ["", "| row | perplexity | vs dense |", "|---|---|---|"]
         lines += [f"| {r['name']} | {r['ppl']:.2f} | {r['ppl'] / d:.2f}x |" for r in other]
     return "\n".join(lines)
+
+
+def updated(old: dict[str, Any], st: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list]:
+    """``old``'s rows with ``rows`` put in by name; the measurement settings must be the same."""
+    same = ("model", "seed", "seq_len", "calib_windows", "eval_tokens", "band", "alloc_granularity",
+            "alloc_transform")
+    differ = [k for k in same if old["settings"].get(k) != st.get(k)]
+    if differ:
+        raise SystemExit(f"--update: settings {differ} differ from the results file; rerun it whole")
+    merged = {}
+    for r in old["results"]:
+        r = normalized(r) if r.get("family") == "unstructured" and r["name"] != "dense" else r
+        merged[r["name"]] = r
+    merged.update({r["name"]: r for r in rows})
+    sigs = list(dict.fromkeys(str(old["settings"]["alloc_scorer"]).split(",") + signals(argparse.Namespace(
+        alloc_scorer=st["alloc_scorer"]))))
+    return {**old["settings"], "alloc_scorer": ",".join(sigs)}, list(merged.values())
 
 
 def main() -> None:
@@ -160,12 +207,15 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--calib-windows", type=int, default=None)
     p.add_argument("--eval-tokens", type=int, default=None)
-    p.add_argument("--alloc-scorer", default="owl", help="guided allocation signal: owl or a table scorer")
+    p.add_argument("--alloc-scorer", default="fisher,owl",
+                   help="guided allocation signals, comma separated: owl and / or table scorers (one row each)")
     p.add_argument("--alloc-granularity", default="layer", choices=["layer", "component"])
     p.add_argument("--alloc-transform", default=None, choices=["linear", "log", "rank"])
     p.add_argument("--band", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON path (default scripts/results/bench_quality[_quick].json)")
+    p.add_argument("--update", action="store_true", help="measure only the selected rows and put them into the "
+                   "existing --out file (same settings required), e.g. after changing one method")
     args = p.parse_args()
     import torch
 
@@ -178,16 +228,23 @@ def main() -> None:
         raise SystemExit(f"unknown family {unknown}; use {', '.join(ROW_SOURCES)}")
     print("settings:", json.dumps({**st, "families": families, "threads": torch.get_num_threads(),
                                    "rows": [spec_name(s) for s in unstructured_specs(args)]}), flush=True)
+    out = Path(args.out or f"scripts/results/bench_quality{'_quick' if args.quick else ''}.json")
+    old = json.loads(out.read_text()) if args.update and out.is_file() else None
+    if args.update and old is None:
+        raise SystemExit(f"--update needs an existing results file at {out}")
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for i, fam in enumerate(families):
-        rows += ROW_SOURCES[fam](args, dense=i == 0)
+        rows += ROW_SOURCES[fam](args, dense=i == 0 and old is None)
+    seconds = round(time.perf_counter() - start, 1)
+    if old is not None:
+        st, rows = updated(old, st, rows)
+        seconds = {"first run": old["seconds"], "update": seconds}
     table = markdown(rows, st)
     print("\n" + table)
-    out = Path(args.out or f"scripts/results/bench_quality{'_quick' if args.quick else ''}.json")
     from benchlib import write_results
 
-    write_results(out, {"settings": st, "seconds": round(time.perf_counter() - start, 1), "results": rows})
+    write_results(out, {"settings": st, "seconds": seconds, "results": rows})
     out.with_suffix(".md").write_text(table + "\n")
 
 

@@ -15,6 +15,7 @@ from pruning.sequential import run_sequential
 from pruning.sparsegpt import sparsegpt
 from pruning.unstructured import (
     UnstructuredConfig,
+    default_signal,
     lowest_mask,
     nm_mask,
     prune_unstructured,
@@ -79,6 +80,25 @@ def test_achieved_sparsity_is_the_target_per_module_layer_and_overall(criterion:
             z = sum(int(zeros[(c.layer, c.name)].sum()) for c in comps if c.layer == layer)
             assert abs(z - 0.37 * n) <= 7  # per layer: within one element per module
     assert res.record["achieved"]["overall"] == pytest.approx(round(0.37 * total) / total)
+
+
+def test_guided_allocation_defaults_to_fisher_and_follows_it() -> None:
+    from importance.score import score
+
+    lm = fresh("llama", scale=0.1)
+    windows = random_windows(4, 16)
+    table = score(lm, windows, ["fisher", "activation"], progress=False)
+    assert default_signal(None) == "fisher" and default_signal(table) == "fisher"
+    assert default_signal(score(lm, windows, ["magnitude", "block_influence"], progress=False)) == "magnitude"
+    res = prune_unstructured(lm, UnstructuredConfig(0.5, "wanda", allocation="importance", band=0.1), table,
+                             windows, batch_size=2)
+    how = res.record["allocation"]
+    assert how["signal"] == "fisher" and how["transform"] == "log"
+    per_layer = table.matrix("fisher", "component", aggregation="mean").double().mean(1)  # [L]
+    layer_ratio = [sum(v.values()) / len(v) for _, v in sorted(res.record["allocation"]["ratios"].items())]
+    # the more important layer (by mean Fisher per weight) loses less
+    hi, lo = int(per_layer.argmax()), int(per_layer.argmin())
+    assert layer_ratio[hi] < layer_ratio[lo]
 
 
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2", "gpt_neox"])
