@@ -107,7 +107,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--out", default="scripts/results/bench_scale.json")
-    p.add_argument("--cap", default="100MB", help="--max-memory of the block-by-block run")
+    p.add_argument("--cap", default="120MB",
+                   help="--max-memory of the block-by-block run (SmolLM2: at least its 113 MB embedding)")
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--blockmem", help=argparse.SUPPRESS)
     args = p.parse_args()
