@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchlib import peak_rss_mb, rss_mb, run_child, write_results  # noqa: E402
+from benchlib import peak_rss_mb, rss_mb, run_child, start_peak_sampler, write_results  # noqa: E402
 
 SCORERS = "taylor,fisher,activation,magnitude"
 
@@ -47,20 +47,7 @@ def child(args: argparse.Namespace) -> None:
 
 def memory_child(args: argparse.Namespace) -> None:
     """Forward-only scoring, whole model in memory or block by block on an offloaded model; sampled peaks."""
-    import threading
-
-    peak = {"VmRSS": 0, "RssAnon": 0}
-
-    def sample() -> None:
-        while True:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    key = line.split(":")[0]
-                    if key in peak:
-                        peak[key] = max(peak[key], int(line.split()[1]))
-            time.sleep(0.02)
-
-    threading.Thread(target=sample, daemon=True).start()
+    peak = start_peak_sampler()
     import torch
 
     torch.set_num_threads(args.threads)

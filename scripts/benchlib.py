@@ -24,6 +24,27 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def start_peak_sampler(keys: tuple[str, ...] = ("VmRSS", "RssAnon"), every: float = 0.02) -> dict[str, int]:
+    """Sample this process's /proc status every ``every`` s in a daemon thread; returns the live dict of peaks
+    (kB; set a key to 0 to restart its peak). RssAnon excludes memory-mapped weight files, VmRSS counts them."""
+    import threading
+    import time
+
+    peak = dict.fromkeys(keys, 0)
+
+    def sample() -> None:
+        while True:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    key = line.split(":")[0]
+                    if key in peak:
+                        peak[key] = max(peak[key], int(line.split()[1]))
+            time.sleep(every)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return peak
+
+
 def run_child(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd`` (a child variant) and return the JSON object on its last stdout line."""
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
