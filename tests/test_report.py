@@ -373,3 +373,23 @@ def test_smollm2_heatmaps_and_report(tmp_path: Path) -> None:
     assert main(["report", str(folder), "--compare", str(tables[1].save(tmp_path / "kn")), "--out", str(out)]) == 0
     body = render_in_chromium(out, tmp_path)
     assert body.get("data-errors") == "0" and body.get("data-decoded") == body.get("data-images") == "3"
+
+
+def test_plan_is_drawn_beside_the_scorer_that_allocated_it(run_dir: Path, tables) -> None:
+    from pruning.report import run_figures
+
+    record = {"method": "recipe", "sparsity": {"0": {"attn.q": 0.5}, "1": {"attn.q": 0.75}},
+              "steps": [{"method": "layers"}, {"method": "unstructured",
+                                                "allocation": {"method": "importance", "signal": "fisher"}}]}
+    (run_dir / "model" / "imprune.json").write_text(json.dumps(record))
+    caption, fig = run_figures(load_run(run_dir))["plan"]
+    assert caption.endswith("(fisher)")
+    left = fig.axes[0].imprune  # the importance panel carries the matrix it draws
+    raw = tables[0].matrix("fisher", "component", aggregation="mean")  # [L, C], all components
+    raw = raw[:, [tables[0].components.index(c) for c in left.xlabels]].double()
+    expected = raw / raw.sum(1, keepdim=True)  # share of its layer over the columns shown
+    assert "fisher" in left.title
+    assert torch.allclose(torch.as_tensor(left.matrix).double(), expected, atol=1e-6, equal_nan=True)
+    record["steps"][1]["allocation"]["signal"] = "owl"  # not a table scorer: the default scorer (taylor)
+    (run_dir / "model" / "imprune.json").write_text(json.dumps(record))
+    assert run_figures(load_run(run_dir))["plan"][0].endswith("(taylor)")
