@@ -21,23 +21,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchlib import run_child, start_peak_sampler, write_results  # noqa: E402
+from benchlib import capped_child, run_child, write_results  # noqa: E402
 
 
 def child(args: argparse.Namespace) -> None:
-    peak = start_peak_sampler()
-    import torch
+    lm, windows, peak = capped_child(args, args.child_cap)
     from safetensors.torch import save_file
 
-    torch.set_num_threads(args.threads)
     from importance.arch import model_map
-    from importance.data import load_data
-    from importance.models import load_model
     from pruning.unstructured import UnstructuredConfig, prune_unstructured
 
     cap = None if args.child_cap == "none" else args.child_cap
-    lm = load_model(args.model, max_memory=cap)
-    windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.windows, seed=0)
     placed = sorted(set(getattr(lm.model, "hf_device_map", {}).values()))
     peak.update(VmRSS=0, RssAnon=0)
     start = time.perf_counter()

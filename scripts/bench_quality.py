@@ -71,8 +71,8 @@ def spec_name(s: dict[str, Any]) -> str:
 def unstructured_rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
     """One dict per unstructured / N:M row (``dense=True`` adds the dense model first)."""
     import torch
+    from benchlib import reference_data
 
-    from importance.data import load_data
     from importance.models import load_model
     from importance.score import score
     from pruning.evaluate import perplexity
@@ -81,11 +81,7 @@ def unstructured_rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
     st = settings(args)
     specs = unstructured_specs(args)
     lm = load_model(st["model"])
-    limit = getattr(lm.model.config, "max_position_embeddings", None)
-    calib = load_data("austen:train", lm.tokenizer, seq_len=st["seq_len"], samples=st["calib_windows"],
-                      seed=st["seed"], max_positions=limit)
-    evals = load_data("austen:eval", lm.tokenizer, seq_len=st["seq_len"], tokens=st["eval_tokens"],
-                      sampling="sequential", max_positions=limit)
+    calib, evals = reference_data(lm, st)
     dense_state = {k: v.clone() for k, v in lm.model.state_dict().items()}
     table = None
     wanted = [sig for sig in signals(args) if sig in TABLE_SCORERS]

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchlib import peak_rss_mb, rss_mb, run_child, start_peak_sampler, write_results  # noqa: E402
+from benchlib import capped_child, peak_rss_mb, rss_mb, run_child, write_results  # noqa: E402
 
 SCORERS = "taylor,fisher,activation,magnitude"
 
@@ -47,17 +47,10 @@ def child(args: argparse.Namespace) -> None:
 
 def memory_child(args: argparse.Namespace) -> None:
     """Forward-only scoring, whole model in memory or block by block on an offloaded model; sampled peaks."""
-    peak = start_peak_sampler()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from importance.data import load_data
-    from importance.models import load_model
+    lm, windows, peak = capped_child(args, args.blockmem)
     from importance.score import score
 
     cap = None if args.blockmem == "none" else args.blockmem
-    lm = load_model(args.model, max_memory=cap)
-    windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.windows, seed=0)
     model_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
     peak.update(VmRSS=0, RssAnon=0)
     start = time.perf_counter()

@@ -59,3 +59,32 @@ def write_results(path: str | Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nwrote {path}")
+
+
+def reference_data(lm: Any, st: dict[str, Any]) -> tuple[Any, Any]:
+    """The quality benches' calibration (``st['calib_windows']`` seeded Austen windows without Persuasion) and
+    evaluation windows (the first ``st['eval_tokens']`` of Persuasion), both of ``st['seq_len']`` tokens."""
+    from importance.data import load_data
+
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    calib = load_data("austen:train", lm.tokenizer, seq_len=st["seq_len"], samples=st["calib_windows"],
+                      seed=st["seed"], max_positions=limit)
+    evals = load_data("austen:eval", lm.tokenizer, seq_len=st["seq_len"], tokens=st["eval_tokens"],
+                      sampling="sequential", max_positions=limit)
+    return calib, evals
+
+
+def capped_child(args: Any, cap: str) -> tuple[Any, Any, dict[str, int]]:
+    """A memory-measuring child's setup: peak sampler started first, ``args.threads`` threads, the model loaded
+    in memory (``cap`` 'none') or under ``--max-memory cap``, and ``args.windows`` seeded ``args.data`` windows."""
+    peak = start_peak_sampler()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from importance.data import load_data
+    from importance.models import load_model
+
+    lm = load_model(args.model, max_memory=None if cap == "none" else cap)
+    windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.windows, seed=0)
+    return lm, windows, peak
+

@@ -66,7 +66,8 @@ def _selected(args: Any) -> list[dict[str, Any]]:
 
 def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
     """One dict per structured row (``dense=True`` adds the dense model first)."""
-    from importance.data import load_data
+    from benchlib import reference_data
+
     from importance.models import load_model
     from importance.score import score
     from pruning.evaluate import perplexity
@@ -77,11 +78,7 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
     if not chosen:
         return []
     base = load_model(st["model"])
-    limit = getattr(base.model.config, "max_position_embeddings", None)
-    calib = load_data("austen:train", base.tokenizer, seq_len=st["seq_len"], samples=st["calib_windows"],
-                      seed=st["seed"], max_positions=limit)
-    evals = load_data("austen:eval", base.tokenizer, seq_len=st["seq_len"], tokens=st["eval_tokens"],
-                      sampling="sequential", max_positions=limit)
+    calib, evals = reference_data(base, st)
     start = time.perf_counter()
     table = score(base, calib, CRITERIA, batch_size=st["batch_size"], progress=False)
     score_seconds = time.perf_counter() - start
