@@ -14,7 +14,7 @@ _EXPORTS = {
     "load_model": "importance.models", "LoadedModel": "importance.models",
     "model_map": "importance.arch", "register_arch": "importance.arch", "ArchSpec": "importance.arch",
     "load_data": "importance.data", "Windows": "importance.data",
-    "score": "importance.score", "collect": "importance.collect", "Statistics": "importance.collect",
+    "score": "importance.scoring", "Statistics": "importance.collect",
     "ImportanceTable": "importance.table", "SCORERS": "importance.scorers", "ImpruneError": "importance.errors",
 }
 

@@ -97,7 +97,7 @@ def evaluate(args: argparse.Namespace) -> int:
     arg("--out", required=True, help="output folder for the table"), OVERWRITE, QUIET])
 def score_cmd(args: argparse.Namespace) -> int:
     from importance.distributed import launched, process_state
-    from importance.score import parse_scorers, score
+    from importance.scoring import parse_scorers, score
 
     names = parse_scorers(args.scorers)
     positive(args.batch_size, "--batch-size")

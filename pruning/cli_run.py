@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from importance.errors import ImpruneError
-from importance.score import DEFAULT_SCORERS, parse_scorers
+from importance.scoring import DEFAULT_SCORERS, parse_scorers
 
 from .cli import DEVICE, DTYPE, MODEL, QUIET, SEED, TRUST, arg, command, positive
 

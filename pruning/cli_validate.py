@@ -125,7 +125,7 @@ def validate_cmd(args: argparse.Namespace) -> int:
 def _scores(args: argparse.Namespace, lm: Any, scores_dir: Path) -> ImportanceTable:
     if scores_dir.exists():
         return ImportanceTable.load(scores_dir)
-    from importance.score import DEFAULT_SCORERS, score
+    from importance.scoring import DEFAULT_SCORERS, score
 
     windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, tokens=args.tokens, seed=args.seed,
                         max_positions=_max_positions(lm.model))

@@ -143,7 +143,7 @@ def probe_cmd(args: argparse.Namespace) -> int:
     from importance.cache import atomic_dir
     from importance.data import load_data
     from importance.models import load_model
-    from importance.score import parse_scorers, score
+    from importance.scoring import parse_scorers, score
 
     names = parse_tasks(args.tasks)
     scorers = parse_scorers(args.scorers)

@@ -34,7 +34,7 @@ from importance.data import Windows, load_data
 from importance.errors import ImpruneError
 from importance.meta import versions, write_json
 from importance.models import LoadedModel, load_model
-from importance.score import DEFAULT_SCORERS, score
+from importance.scoring import DEFAULT_SCORERS, score
 from importance.table import ImportanceTable
 
 from .evaluate import perplexity

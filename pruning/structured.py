@@ -363,7 +363,7 @@ def _table(lm: LoadedModel, table: ImportanceTable | None, criterion: str, windo
         return table
     if windows is None:
         raise ImpruneError("no importance table and no calibration windows to score with")
-    from importance.score import score
+    from importance.scoring import score
 
     return score(lm, windows, [criterion], batch_size=batch_size, progress=progress)
 

@@ -304,7 +304,7 @@ def _table_for(lm: LoadedModel, table: ImportanceTable | None, scorer: str, wind
             raise ImpruneError(f"the --scores table has no '{scorer}' scores (it has {', '.join(table.scorers)}); "
                                f"pick --alloc-scorer from those, or owl")
         return table
-    from importance.score import parse_scorers, score
+    from importance.scoring import parse_scorers, score
 
     return score(lm, windows(), parse_scorers(scorer), batch_size=batch_size, progress=progress)
 

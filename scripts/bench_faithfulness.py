@@ -39,7 +39,7 @@ from importance.faithfulness import compare
 from importance.meta import versions, write_json
 from importance.models import load_model
 from importance.plots_validate import ablation_heatmap_figure, scatter_figure
-from importance.score import DEFAULT_SCORERS
+from importance.scoring import DEFAULT_SCORERS
 from importance.table import build_table
 
 GOALS = {"layer": 0.8, "head": 0.6}

@@ -74,7 +74,7 @@ def unstructured_rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
     from benchlib import reference_data
 
     from importance.models import load_model
-    from importance.score import score
+    from importance.scoring import score
     from pruning.evaluate import perplexity
     from pruning.unstructured import UnstructuredConfig, prune_unstructured
 

@@ -54,7 +54,7 @@ def main() -> int:
     from importance.data import load_data
     from importance.meta import versions, write_json
     from importance.models import load_model
-    from importance.score import score
+    from importance.scoring import score
     from pruning.bits import parse_choices, plan_bits, random_plan, uniform_plan
     from pruning.evaluate import perplexity
     from pruning.quantize import float32_bytes, quantize_model_, weight_bytes

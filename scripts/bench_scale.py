@@ -34,7 +34,7 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     from importance.data import load_data
     from importance.models import load_model
-    from importance.score import score
+    from importance.scoring import score
 
     lm = load_model(args.model)
     windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.n, seed=0)
@@ -48,7 +48,7 @@ def child(args: argparse.Namespace) -> None:
 def memory_child(args: argparse.Namespace) -> None:
     """Forward-only scoring, whole model in memory or block by block on an offloaded model; sampled peaks."""
     lm, windows, peak = capped_child(args, args.blockmem)
-    from importance.score import score
+    from importance.scoring import score
 
     cap = None if args.blockmem == "none" else args.blockmem
     model_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20

@@ -35,7 +35,7 @@ def child(args: argparse.Namespace) -> None:
     from importance.data import load_data
     from importance.models import load_model
     from importance.objective import token_nll
-    from importance.score import score
+    from importance.scoring import score
 
     lm = load_model(args.model)
     windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.windows, seed=0)

@@ -69,7 +69,7 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
     from benchlib import reference_data
 
     from importance.models import load_model
-    from importance.score import score
+    from importance.scoring import score
     from pruning.evaluate import perplexity
     from pruning.structured import StructuredConfig, prune_layers, prune_structured
 

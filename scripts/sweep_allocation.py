@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from importance.data import load_data  # noqa: E402
 from importance.models import load_model  # noqa: E402
-from importance.score import score  # noqa: E402
+from importance.scoring import score  # noqa: E402
 from pruning.evaluate import perplexity  # noqa: E402
 from pruning.unstructured import UnstructuredConfig, prune_unstructured  # noqa: E402
 

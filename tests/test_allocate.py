@@ -113,7 +113,7 @@ def test_allocate_refuses_unknown_components_and_scorers(tiny_table) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_table():
-    from importance.score import score
+    from importance.scoring import score
     from tests.conftest import random_windows, tiny
 
     return score(tiny("llama"), random_windows(4, 16), ["fisher"], progress=False)

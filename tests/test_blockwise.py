@@ -10,7 +10,7 @@ import torch
 from importance.data import Windows
 from importance.errors import ImpruneError
 from importance.models import load_model
-from importance.score import score
+from importance.scoring import score
 
 FORWARD_ONLY = ["activation", "magnitude", "block_influence"]
 

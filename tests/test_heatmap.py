@@ -17,7 +17,7 @@ from matplotlib import colors
 
 from importance import heatmap as H
 from importance.errors import ImpruneError
-from importance.score import score
+from importance.scoring import score
 from importance.table import ImportanceTable
 from pruning.cli import main
 

@@ -11,7 +11,7 @@ from importance.arch import model_map
 from importance.data import Windows
 from importance.errors import ImpruneError
 from importance.models import load_model
-from importance.score import score
+from importance.scoring import score
 from pruning.evaluate import perplexity
 
 

@@ -15,7 +15,7 @@ import torch
 from importance.data import Windows
 from importance.errors import ImpruneError
 from importance.models import load_model
-from importance.score import score
+from importance.scoring import score
 from pruning.bits import fake_quantize, parse_choices, plan_bits, quant_units, random_plan, solve, uniform_plan
 from pruning.cli import main
 from pruning.quantize import (

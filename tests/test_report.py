@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from importance import heatmap as H
 from importance.errors import ImpruneError
-from importance.score import score
+from importance.scoring import score
 from importance.table import ImportanceTable
 from pruning.cli import main
 from pruning.report import build_report, load_run, write_run_outputs

@@ -12,7 +12,7 @@ from importance.arch import model_map
 from importance.data import Windows
 from importance.errors import ImpruneError
 from importance.models import load_model
-from importance.score import parse_scorers, score
+from importance.scoring import parse_scorers, score
 from importance.table import ImportanceTable, layer_map_matrix, normalize
 
 ALL = ["taylor", "fisher", "activation", "magnitude", "block_influence"]
@@ -190,3 +190,15 @@ def test_smollm2_scores_every_layer_component_and_head(tmp_path) -> None:
         assert comp.shape == (30, 9) and heads.shape == (30, 9)
         assert torch.isfinite(comp).all() and (comp >= 0).all() and torch.isfinite(heads).all()
     assert t.layer_scores("block_influence").shape == (30,)
+
+
+def test_package_exports_are_the_documented_callables() -> None:
+    import importance
+    import importance.scoring  # a loaded submodule must not shadow the exported function of the same role
+
+    for name in importance.__all__:
+        obj = getattr(importance, name)
+        assert not isinstance(obj, type(importance)), f"importance.{name} is a module, not the exported object"
+    from importance import score
+
+    assert score is importance.scoring.score

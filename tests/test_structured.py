@@ -13,7 +13,7 @@ from importance.arch import model_map
 from importance.data import Windows
 from importance.errors import ImpruneError
 from importance.models import load_model
-from importance.score import score
+from importance.scoring import score
 from pruning.io import load_pruned, save_model
 from pruning.structured import LayerPlan, StructuredConfig, apply_plans, plan_structured, prune_layers, prune_structured
 from pruning.surgery import cut_block, param_count

@@ -83,7 +83,7 @@ def test_achieved_sparsity_is_the_target_per_module_layer_and_overall(criterion:
 
 
 def test_guided_allocation_defaults_to_fisher_and_follows_it() -> None:
-    from importance.score import score
+    from importance.scoring import score
 
     lm = fresh("llama", scale=0.1)
     windows = random_windows(4, 16)
@@ -227,7 +227,7 @@ def _cli(tmp_path: Path, *argv: str) -> int:
 def test_cli_writes_a_folder_plain_transformers_reloads_with_zeros(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from importance.score import score
+    from importance.scoring import score
     from tests.conftest import tiny
 
     scores = tmp_path / "scores"
@@ -284,7 +284,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv: list[str], messag
 
 def test_a_table_from_another_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from importance.models import load_model
-    from importance.score import score
+    from importance.scoring import score
 
     other = load_model("random:llama:hidden=32,heads=2,kv_heads=1,intermediate=64")
     scores = tmp_path / "scores"

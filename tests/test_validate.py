@@ -19,7 +19,7 @@ from importance.errors import ImpruneError
 from importance.faithfulness import agreement, bottom_overlap, compare, kendall_tau_b, rank, spearman
 from importance.models import load_model
 from importance.objective import token_nll
-from importance.score import score
+from importance.scoring import score
 from importance.table import ImportanceTable
 
 SHORTCUT_ARCHS = ["llama", "gpt2", "gpt_neox", "gemma2", "qwen3", "bert", "phi3", "qwen2_moe"]

@@ -1,4 +1,4 @@
-"""``importance.score``: model + data -> ImportanceTable, all requested scorers from ONE pass."""
+"""``importance.scoring``: model + data -> ImportanceTable, all requested scorers from ONE pass."""
 
 from __future__ import annotations
 
