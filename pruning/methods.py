@@ -80,3 +80,24 @@ def register_method(name: str, help: str, args: Sequence[Arg] = (), needs_table:
         return fn
 
     return add
+
+
+def table_for(lm: LoadedModel, table: ImportanceTable | None, scorer: str,
+              windows: Windows | Callable[[], Windows] | None, batch_size: int, progress: bool,
+              hint: str = "") -> ImportanceTable:
+    """``table`` when it has ``scorer`` (else a one-line error ending in ``hint``); without a table, ``scorer``
+    scored now on the calibration ``windows`` (or what ``windows()`` returns)."""
+    from importance.errors import ImpruneError
+
+    if table is not None:
+        if scorer not in table.scorers:
+            raise ImpruneError(f"the --scores table has no '{scorer}' scores (it has {', '.join(table.scorers)}); "
+                               + (hint or f"score with --scorers {scorer} or pick another --criterion"))
+        return table
+    w = windows() if callable(windows) else windows
+    if w is None:
+        raise ImpruneError("no importance table and no calibration windows to score with; pass --scores or --data")
+    from importance.scoring import parse_scorers, score
+
+    return score(lm, w, parse_scorers(scorer), batch_size=batch_size, progress=progress)
+

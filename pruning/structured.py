@@ -44,7 +44,7 @@ from importance.offload import is_offloaded
 from importance.table import ImportanceTable
 
 from .cli import arg
-from .methods import ALLOCATION, BAND, CRITERION, PruneContext, PruneResult, register_method
+from .methods import ALLOCATION, BAND, CRITERION, PruneContext, PruneResult, register_method, table_for
 from .surgery import (
     add_missing_params_,
     channel_params,
@@ -354,20 +354,6 @@ def _sparsity(before: dict[tuple[int, str], int], after: ModelMap, layer_of: dic
     return out
 
 
-def _table(lm: LoadedModel, table: ImportanceTable | None, criterion: str, windows: Windows | None,
-           batch_size: int, progress: bool) -> ImportanceTable:
-    if table is not None:
-        if criterion not in table.scorers:
-            raise ImpruneError(f"the --scores table has no '{criterion}' scores (it has {', '.join(table.scorers)});"
-                               f" score with --scorers {criterion} or pick another --criterion")
-        return table
-    if windows is None:
-        raise ImpruneError("no importance table and no calibration windows to score with")
-    from importance.scoring import score
-
-    return score(lm, windows, [criterion], batch_size=batch_size, progress=progress)
-
-
 _SELECTION = {
     "heads": "per layer, the attention units with the lowest scores", "channels": "per layer, the lowest channels",
     "width-uniform": "the same number of head units and channels in every layer, the split removing the least "
@@ -391,7 +377,7 @@ def prune_structured(lm: LoadedModel, cfg: StructuredConfig, table: ImportanceTa
         for b in mm.blocks:
             if b.n_heads:
                 _keep_heads_count(b, cfg.keep_heads, cfg.gqa)
-    table = _table(lm, table, cfg.criterion, windows, batch_size, progress)
+    table = table_for(lm, table, cfg.criterion, windows, batch_size, progress)
     before = {(c.layer, c.name): c.numel for c in mm.components()}
     params_before = param_count(lm.model)
     plans = plan_structured(mm, table, cfg)
@@ -437,7 +423,7 @@ def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "block_influ
     if n >= mm.n_layers:
         raise ImpruneError(f"--sparsity {sparsity} removes all {mm.n_layers} layers; the most is "
                            f"{(mm.n_layers - 1) / mm.n_layers:.3f} (keep at least one layer)")
-    table = _table(lm, table, criterion, windows, batch_size, progress)
+    table = table_for(lm, table, criterion, windows, batch_size, progress)
     removed = layers_to_remove(table, criterion, n)
     keep = [i for i in range(mm.n_layers) if i not in removed]
     before = {(c.layer, c.name): c.numel for c in mm.components()}

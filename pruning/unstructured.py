@@ -47,7 +47,7 @@ from importance.table import ImportanceTable, LayerMap
 
 from . import allocate as A
 from .cli import arg
-from .methods import ALLOCATION, BAND, CRITERION, PruneContext, PruneResult, register_method
+from .methods import ALLOCATION, BAND, CRITERION, PruneContext, PruneResult, register_method, table_for
 from .sequential import InputStatistics, run_sequential
 from .sparsegpt import sparsegpt
 
@@ -275,7 +275,7 @@ def plan_ratios(lm: LoadedModel, cfg: UnstructuredConfig, comps: list[Component]
         importance = imp[:, None].expand_as(sizes).clone()
         granularity = "layer"
     else:
-        table = _table_for(lm, table, scorer, windows, batch_size, progress)
+        table = table_for(lm, table, scorer, windows, batch_size, progress, "pick --alloc-scorer from those, or owl")
         cols = [table.components.index(n) for n in mm_names]
         if table.has(scorer, "component"):
             importance = table.matrix(scorer, "component", aggregation="mean")[:n_layers, cols].double()
@@ -295,18 +295,6 @@ def default_signal(table: ImportanceTable | None) -> str:
     if table is None or "fisher" in table.scorers:
         return "fisher"
     return next((s for s in table.scorers if table.has(s, "component")), table.scorers[0])
-
-
-def _table_for(lm: LoadedModel, table: ImportanceTable | None, scorer: str, windows: Callable[[], Windows],
-               batch_size: int, progress: bool) -> ImportanceTable:
-    if table is not None:
-        if scorer not in table.scorers:
-            raise ImpruneError(f"the --scores table has no '{scorer}' scores (it has {', '.join(table.scorers)}); "
-                               f"pick --alloc-scorer from those, or owl")
-        return table
-    from importance.scoring import parse_scorers, score
-
-    return score(lm, windows(), parse_scorers(scorer), batch_size=batch_size, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------- pruning
