@@ -163,9 +163,17 @@ def test_one_batch_of_four_equals_two_batches_of_two(model_type: str) -> None:
     a = collect(lm.model, w, lm.task, CollectConfig(elements=True), batch_size=4, progress=False)
     b = collect(lm.model, w, lm.task, CollectConfig(elements=True), batch_size=2, progress=False)
     assert a.sums.keys() == b.sums.keys()
+    # scale: the largest value of the same statistic in the same layer. A statistic that is zero in exact
+    # arithmetic (with QK-norm, scaling all of q or all of k leaves the loss unchanged: comp_wg of attn.q/k is
+    # pure rounding noise) must be small against its siblings, not reproduce its own noise.
+    scale: dict[tuple[str, str], torch.Tensor] = {}
+    for k, v in a.sums.items():
+        layer, _, stat = k.split("|")
+        scale[layer, stat] = torch.maximum(scale.get((layer, stat), torch.tensor(0.0)), v.abs().max().float())
     for k in a.sums:
         if not k.endswith("batches"):
-            _close(b.sums[k], a.sums[k], rtol=1e-4)
+            layer, _, stat = k.split("|")
+            _close(b.sums[k], a.sums[k], rtol=1e-4, scale=scale[layer, stat])
 
 
 def test_statistics_merge_by_addition() -> None:
