@@ -389,6 +389,18 @@ def plan_map(record: dict[str, Any]) -> tuple[str, LayerMap]:
                        "quantized model")
 
 
+def plan_scorer(record: dict[str, Any], table: ImportanceTable) -> str | None:
+    """The table scorer a plan (imprune.json record, or one step of it) was made from: the signal of its
+    allocation (the last step that names one) or a quantization plan's sensitivity ('fisher: sum F ...'),
+    when ``table`` has it per component; None otherwise."""
+    steps = record.get("steps") if isinstance(record.get("steps"), list) else [record]
+    names = [a.get("signal") for st in steps if isinstance(st, dict) and isinstance(a := st.get("allocation"), dict)]
+    if isinstance(record.get("sensitivity"), str):
+        names.append(record["sensitivity"].split(":")[0])
+    found = [n for n in names if isinstance(n, str) and n in table.scorers and table.has(n, "component")]
+    return found[-1] if found else None
+
+
 def layer_map_figure(values: LayerMap, kind: str = "sparsity", table: ImportanceTable | None = None,
                      scorer: str | None = None, aggregation: str = "mean", norm: str = "layer", log: bool = False,
                      title: str | None = None, layers_kept: Sequence[int] | None = None) -> Figure:

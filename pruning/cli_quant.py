@@ -112,10 +112,9 @@ def quantize_cmd(args: argparse.Namespace) -> int:
 def figure_png(plan: BitPlan, table: ImportanceTable | None) -> bytes:
     """The bits map beside the importance it came from (``importance.heatmap``), as PNG bytes, drawn before
     anything is written."""
-    from importance.heatmap import figure_bytes, layer_map_figure
+    from importance.heatmap import figure_bytes, layer_map_figure, plan_scorer
 
-    sens = plan.sensitivity.split(":")[0]
-    scorer = sens if table is not None and sens in table.scorers and table.has(sens, "component") else None
+    scorer = plan_scorer({"sensitivity": plan.sensitivity}, table) if table is not None else None
     fig = layer_map_figure(plan.layer_map(), "bits", table, scorer=scorer, log=True,
                            title=f"bits per layer x component (average {plan.average_bits():.2f}, budget "
                                  f"{plan.budget:g}; {plan.solver})")

@@ -198,19 +198,10 @@ def run_figures(run: Run, scorer: str | None = None) -> dict[str, tuple[str, Any
         except ImpruneError:
             kind = None
         if kind is not None:
-            basis = _plan_signal(run.record, t) or comp_scorer
+            basis = H.plan_scorer(run.record, t) or comp_scorer
             figs["plan"] = (f"The {kind} map beside the importance it came from ({basis})",
                             H.layer_map_figure(values, kind, t, basis, "mean", "layer"))
     return figs
-
-
-def _plan_signal(record: dict[str, Any], table: ImportanceTable) -> str | None:
-    """The table scorer a plan was allocated by (last step that names one), if the table has it per component."""
-    steps = record.get("steps") if isinstance(record.get("steps"), list) else [record]
-    names = [a.get("signal") for st in steps if isinstance(st, dict) and isinstance(a := st.get("allocation"), dict)]
-    names.append(record.get("sensitivity"))
-    found = [n for n in names if isinstance(n, str) and n in table.scorers and table.has(n, "component")]
-    return found[-1] if found else None
 
 
 def _png(fig: Any) -> bytes:

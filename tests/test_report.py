@@ -393,3 +393,7 @@ def test_plan_is_drawn_beside_the_scorer_that_allocated_it(run_dir: Path, tables
     record["steps"][1]["allocation"]["signal"] = "owl"  # not a table scorer: the default scorer (taylor)
     (run_dir / "model" / "imprune.json").write_text(json.dumps(record))
     assert run_figures(load_run(run_dir))["plan"][0].endswith("(taylor)")
+    bits = {"method": "quantize", "bits": {"0": {"attn.q": 4}, "1": {"attn.q": 8}},
+            "sensitivity": "fisher: sum_c S_c ||W_c - Q(W)_c||^2 / ||W_c||^2"}  # as a quantization plan says it
+    (run_dir / "model" / "imprune.json").write_text(json.dumps(bits))
+    assert run_figures(load_run(run_dir))["plan"][0] == "The bits map beside the importance it came from (fisher)"
