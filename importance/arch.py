@@ -171,16 +171,21 @@ class Component:
     out_group: str | None = None  # 'head' | 'kv_group' | 'mlp_channel' | 'expert' along rows
     in_group: str | None = None  # ... along columns
 
-    def _stored(self) -> tuple[torch.Tensor, bool]:
-        """The module's parameter as stored, and whether it is accelerate's offloaded copy."""
-        w = getattr(self.module, self.param)
+    def _stored(self, name: str | None = None) -> tuple[torch.Tensor, bool]:
+        """The module's parameter ``name`` (default: this component's) as stored, and whether it is
+        accelerate's offloaded copy."""
+        name = name or self.param
+        w = getattr(self.module, name)
         if w.device.type == "meta" and hasattr(self.module, "_hf_hook"):  # offloaded by accelerate: its copy
-            return offloaded_weight(self.module, self.param, self.path), True
+            return offloaded_weight(self.module, name, self.path), True
         return w, False
 
-    def _full(self) -> torch.Tensor:
-        w = self._stored()[0]
+    def _oriented(self, w: torch.Tensor) -> torch.Tensor:
+        """The stored parameter as ``[..., out, in]`` (GPT-2's Conv1D stores ``[in, out]``)."""
         return w.transpose(-1, -2) if self.transposed else w
+
+    def _full(self) -> torch.Tensor:
+        return self._oriented(self._stored()[0])
 
     def _view(self, full: torch.Tensor) -> torch.Tensor:
         if self.rows is None:
@@ -199,8 +204,7 @@ class Component:
         b = getattr(self.module, "bias", None) if self.param == "weight" else None
         if not isinstance(b, torch.Tensor) or self.kind == "experts":
             return None
-        if b.device.type == "meta" and hasattr(self.module, "_hf_hook"):
-            b = offloaded_weight(self.module, "bias", self.path)
+        b = self._stored("bias")[0]
         return b if self.rows is None else b[self.rows]
 
     def select_out(self, y: torch.Tensor) -> torch.Tensor:
@@ -212,21 +216,21 @@ class Component:
         """Replace the weight view by ``fn(weight)`` in place (writes through slices and transposes, and into
         accelerate's offloaded copy when the module is offloaded)."""
         stored, offloaded = self._stored()
-        full = stored.transpose(-1, -2) if self.transposed else stored
+        full = self._oriented(stored)
+        new = fn(self._view(full))
         if self.rows is None:
-            full.copy_(fn(full))
+            full.copy_(new)
         elif self.kind == "experts":
-            full[..., self.rows, :] = fn(full[..., self.rows, :])
+            full[..., self.rows, :] = new
         else:
-            full[self.rows] = fn(full[self.rows])
+            full[self.rows] = new
         if offloaded:
             write_offloaded_(self.module, self.param, stored, self.path)
 
     @property
     def shape(self) -> tuple[int, ...]:
         """Read from the module's parameter itself (a meta tensor when offloaded): no weights are loaded."""
-        w = getattr(self.module, self.param)
-        return tuple(self._view(w.transpose(-1, -2) if self.transposed else w).shape)
+        return tuple(self._view(self._oriented(getattr(self.module, self.param))).shape)
 
     @property
     def numel(self) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from importance.data import Windows
+from importance.errors import ImpruneError
 from importance.models import LoadedModel
 from importance.table import ImportanceTable
 
@@ -87,8 +88,6 @@ def table_for(lm: LoadedModel, table: ImportanceTable | None, scorer: str,
               hint: str = "") -> ImportanceTable:
     """``table`` when it has ``scorer`` (else a one-line error ending in ``hint``); without a table, ``scorer``
     scored now on the calibration ``windows`` (or what ``windows()`` returns)."""
-    from importance.errors import ImpruneError
-
     if table is not None:
         if scorer not in table.scorers:
             raise ImpruneError(f"the --scores table has no '{scorer}' scores (it has {', '.join(table.scorers)}); "
@@ -100,4 +99,3 @@ def table_for(lm: LoadedModel, table: ImportanceTable | None, scorer: str,
     from importance.scoring import parse_scorers, score
 
     return score(lm, w, parse_scorers(scorer), batch_size=batch_size, progress=progress)
-
