@@ -1,19 +1,19 @@
 """Sequential (block-by-block) pruning passes over the calibration data, on ``importance.blockwise``.
 
 ``run_sequential`` captures, from ONE forward per batch stopped at the first block, what that block
-receives (``importance.blockwise.capture_block_inputs``). Then for l = 0 .. L-1 it hands block l and its
-current inputs to ``step`` (gather statistics, prune ...) and recomputes block l's outputs as the inputs of
-block l + 1: after ``step`` (sequential: later blocks see what the already-pruned blocks produce) or before
-it (dense propagation: every block sees the inputs of the unchanged model, from the same loop). Blocks are
-reached only through the model map, so a model whose blocks accelerate offloaded to disk is streamed one
-block at a time.
-
-``InputStatistics`` gathers per-module input statistics (sum of x^2 per input channel, and X^T X for
-second-order methods) from the block forwards, over non-padding tokens only.
+receives (``importance.blockwise.capture_block_inputs``). Then for l = 0 .. L-1 it runs block l over its
+current inputs with the hooks of ``observe(l, block)`` installed (an ``InputStatistics``: sums of x^2 per input
+channel, and X^T X for second-order methods, over non-padding tokens), hands the block and those statistics
+to ``step`` (prune ...), and makes block l's outputs the inputs of block l + 1: recomputed after ``step``
+(sequential: later blocks see what the already-pruned blocks produce), or the outputs of the statistics pass
+itself (dense propagation: every block sees the inputs of the unchanged model, one forward per block).
+Blocks are reached only through the model map, so a model whose blocks accelerate offloaded to disk is
+streamed one block at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,13 +27,15 @@ from importance.blockwise import BlockInput, capture_block_inputs, forward_block
 from importance.data import Windows
 from importance.errors import ImpruneError
 
-Step = Callable[[int, nn.Module, list[BlockInput]], None]
+Step = Callable[[int, nn.Module, list[BlockInput], "InputStatistics | None"], None]
+Observe = Callable[[int, nn.Module], "InputStatistics | None"]
 
 
 @torch.no_grad()
 def run_sequential(model: nn.Module, mm: ModelMap, windows: Windows, step: Step, sequential: bool = True,
-                   batch_size: int = 4, progress: bool = False) -> None:
-    """Call ``step(l, block, inputs)`` for every block in order (see the module docstring)."""
+                   batch_size: int = 4, progress: bool = False, observe: Observe | None = None) -> None:
+    """Call ``step(l, block, inputs, stats)`` for every block in order (see the module docstring); ``stats`` is
+    what ``observe(l, block)`` returned, filled by block l's forward over ``inputs``, or None."""
     if not mm.blocks:
         raise ImpruneError("the model has no blocks to process")
     was_training = model.training
@@ -42,10 +44,15 @@ def run_sequential(model: nn.Module, mm: ModelMap, windows: Windows, step: Step,
         inputs = capture_block_inputs(model, mm, windows, batch_size)
         last = len(mm.blocks) - 1
         for block in tqdm(mm.blocks, desc="blocks", disable=not progress, leave=False):
-            dense_out = None if sequential or block.index == last else forward_block(block.module, inputs)
-            step(block.index, block.module, inputs)
+            stats = observe(block.index, block.module) if observe else None
+            outs = None
+            if stats is not None or (not sequential and block.index < last):  # statistics / dense outputs
+                with contextlib.nullcontext() if stats is None else stats:
+                    outs = forward_block(block.module, inputs, stats.see if stats is not None else None)
+            step(block.index, block.module, inputs, stats)
             if block.index < last:
-                outs = dense_out if dense_out is not None else forward_block(block.module, inputs)
+                if sequential:
+                    outs = forward_block(block.module, inputs)  # what the changed block produces
                 for item, y in zip(inputs, outs, strict=True):
                     item.hidden = y
     finally:
@@ -55,7 +62,7 @@ def run_sequential(model: nn.Module, mm: ModelMap, windows: Windows, step: Step,
 @dataclass
 class InputStatistics:
     """Hooks on ``modules`` ({key: module}) summing, over non-padding tokens, x^2 per input channel ([in]) and,
-    with ``hessian``, X^T X ([in, in], float64). Use as a context manager around ``gather``."""
+    with ``hessian``, X^T X ([in, in], float64). Installed as a context manager around a block forward."""
 
     modules: dict[str, nn.Module]
     hessian: bool = False
@@ -83,13 +90,9 @@ class InputStatistics:
 
         return fn
 
-    def gather(self, block: nn.Module, inputs: list[BlockInput]) -> None:
-        """Run ``block`` over ``inputs`` (outputs dropped) so the hooks see every batch with its mask."""
-
-        def on_batch(item: BlockInput) -> None:
-            self.mask = item.mask.bool()
-
-        forward_block(block, inputs, on_batch)
+    def see(self, item: BlockInput) -> None:
+        """Before each batch of a block forward: its padding mask, so the hooks count real tokens only."""
+        self.mask = item.mask.bool()
 
     def __enter__(self) -> InputStatistics:
         self._handles = [m.register_forward_pre_hook(self._hook(k)) for k, m in self.modules.items()]

@@ -384,14 +384,14 @@ def _run_blockwise(lm: LoadedModel, mm: ModelMap, comps: list[Component], cfg: U
     for c in comps:
         by_layer.setdefault(c.layer, []).append(c)
 
-    def step(layer: int, block: torch.nn.Module, inputs: Any) -> None:
-        todo = by_layer.get(layer, [])
-        if not todo:
+    def observe(layer: int, block: torch.nn.Module) -> InputStatistics | None:
+        modules = {str(id(c.module)): c.module for c in by_layer.get(layer, [])}  # fused q/k/v: one module
+        return InputStatistics(modules, hessian=cfg.criterion == "sparsegpt") if modules else None
+
+    def step(layer: int, block: torch.nn.Module, inputs: Any, st: InputStatistics | None) -> None:
+        if st is None:
             return
-        modules = {str(id(c.module)): c.module for c in todo}  # fused q/k/v share one module and its inputs
-        with InputStatistics(modules, hessian=cfg.criterion == "sparsegpt") as st:
-            st.gather(block, inputs)
-        for c in todo:
+        for c in by_layer[layer]:
             k = str(id(c.module))
             extra = {"in_sq": st.sq[k], "tokens": torch.tensor(st.tokens[k])}
             if k in st.xtx:
@@ -399,7 +399,7 @@ def _run_blockwise(lm: LoadedModel, mm: ModelMap, comps: list[Component], cfg: U
             _prune_component(c, cfg, counts[_key(c)], extra)
 
     run_sequential(lm.model, mm, windows, step, sequential=cfg.effective_sequential, batch_size=batch_size,
-                   progress=progress)
+                   progress=progress, observe=observe)
 
 
 def achieved(comps: list[Component]) -> dict[tuple[int, str], float]:

@@ -194,7 +194,7 @@ def test_block_runner_reproduces_the_models_hidden_states() -> None:
                           output_hidden_states=True).hidden_states
     seen: dict[int, torch.Tensor] = {}
 
-    def step(layer: int, block: torch.nn.Module, inputs: list[BlockInput]) -> None:
+    def step(layer: int, block: torch.nn.Module, inputs: list[BlockInput], stats: object) -> None:
         seen[layer] = torch.cat([item.hidden for item in inputs])
 
     mm = model_map(lm.model)
