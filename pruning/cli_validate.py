@@ -52,6 +52,7 @@ from .cli import BATCH, DEVICE, DTYPE, MODEL, OVERWRITE, QUIET, SEED, TRUST, arg
 from .cli_importance import _load, _max_positions
 
 SCHEMA = "imprune.validation/1"
+VALIDATION_DIR = "validation"  # default output: SCORES/validation, where `imprune report` looks
 
 
 @command("validate", "measure each group's loss increase when removed and how well every scorer predicts it", [
@@ -74,7 +75,7 @@ def validate_cmd(args: argparse.Namespace) -> int:
     if not 0 < args.bottom <= 1:
         raise ImpruneError(f"--bottom must be in (0, 1], got {args.bottom}")
     scores_dir = Path(args.scores).expanduser()
-    out = check_output(args.out or scores_dir / "validation", args.overwrite)
+    out = check_output(args.out or scores_dir / VALIDATION_DIR, args.overwrite)
     if scores_dir.exists() and not (scores_dir / "table.json").is_file():
         raise ImpruneError(f"'{scores_dir}' exists but is not an importance table folder; give a table folder "
                            "(from `imprune score --out DIR`) or a path that does not exist yet")

@@ -93,7 +93,7 @@ def load_run(path: str | Path, compare: str | Path | None = None) -> Run:
     other_label = Path(compare).name if compare is not None else "after"
     if _is_table(root):
         return Run(root, ImportanceTable.load(root), other, other_label, is_run=False,
-                   validation=load_validation(root / VALIDATION_DIR))
+                   validation=load_validation(root))
     if not _is_table(root / "scores_before"):
         raise ImpruneError(f"'{root}' holds neither a table nor scores_before/; pass an `imprune run` folder or a "
                            "folder written by `imprune score`")
@@ -102,12 +102,11 @@ def load_run(path: str | Path, compare: str | Path | None = None) -> Run:
         after = ImportanceTable.load(root / "scores_after")
     return Run(root, ImportanceTable.load(root / "scores_before"), after, other_label,
                _read_json(root / "metrics.json"), _read_json(root / "model" / "imprune.json"),
-               validation=load_validation(root / "scores_before" / VALIDATION_DIR))
+               validation=load_validation(root / "scores_before"))
 
 
 # ------------------------------------------------------------------------------------------------ validation
 
-VALIDATION_DIR = "validation"
 _STATS = ("spearman", "kendall", "bottom_overlap")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -126,10 +125,12 @@ def _number(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
-def load_validation(folder: Path) -> Validation | None:
-    """FOLDER/validation.json and the PNGs it names, or None without one; a malformed file is an ImpruneError."""
-    from .cli_validate import SCHEMA
+def load_validation(table_dir: Path) -> Validation | None:
+    """TABLE_DIR/validation/validation.json (where ``imprune validate`` writes by default) and the PNGs it
+    names, or None without one; a malformed file is an ImpruneError."""
+    from .cli_validate import SCHEMA, VALIDATION_DIR
 
+    folder = table_dir / VALIDATION_DIR
     path = folder / "validation.json"
     doc = _read_json(path)
     if doc is None:
