@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,14 @@ NORMALIZATIONS = ("none", "layer", "component", "global")
 
 
 LayerMap = dict[int, dict[str, float]]  # {layer: {component: value}}: sparsity or bits per layer x component
+
+
+def layer_map(items: Iterable[tuple[tuple[int, str], float]]) -> LayerMap:
+    """``((layer, component), value)`` pairs -> ``{layer: {component: value}}``."""
+    out: LayerMap = {}
+    for (layer, comp), v in items:
+        out.setdefault(layer, {})[comp] = v
+    return out
 
 
 def layer_map_matrix(values: LayerMap, components: list[str], n_layers: int) -> torch.Tensor:

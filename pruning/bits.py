@@ -39,7 +39,7 @@ import torch
 
 from importance.arch import Component, model_map
 from importance.errors import ImpruneError
-from importance.table import ImportanceTable, LayerMap
+from importance.table import ImportanceTable, LayerMap, layer_map
 
 SUPPORTED_BITS = (2, 4, 8)  # the integer weight types a real library stores (optimum-quanto qint2/4/8)
 SENSITIVITIES = ("fisher", "activation", "taylor", "magnitude")
@@ -81,11 +81,7 @@ class BitPlan:
 
     def layer_map(self) -> LayerMap:
         """``{layer: {component: bits}}`` (a fused unit's width is written for each of its components)."""
-        out: LayerMap = {}
-        for u in self.units:
-            for c in u.components:
-                out.setdefault(u.layer, {})[c] = float(self.bits[u.name])
-        return out
+        return layer_map(((u.layer, c), float(self.bits[u.name])) for u in self.units for c in u.components)
 
     def to_json(self) -> dict[str, Any]:
         return {"bits": {str(k): v for k, v in self.layer_map().items()}, "modules": dict(self.bits),

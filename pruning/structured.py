@@ -41,7 +41,7 @@ from importance.data import Windows
 from importance.errors import ImpruneError
 from importance.models import LoadedModel
 from importance.offload import is_offloaded
-from importance.table import ImportanceTable
+from importance.table import ImportanceTable, layer_map
 
 from .cli import arg
 from .methods import ALLOCATION, BAND, CRITERION, PruneContext, PruneResult, register_method, table_for
@@ -348,10 +348,7 @@ def _geometry(mm: ModelMap) -> list[tuple[int, int, int]]:
 def _sparsity(before: dict[tuple[int, str], int], after: ModelMap, layer_of: dict[int, int]) -> dict[int, dict]:
     """Fraction removed per (original) layer x component; a removed layer counts as 1.0 everywhere."""
     now = {(layer_of[c.layer], c.name): c.numel for c in after.components()}
-    out: dict[int, dict[str, float]] = {}
-    for (layer, name), n in before.items():
-        out.setdefault(layer, {})[name] = 1.0 - now.get((layer, name), 0) / n if n else 0.0
-    return out
+    return layer_map((k, 1.0 - now.get(k, 0) / n if n else 0.0) for k, n in before.items())
 
 
 _SELECTION = {

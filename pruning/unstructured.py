@@ -43,7 +43,7 @@ from importance.collect import CollectConfig, Statistics, collect
 from importance.data import Windows
 from importance.errors import ImpruneError
 from importance.models import LoadedModel
-from importance.table import ImportanceTable, LayerMap
+from importance.table import ImportanceTable, LayerMap, layer_map
 
 from . import allocate as A
 from .cli import arg
@@ -252,15 +252,10 @@ def plan_ratios(lm: LoadedModel, cfg: UnstructuredConfig, comps: list[Component]
     target = cfg.sparsity
     allocation = "global" if cfg.scope == "global" else cfg.allocation
     if cfg.nm is not None or allocation == "uniform":
-        ratios = {}
-        for c in comps:
-            ratios.setdefault(c.layer, {})[c.name] = target
-        return ratios, {"method": "uniform"}
+        return layer_map((_key(c), target) for c in comps), {"method": "uniform"}
     if allocation == "global":
         r = A.global_ratios(element_scores(), target)
-        ratios = {}
-        for c, v in zip(comps, r.tolist(), strict=True):
-            ratios.setdefault(c.layer, {})[c.name] = v
+        ratios = layer_map(zip(map(_key, comps), r.tolist(), strict=True))
         basis = "wanda" if cfg.criterion == "sparsegpt" else cfg.criterion
         return ratios, {"method": "global", "scores": basis}
     mm_names = list(dict.fromkeys(c.name for c in comps))
@@ -409,9 +404,7 @@ def achieved(comps: list[Component]) -> dict[tuple[int, str], float]:
 
 def _result(cfg: UnstructuredConfig, comps: list[Component], ratios: LayerMap, how: dict[str, Any]) -> PruneResult:
     got = achieved(comps)
-    sparsity: LayerMap = {}
-    for (layer, name), v in got.items():
-        sparsity.setdefault(layer, {})[name] = v
+    sparsity = layer_map(got.items())
     sizes = {_key(c): c.numel for c in comps}
     zeros = sum(got[k] * n for k, n in sizes.items())
     total = sum(sizes.values())
