@@ -45,8 +45,9 @@ def settings(args: Any) -> dict[str, Any]:
             "band": args.band}
 
 
-def signals(args: Any) -> list[str]:
-    return [s.strip() for s in str(args.alloc_scorer).split(",") if s.strip()]
+def signals(text: str) -> list[str]:
+    """'fisher,owl' -> ['fisher', 'owl'] (the --alloc-scorer list)."""
+    return [s.strip() for s in str(text).split(",") if s.strip()]
 
 
 def unstructured_specs(args: Any) -> list[dict[str, Any]]:
@@ -57,7 +58,7 @@ def unstructured_specs(args: Any) -> list[dict[str, Any]]:
             for alloc in ALLOCATIONS:
                 if pattern == "2:4" and alloc != "uniform":
                     continue
-                for sig in signals(args) if alloc == "importance" else [None]:
+                for sig in signals(args.alloc_scorer) if alloc == "importance" else [None]:
                     specs.append({"criterion": crit, "pattern": pattern, "allocation": alloc, "signal": sig})
     only = [s.strip() for s in (args.only or "").split(",") if s.strip()]
     return [s for s in specs if not only or any(o in spec_name(s) for o in only)]
@@ -84,7 +85,7 @@ def unstructured_rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
     calib, evals = reference_data(lm, st)
     dense_state = {k: v.clone() for k, v in lm.model.state_dict().items()}
     table = None
-    wanted = [sig for sig in signals(args) if sig in TABLE_SCORERS]
+    wanted = [sig for sig in signals(args.alloc_scorer) if sig in TABLE_SCORERS]
     if wanted and any(s["allocation"] == "importance" for s in specs):
         start = time.perf_counter()
         table = score(lm, calib, wanted, batch_size=st["batch_size"], progress=False)
@@ -140,10 +141,8 @@ def normalized(r: dict[str, Any]) -> dict[str, Any]:
     return r
 
 
-def _signal(r: dict[str, Any], st: dict[str, Any]) -> str | None:
-    if r.get("allocation") != "importance":
-        return None
-    return r.get("signal") or str(st["alloc_scorer"]).split(",")[0]
+def _signal(r: dict[str, Any]) -> str | None:
+    return r.get("signal") if r.get("allocation") == "importance" else None
 
 
 def markdown(rows: list[dict[str, Any]], st: dict[str, Any]) -> str:
@@ -158,14 +157,14 @@ def markdown(rows: list[dict[str, Any]], st: dict[str, Any]) -> str:
         lines.append("")
     uns = [r for r in rows if r.get("family") == "unstructured" and r["name"] != "dense"]
     if uns:
-        sigs = list(dict.fromkeys(sg for r in uns if (sg := _signal(r, st))))
+        sigs = list(dict.fromkeys(sg for r in uns if (sg := _signal(r))))
         cols = [("50%", None, "50% uniform")] + [("50%", sg, f"50% guided ({sg})") for sg in sigs] + \
             [("2:4", None, "2:4")]
         lines += ["| criterion | " + " | ".join(c[2] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for crit in dict.fromkeys(r["criterion"] for r in uns):
             cells = []
             for pattern, sig, _ in cols:
-                hit = [r for r in uns if (r["criterion"], r["pattern"], _signal(r, st)) == (crit, pattern, sig)]
+                hit = [r for r in uns if (r["criterion"], r["pattern"], _signal(r)) == (crit, pattern, sig)]
                 cells.append(f"{hit[0]['ppl']:.2f}" if hit else "-")
             lines.append(f"| {crit} | " + " | ".join(cells) + " |")
     other = [r for r in rows if r.get("family") != "unstructured" and r["name"] != "dense"]
@@ -187,8 +186,7 @@ def updated(old: dict[str, Any], st: dict[str, Any], rows: list[dict[str, Any]])
         r = normalized(r) if r.get("family") == "unstructured" and r["name"] != "dense" else r
         merged[r["name"]] = r
     merged.update({r["name"]: r for r in rows})
-    sigs = list(dict.fromkeys(str(old["settings"]["alloc_scorer"]).split(",") + signals(argparse.Namespace(
-        alloc_scorer=st["alloc_scorer"]))))
+    sigs = list(dict.fromkeys(signals(old["settings"]["alloc_scorer"]) + signals(st["alloc_scorer"])))
     return {**old["settings"], "alloc_scorer": ",".join(sigs)}, list(merged.values())
 
 
