@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from importance.data import load_data  # noqa: E402
+from benchlib import reference_data  # noqa: E402
+
 from importance.models import load_model  # noqa: E402
 from importance.scoring import score  # noqa: E402
 from pruning.evaluate import perplexity  # noqa: E402
@@ -38,9 +40,7 @@ def main() -> None:
     crit = sys.argv[1] if len(sys.argv) > 1 else "wanda"
     torch.set_num_threads(1)
     lm = load_model("builtin:smollm2-135m")
-    calib = load_data("austen:train", lm.tokenizer, seq_len=256, samples=32, seed=0, max_positions=8192)
-    evals = load_data("austen:eval", lm.tokenizer, seq_len=256, tokens=16384, sampling="sequential",
-                      max_positions=8192)
+    calib, evals = reference_data(lm, {"seq_len": 256, "calib_windows": 32, "seed": 0, "eval_tokens": 16384})
     dense = {k: v.clone() for k, v in lm.model.state_dict().items()}
     start = time.time()
     table = score(lm, calib, ["fisher", "taylor", "activation", "magnitude", "block_influence"], progress=False)
