@@ -122,7 +122,7 @@ def collect_blockwise(model: torch.nn.Module, windows: Windows, cfg: CollectConf
     """Forward-only statistics in block-major order (the same sums as ``collect``)."""
     if cfg.grad:
         raise ImpruneError("block-by-block mode runs forward only: use the scorers activation, magnitude and "
-                           "block_influence (taylor and fisher need the usual pass)")
+                           "block_influence (taylor, fisher and residual_fisher need the usual pass)")
     mm = mm or model_map(model)
     stats = Statistics(meta={"collect": {**cfg.__dict__, "blockwise": True}, "batch_size": batch_size})
     run = _Pass(mm, cfg, stats)

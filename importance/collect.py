@@ -74,13 +74,15 @@ class Statistics:
 @dataclass(frozen=True)
 class CollectConfig:
     """What the pass gathers: ``grad`` (taylor/fisher), ``elements`` (per-weight tensors), ``activation``,
-    ``block_influence``; ``fisher_unit`` is 'sequence' or 'batch' (the b of sum_b g_b^2)."""
+    ``block_influence``, ``residual_fisher`` (needs ``grad``); ``fisher_unit`` is 'sequence' or 'batch' (the b
+    of sum_b g_b^2)."""
 
     grad: bool = True
     elements: bool = False
     activation: bool = True
     block_influence: bool = True
     fisher_unit: str = "sequence"
+    residual_fisher: bool = False
 
 
 def _token_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -133,10 +135,10 @@ class _Pass:
             elif kind == "experts":
                 self._check_experts(mod)
                 handles.append(mod.register_forward_hook(self._experts_forward(comps), with_kwargs=True))
-        if self.cfg.block_influence:
+        if self.cfg.block_influence or (self.cfg.residual_fisher and self.cfg.grad):
             for block in self.mm.blocks:
                 if layers is None or block.index in layers:
-                    handles.extend(self._influence_hooks(block))
+                    handles.extend(self._block_hooks(block))
         return handles
 
     @property
@@ -362,22 +364,36 @@ class _Pass:
         self.stats.add(f"{comp.layer}|{comp.name}|grad_sq", g_sq)
 
     # -------------------------------------------------------------------------------- blocks
-    def _influence_hooks(self, block: Block) -> list[Any]:
+    def _block_hooks(self, block: Block) -> list[Any]:
+        """Block input and output: 1 - cos per token (block influence) and, in a gradient pass, the residual
+        Fisher sum_t (g_t . (out_t - in_t))^2 from a gradient hook on the output. Both tensors are held by
+        reference only: autograd keeps them anyway (the block's input norm and the next one's save them)."""
         held: dict[str, torch.Tensor] = {}
+        want_fisher = self.cfg.residual_fisher and self.cfg.grad
 
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
             held["x"] = (args[0] if args else kwargs["hidden_states"]).detach()
 
         def post(module: nn.Module, args: tuple, out: Any) -> None:
-            h_out = (out[0] if isinstance(out, tuple) else out).detach().float()
-            h_in = held.pop("x").float()
-            cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1, eps=1e-8)  # [B, T]
-            m = self.mask.to(cos.dtype)
-            self.stats.add(f"{block.index}|block|influence", ((1 - cos) * m).sum().reshape(1))
-            self.stats.add(f"{block.index}|block|influence_tokens", m.sum().reshape(1))
+            out_t = out[0] if isinstance(out, tuple) else out
+            h_in, h_out = held.pop("x"), out_t.detach()
+            m = self.mask  # [B, T]
+            if self.cfg.block_influence:
+                cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1, eps=1e-8)  # [B, T]
+                self.stats.add(f"{block.index}|block|influence", ((1 - cos) * m.to(cos.dtype)).sum().reshape(1))
+                self.stats.add(f"{block.index}|block|influence_tokens", m.sum().reshape(1))
+            if want_fisher and out_t.requires_grad:
+                out_t.register_hook(self._residual_fisher_hook(block.index, h_in, h_out, m))
 
         return [block.module.register_forward_pre_hook(pre, with_kwargs=True),
                 block.module.register_forward_hook(post)]
+
+    def _residual_fisher_hook(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor, mask: torch.Tensor):
+        def hook(g: torch.Tensor) -> None:  # g: [B, T, d] gradient of the summed NLL at the block output
+            gate = (g.float() * (h_out.float() - h_in.float())).sum(-1)  # [B, T] d loss / d per-token gate
+            self.stats.add(f"{layer}|block|residual_fisher", (gate.square() * mask.to(gate.dtype)).sum().reshape(1))
+
+        return hook
 
     # -------------------------------------------------------------------------------- folding
     @torch.no_grad()

@@ -13,14 +13,23 @@ gate row + up row + down column, an expert, a component, a whole block):
   fisher            element sum_b g_b^2 / N                   group  sum_b (sum_{p in G} w_p g_b,p)^2 / N
                     (empirical Fisher diagonal; ``obd``: w^2 F / 2)   = the Fisher of a mask on the group
   block_influence   layer  mean over tokens of 1 - cos(block input, block output)
+  residual_fisher   layer  sum_b sum_t (g_bt . delta_bt)^2 / N, delta_bt = block output - block input at token t
+                    and g_bt the gradient of sequence b's summed NLL there: the Fisher of a separate gate on the
+                    block's residual update at every token, summed over tokens (a second-order estimate of the
+                    loss change when the whole update is removed, without cross-token cancellation)
+  removal           layer  measured: mean token NLL increase on (the first ``removal_tokens`` of) the calibration
+                    windows when the block is bypassed (output = input); the perplexity criterion of depth
+                    pruning, L partial forwards with the cached-input replay of ``importance.ablation``
 
-b runs over sequences (or over batches with ``fisher_unit='batch'``).
+b runs over sequences (or over batches with ``fisher_unit='batch'``; residual_fisher is always per token).
+Layer-only scorers (kind 'layer') have no element, channel, head or component values.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -43,17 +52,28 @@ class Scorer:
 
 SCORERS: dict[str, Scorer] = {}
 _ELEMENT_FNS: dict[str, Callable[..., torch.Tensor]] = {}
+_LAYER_FNS: dict[str, Callable[..., float]] = {}
 
 
 def register_scorer(name: str, kind: str, estimator: str, needs_grad: bool = False, needs_activation: bool = False):
-    """Register an element function ``fn(ctx, comp) -> Tensor`` (shape of the weight) under ``name``."""
+    """Register ``fn`` under ``name``: for kind 'additive' / 'mask' an element function ``fn(ctx, comp) -> Tensor``
+    (shape of the weight); for kind 'layer' a layer function ``fn(ctx, block) -> float``."""
 
-    def add(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def add(fn: Callable[..., Any]) -> Callable[..., Any]:
         SCORERS[name] = Scorer(name, kind, needs_grad, needs_activation, estimator)
-        _ELEMENT_FNS[name] = fn
+        (_LAYER_FNS if kind == "layer" else _ELEMENT_FNS)[name] = fn
         return fn
 
     return add
+
+
+def layer_only(name: str) -> bool:
+    """True for scorers that score whole layers only (no element, channel, head or component values)."""
+    return name in SCORERS and SCORERS[name].kind == "layer"
+
+
+def layer_only_names() -> list[str]:
+    return [n for n, s in SCORERS.items() if s.kind == "layer"]
 
 
 @dataclass
@@ -104,10 +124,33 @@ def _fisher(ctx: Context, comp: Component) -> torch.Tensor:
     return _w(comp).square() * f / 2 if ctx.obd else f
 
 
+def _block_stat(ctx: Context, block: Block, stat: str, what: str) -> torch.Tensor:
+    t = ctx.stats.get(block.index, "block", stat)
+    if t is None:
+        raise KeyError(f"{what} statistics missing for layer {block.index}")
+    return t
+
+
 @register_scorer("block_influence", "layer", "layer: mean over tokens of 1 - cos(block input, block output)",
                  needs_activation=True)
-def _block_influence(ctx: Context, comp: Component) -> torch.Tensor:
-    raise NotImplementedError  # layer-level only
+def _block_influence(ctx: Context, block: Block) -> float:
+    total = _block_stat(ctx, block, "influence", "block influence")
+    count = _block_stat(ctx, block, "influence_tokens", "block influence")
+    return float(total[0] / count[0].clamp_min(1))
+
+
+@register_scorer("residual_fisher", "layer", "layer: sum over sequences b and tokens t of (g_bt . delta_bt)^2 / N, "
+                 "delta = block output - block input (Fisher of per-token gates on the block's residual update)",
+                 needs_grad=True)
+def _residual_fisher(ctx: Context, block: Block) -> float:
+    return float(_block_stat(ctx, block, "residual_fisher", "residual Fisher")[0]) / ctx.n_targets
+
+
+@register_scorer("removal", "layer", "layer: measured mean token NLL increase on the calibration windows when the "
+                 "block is bypassed (output = input)")
+def _removal(ctx: Context, block: Block) -> float:
+    tokens = max(ctx.stats.count("removal_tokens"), 1.0)
+    return float(_block_stat(ctx, block, "removal", "removal")[0]) / tokens
 
 
 def element_scores(name: str, ctx: Context, comp: Component) -> torch.Tensor:
@@ -175,12 +218,8 @@ def groups(name: str, ctx: Context, block: Block) -> dict[str, torch.Tensor]:
 
 
 def layer(name: str, ctx: Context, block: Block) -> float:
-    if name == "block_influence":
-        total = ctx.stats.get(block.index, "block", "influence")
-        count = ctx.stats.get(block.index, "block", "influence_tokens")
-        if total is None or count is None:
-            raise KeyError("block influence statistics missing")
-        return float(total[0] / count[0].clamp_min(1))
+    if name in _LAYER_FNS:
+        return _LAYER_FNS[name](ctx, block)
     if SCORERS[name].kind == "mask":
         return float(_mask_value(name, ctx, ctx.stats.get(block.index, "layer", "wg"),
                                  ctx.stats.get(block.index, "layer", "wg_sq"))[0])

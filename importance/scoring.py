@@ -1,10 +1,15 @@
-"""``importance.scoring``: model + data -> ImportanceTable, all requested scorers from ONE pass."""
+"""``importance.scoring``: model + data -> ImportanceTable, all requested scorers from ONE pass.
+
+The one exception is the measured ``removal`` layer scorer (not a default): after the pass it bypasses each block
+in turn on the first ``removal_tokens`` calibration tokens (L partial forwards with the cached-input replay).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+from .ablation import removal_statistics
 from .arch import model_map
 from .blockwise import collect_blockwise
 from .collect import CollectConfig, collect
@@ -13,10 +18,12 @@ from .distributed import all_reduce_statistics, process_state, shard_windows
 from .errors import ImpruneError
 from .meta import versions
 from .models import LoadedModel
+from .offload import is_offloaded
 from .scorers import SCORERS
 from .table import ImportanceTable, build_table
 
-DEFAULT_SCORERS = ("taylor", "fisher", "activation", "magnitude", "block_influence")
+DEFAULT_SCORERS = ("taylor", "fisher", "activation", "magnitude", "block_influence", "residual_fisher")
+REMOVAL_TOKENS = 2048  # default calibration tokens the measured removal scorer runs on
 
 
 def parse_scorers(names: str | Sequence[str]) -> list[str]:
@@ -32,13 +39,14 @@ def score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequence
           tokenizer: Any = None, task: str | None = None, seq_len: int = 256, tokens: int | None = None,
           samples: int | None = None, seed: int = 0, batch_size: int = 4, elements: bool = False,
           fisher_unit: str = "sequence", obd: bool = False, blockwise: bool = False,
-          progress: bool = True) -> ImportanceTable:
+          removal_tokens: int | None = REMOVAL_TOKENS, progress: bool = True) -> ImportanceTable:
     """Score ``model`` on ``data`` with every scorer in ``scorers`` from one hooked pass.
 
     ``model`` is a ``LoadedModel`` (from ``importance.load_model``) or a Hugging Face model plus
     ``tokenizer``/``task``; ``data`` is ``Windows`` or a ``--data`` spec string. ``blockwise`` runs the
     forward-only scorers block by block over kept hidden states (``importance.blockwise``): with an
-    offloaded model, peak memory is about one block plus the hidden states.
+    offloaded model, peak memory is about one block plus the hidden states. ``removal_tokens`` caps the
+    windows the ``removal`` scorer measures on (whole windows, at least one; None: all of them).
     """
     names = parse_scorers(scorers)
     if isinstance(model, LoadedModel):
@@ -56,19 +64,39 @@ def score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequence
     need_grad = any(SCORERS[n].needs_grad for n in names)
     cfg = CollectConfig(grad=need_grad, elements=elements and need_grad,
                         activation=any(SCORERS[n].needs_activation for n in names),
-                        block_influence="block_influence" in names, fisher_unit=fisher_unit)
+                        block_influence="block_influence" in names, fisher_unit=fisher_unit,
+                        residual_fisher="residual_fisher" in names)
     mm = model_map(hf)
+    removal = _removal_windows(data, removal_tokens, blockwise or is_offloaded(hf)) if "removal" in names else None
     state = process_state()  # a multi-process launch: score a shard, then add the sums of every process
     if state is not None:
         data = shard_windows(data, batch_size, state.process_index, state.num_processes)
+        if removal is not None:
+            removal = shard_windows(removal, batch_size, state.process_index, state.num_processes)
         progress = progress and state.is_main_process
     if blockwise:
         stats = collect_blockwise(hf, data, cfg, batch_size=batch_size, progress=progress, mm=mm)
     else:
         stats = collect(hf, data, task, cfg, batch_size=batch_size, progress=progress, mm=mm)
+    if removal is not None:
+        stats.merge(removal_statistics(hf, removal, task, batch_size=batch_size, progress=progress, mm=mm))
     if state is not None:
         all_reduce_statistics(stats, state)
     meta = {"model": ident, "data": dict(data.meta), "seed": seed, "batch_size": batch_size, "blockwise": blockwise,
             "seconds": round(stats.meta.get("seconds", 0.0), 3), "processes": stats.meta.get("processes", 1),
             "versions": versions()}
+    if removal is not None:
+        meta["removal"] = {"windows": len(removal), "tokens": removal.n_tokens}
     return build_table(stats, mm, names, elements=elements, obd=obd, meta=meta)
+
+
+def _removal_windows(data: Windows, removal_tokens: int | None, offloaded: bool) -> Windows:
+    """The calibration windows the measured removal scorer runs on: the first ``removal_tokens`` worth."""
+    if offloaded:
+        raise ImpruneError("the removal scorer replays whole-model forwards and needs the model in memory; drop "
+                           "--max-memory / --blockwise or use --scorers block_influence")
+    if removal_tokens is None:
+        return data
+    if removal_tokens < 1:
+        raise ImpruneError(f"--removal-tokens {removal_tokens} must be at least 1 (it is rounded to whole windows)")
+    return data.subset(slice(0, max(1, removal_tokens // data.seq_len)))

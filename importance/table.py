@@ -107,8 +107,8 @@ class ImportanceTable:
 
     def layer_scores(self, scorer: str, aggregation: str = "sum", norm: str = "none") -> torch.Tensor:
         m = self._check(scorer, f"{scorer}/layer")
-        if scorer == "block_influence":
-            aggregation = "sum"  # already a per-token mean
+        if S.layer_only(scorer):
+            aggregation = "sum"  # a layer-only score is per layer already (no per-weight share)
         return normalize(self._aggregate(m, "count/layer", aggregation), norm)
 
     def _aggregate(self, m: torch.Tensor, count_key: str, aggregation: str) -> torch.Tensor:

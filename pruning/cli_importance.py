@@ -10,6 +10,8 @@ from importance.arch import model_map
 from importance.data import load_data
 from importance.meta import versions, write_json
 from importance.models import load_model
+from importance.scorers import SCORERS, layer_only
+from importance.scoring import DEFAULT_SCORERS, REMOVAL_TOKENS
 
 from .cli import DEVICE, DTYPE, MAX_MEMORY, MODEL, OVERWRITE, QUIET, SEED, TRUST, arg, check_output, command, positive
 from .evaluate import perplexity
@@ -83,12 +85,14 @@ def evaluate(args: argparse.Namespace) -> int:
 
 @command("score", "score every parameter group with all scorers in one pass -> an importance table", [
     MODEL, DTYPE, DEVICE, MAX_MEMORY, TRUST, arg("--data", default="austen:train", help="calibration data spec"),
-    arg("--scorers", default="taylor,fisher,activation,magnitude,block_influence",
-        help="comma-separated: taylor, fisher, activation, magnitude, block_influence"),
+    arg("--scorers", default=",".join(DEFAULT_SCORERS),
+        help="comma-separated: " + ", ".join(SCORERS) + " (removal measures layer removal: not a default)"),
     arg("--seq-len", type=int, default=256), arg("--tokens", type=int, default=8192),
     arg("--samples", type=int, default=None), SEED, arg("--batch-size", type=int, default=4),
     arg("--elements", action="store_true", help="also keep per-weight tensors (the size of the model)"),
     arg("--fisher-unit", default="sequence", choices=["sequence", "batch"]),
+    arg("--removal-tokens", type=int, default=REMOVAL_TOKENS,
+        help="calibration tokens the removal scorer measures on (whole windows; default %(default)s)"),
     arg("--obd", action="store_true", help="element Fisher as the OBD saliency w^2 F / 2"),
     arg("--blockwise", action="store_true",
         help="forward-only scorers block by block over kept hidden states (with --max-memory: ~one block resident)"),
@@ -113,7 +117,7 @@ def score_cmd(args: argparse.Namespace) -> int:
                         seed=args.seed, max_positions=_max_positions(lm.model))
     table = score(lm, windows, names, seed=args.seed, batch_size=args.batch_size, elements=args.elements,
                   fisher_unit=args.fisher_unit, obd=args.obd, blockwise=args.blockwise,
-                  progress=not args.quiet)
+                  removal_tokens=args.removal_tokens, progress=not args.quiet)
     if state is not None and not state.is_main_process:
         return 0  # every process holds the same table; only the main one writes it
     table.save(out, overwrite=args.overwrite)
@@ -151,7 +155,7 @@ def print_ranking(table, k: int = 3) -> None:
             top, bottom = table.ranking(scorer, gran, "mean", k, skip_norms=True)
             fmt = lambda xs: ", ".join(label for label, _ in xs)  # noqa: E731
             print(f"  {scorer:<10} {gran:<9} most: {fmt(top):<40} least: {fmt(bottom)}")
-        if scorer == "block_influence":
+        if layer_only(scorer):
             top, bottom = table.ranking(scorer, "layer", "sum", k)
             print(f"  {scorer:<10} layer     most: {', '.join(x for x, _ in top):<40} "
                   f"least: {', '.join(x for x, _ in bottom)}")

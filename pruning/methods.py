@@ -64,8 +64,8 @@ METHODS: dict[str, Method] = {}
 CRITERION: Arg = (("--criterion",), dict(
     default=None,
     help="ranking: magnitude | wanda | activation | taylor | fisher | sparsegpt (unstructured, nm); "
-         "taylor | fisher | activation | magnitude | block_influence (structured; default fisher for "
-         "heads/channels/width, block_influence for layers)"))
+         "taylor | fisher | activation | magnitude (structured; default fisher); layers also "
+         "block_influence | residual_fisher | removal (default block_influence)"))
 ALLOCATION: Arg = (("--allocation",), dict(
     default="uniform",
     help="per-layer x component ratios: uniform | importance (bounded by --band around the target) | "

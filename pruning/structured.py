@@ -13,8 +13,10 @@
             importance per parameter (group score / group parameter count, i.e. 'mean' aggregation); with
             ``uniform`` every layer loses the same number of head units and channels (the config can then
             describe the model), the split being the one with the least summed importance over all layers.
-  layers    whole blocks with the lowest layer score (block_influence: lowest 1 - cos; taylor / fisher: the
-            mask score of the block); the config's layer count and per-layer lists follow.
+  layers    whole blocks with the lowest layer score (block_influence: lowest 1 - cos; residual_fisher: the
+            per-token Fisher of the block's update; removal: the measured calibration loss increase when the
+            block alone is bypassed; taylor / fisher: the mask score of the block's parameters); the config's
+            layer count and per-layer lists follow.
 
 Default criterion: fisher (on SmolLM2 it was best or tied for heads, channels and width). First-order
 taylor's |sum of w*g| over a group grows like the square root of its size when the terms have mixed
@@ -56,7 +58,8 @@ from .surgery import (
     param_count,
 )
 
-CRITERIA = ("taylor", "fisher", "activation", "magnitude", "block_influence")
+CRITERIA = ("taylor", "fisher", "activation", "magnitude")  # heads, channels, width
+LAYER_CRITERIA = (*CRITERIA, "block_influence", "residual_fisher", "removal")
 GQA_MODES = ("per-group", "groups")
 PARTS = ("heads", "channels", "width")
 ATTN = ("attn.q", "attn.k", "attn.v", "attn.o", "norm.q", "norm.k")
@@ -82,11 +85,11 @@ class StructuredConfig:
             raise ImpruneError(f"unknown structured part '{self.part}'; use one of {', '.join(PARTS)}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ImpruneError(f"sparsity {self.sparsity} is outside [0, 1); give the fraction to remove")
-        if self.criterion == "block_influence":
-            raise ImpruneError("--criterion block_influence scores whole layers only; use it with --method layers, "
+        if self.criterion in LAYER_CRITERIA and self.criterion not in CRITERIA:
+            raise ImpruneError(f"--criterion {self.criterion} scores whole layers only; use it with --method layers, "
                                "or rank heads/channels with taylor, fisher, activation or magnitude")
         if self.criterion not in CRITERIA:
-            raise ImpruneError(f"unknown --criterion '{self.criterion}'; use one of {', '.join(CRITERIA[:4])}")
+            raise ImpruneError(f"unknown --criterion '{self.criterion}'; use one of {', '.join(CRITERIA)}")
         if self.allocation not in ("uniform", "importance"):
             raise ImpruneError(f"--allocation {self.allocation} is not available for structured pruning; "
                                "use uniform or importance")
@@ -413,8 +416,8 @@ def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "block_influ
     _check_in_memory(lm)
     if not 0.0 <= sparsity < 1.0:
         raise ImpruneError(f"sparsity {sparsity} is outside [0, 1); give the fraction of layers to remove")
-    if criterion not in CRITERIA:
-        raise ImpruneError(f"unknown --criterion '{criterion}'; use one of {', '.join(CRITERIA)}")
+    if criterion not in LAYER_CRITERIA:
+        raise ImpruneError(f"unknown --criterion '{criterion}'; use one of {', '.join(LAYER_CRITERIA)}")
     mm = model_map(lm.model)
     n = round(sparsity * mm.n_layers)
     if n >= mm.n_layers:
@@ -481,7 +484,8 @@ def width_method(ctx: PruneContext) -> PruneResult:
     return _run(ctx, "width")
 
 
-@register_method("layers", "remove whole layers by block_influence, taylor or fisher layer scores", args=_FLAGS)
+@register_method("layers", "remove whole layers by their layer scores (block_influence, residual_fisher, removal, "
+                 "taylor, fisher ...)", args=_FLAGS)
 def layers_method(ctx: PruneContext) -> PruneResult:
     a = ctx.args
     criterion = getattr(a, "criterion", None) or "block_influence"

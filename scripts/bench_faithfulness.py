@@ -9,6 +9,10 @@ overlap of every scorer against the ablation (``importance.faithfulness``), and 
 reproducibility (split-half over the held-out windows, ``Ablation.reliability``), whose square root is about
 the best Spearman any scorer can reach against the measurement.
 
+The measured ``removal`` layer scorer (bypass each block on calibration windows) runs once, on the first
+``--removal-tokens`` of the reference draw (the scorer's default cap), so its value is the same at every size;
+every other scorer comes from the merged one-pass statistics.
+
 Ratios measured in this run: the ablation's cost in bare forwards over the held-out windows, and the speed-up of
 the cached-input shortcut over a full forward per ablation (a sample of head groups spread over the layers,
 measured both ways, with their values compared).
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from importance.ablation import Replay, ablation_table, groups, measure_ablation
+from importance.ablation import Replay, ablation_table, groups, measure_ablation, removal_statistics
 from importance.arch import model_map
 from importance.collect import CollectConfig, Statistics, collect
 from importance.data import Windows, load_data
@@ -39,7 +43,7 @@ from importance.faithfulness import compare
 from importance.meta import versions, write_json
 from importance.models import load_model
 from importance.plots_validate import ablation_heatmap_figure, scatter_figure
-from importance.scoring import DEFAULT_SCORERS
+from importance.scoring import DEFAULT_SCORERS, REMOVAL_TOKENS
 from importance.table import build_table
 
 GOALS = {"layer": 0.8, "head": 0.6}
@@ -126,6 +130,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--removal-tokens", type=int, default=REMOVAL_TOKENS,
+                   help="calibration tokens the measured removal scorer runs on (first windows of the reference draw)")
     p.add_argument("--quick", action="store_true", help="4 x 128 calibration windows doubled 3 times, 2 x 128 held out")
     p.add_argument("--out", default=None, help="JSON path (default scripts/results/bench_faithfulness[_quick].json)")
     args = p.parse_args()
@@ -161,8 +167,19 @@ def main() -> None:
           f"(max |difference| {speed['max_abs_difference']:.2e} nats over {len(speed['groups'])} heads)")
 
     # scores at n, 2n, 4n, 8n windows from one pass over the chunks
-    cfg = CollectConfig(grad=True, elements=False, activation=True, block_influence=True)
+    cfg = CollectConfig(grad=True, elements=False, activation=True, block_influence=True, residual_fisher=True)
     merged = Statistics()
+    names = list(DEFAULT_SCORERS)
+    removal = None
+    if "layer" in grans:
+        first = chunks[0].subset(slice(0, max(1, args.removal_tokens // chunks[0].seq_len)))
+        start = time.perf_counter()
+        merged.merge(removal_statistics(lm.model, first, lm.task, batch_size=args.batch_size, mm=mm))
+        removal = {"windows": len(first), "tokens": first.n_tokens, "seconds": time.perf_counter() - start}
+        removal["cost_in_calibration_forwards"] = removal["seconds"] / bare_forward_seconds(lm, first, args.batch_size)
+        names.append("removal")
+        print(f"removal scorer: {mm.n_layers} blocks bypassed on {len(first)} x {first.seq_len} calibration tokens in "
+              f"{removal['seconds']:.0f} s (= {removal['cost_in_calibration_forwards']:.1f} bare forwards over them)")
     results: dict[str, dict[str, dict]] = {g: {} for g in grans}
     sizes, score_seconds, tables = [], [], []
     for chunk in chunks:
@@ -172,7 +189,7 @@ def main() -> None:
         merged.merge(stats)
         tokens = int(merged.count("tokens"))
         sizes.append(tokens)
-        table = build_table(merged, mm, list(DEFAULT_SCORERS), meta={"tokens": tokens})
+        table = build_table(merged, mm, names, meta={"tokens": tokens})
         tables.append(table)
         for g in grans:
             results[g][str(tokens)] = compare(table, truth, g)
@@ -207,7 +224,10 @@ def main() -> None:
     md = markdown(results, sizes, grans)
     ceiling = "; ".join(f"{g} {r['full_set']:.3f} (a perfect scorer would reach ~{r['ceiling']:.3f})"
                         for g, r in reliability.items() if r is not None)
-    Path(f"{stem}.md").write_text(f"Settings: {json.dumps(settings)}\n\n" + md
+    note = (f"\nremoval: measured on the first {removal['tokens']:,} calibration tokens at every size "
+            f"({removal['seconds']:.0f} s, {removal['cost_in_calibration_forwards']:.1f} bare forwards over them)\n"
+            if removal else "")
+    Path(f"{stem}.md").write_text(f"Settings: {json.dumps(settings)}\n\n" + md + note
                                   + (f"\nReproducibility of the measured ranking (split-half Spearman, stepped up "
                                      f"to the full held-out set): {ceiling}\n" if ceiling else ""))
     write_json(out, {
@@ -219,7 +239,8 @@ def main() -> None:
                          "top": {g: sorted(([x.label, v] for x, v in zip(truth_result.groups[g],
                                                                         truth_result.values[g].tolist())),
                                            key=lambda r: -r[1])[:8] for g in grans}},
-        "scoring_seconds_per_chunk": score_seconds, "results": results, "goals": goals, "figures": figures,
+        "scoring_seconds_per_chunk": score_seconds, "removal": removal, "results": results, "goals": goals,
+        "figures": figures,
     })
     print(f"\nwrote {out}, {stem}.md and {', '.join(figures.values())}")
 

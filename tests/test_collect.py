@@ -262,3 +262,58 @@ def test_fisher_unit_batch_squares_the_batch_sum() -> None:
     name = next(n for n, p in lm.model.named_parameters() if p is q.module.weight)
     _close(bat.get(0, "attn.q", "grad_sq"), (refs[0][name] + refs[1][name]).square())
     _close(seq.get(0, "attn.q", "grad_sq"), refs[0][name].square() + refs[1][name].square())
+
+
+def _gate_gradients(lm, windows: Windows) -> dict[int, torch.Tensor]:
+    """Reference for residual_fisher: an explicit per-token gate a [B, T, 1] (= 1, so the forward is unchanged) on
+    every block's update, out' = in + a * (out - in); autograd gives d(summed NLL)/da per token: {layer: [B, T]}."""
+    mm = model_map(lm.model)
+    gates: dict[int, torch.Tensor] = {}
+    held: dict[int, torch.Tensor] = {}
+
+    def pre(i):
+        def hook(module, args, kwargs):
+            held[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def post(i):
+        def hook(module, args, kwargs, out):
+            h = out[0] if isinstance(out, tuple) else out
+            gates[i] = torch.ones(*h.shape[:2], 1, requires_grad=True)
+            x = held.pop(i)
+            new = x + gates[i] * (h - x)
+            return (new, *out[1:]) if isinstance(out, tuple) else new
+        return hook
+
+    handles = [h for b in mm.blocks for h in (b.module.register_forward_pre_hook(pre(b.index), with_kwargs=True),
+                                              b.module.register_forward_hook(post(b.index), with_kwargs=True))]
+    try:
+        nll, _ = token_nll(lm.model, next(windows.batches(len(windows))), lm.task)
+        nll.sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+        lm.model.zero_grad(set_to_none=True)
+    return {i: a.grad[..., 0] for i, a in gates.items()}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "bert", "qwen3_moe"])
+def test_residual_fisher_equals_autograd_through_explicit_token_gates(model_type: str) -> None:
+    """sum over valid tokens of (dL/da_t)^2 for a gate a_t on the block's update, from autograd on the gate."""
+    lm = _model(model_type)
+    w = _windows(seed=8, n=3)
+    stats = collect(lm.model, w, lm.task, CollectConfig(residual_fisher=True), batch_size=2, progress=False)
+    grads = _gate_gradients(lm, w)
+    valid = w.attention_mask.bool()
+    for layer, g in grads.items():
+        want = g[valid].double().square().sum().reshape(1)
+        assert float(want) > 0
+        _close(stats.get(layer, "block", "residual_fisher"), want.float(), rtol=1e-3)
+
+
+def test_residual_fisher_is_off_unless_asked_and_needs_the_gradient_pass() -> None:
+    lm = _model("llama")
+    w = _windows(seed=9, n=2)
+    plain = collect(lm.model, w, lm.task, CollectConfig(), batch_size=2, progress=False)
+    fwd = collect(lm.model, w, lm.task, CollectConfig(grad=False, residual_fisher=True), batch_size=2, progress=False)
+    assert not any(k.endswith("|residual_fisher") for s in (plain, fwd) for k in s.sums)

@@ -12,10 +12,11 @@ from importance.arch import model_map
 from importance.data import Windows
 from importance.errors import ImpruneError
 from importance.models import load_model
+from importance.scorers import layer_only
 from importance.scoring import parse_scorers, score
 from importance.table import ImportanceTable, layer_map_matrix, normalize
 
-ALL = ["taylor", "fisher", "activation", "magnitude", "block_influence"]
+ALL = ["taylor", "fisher", "activation", "magnitude", "block_influence", "residual_fisher"]
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
@@ -27,7 +28,8 @@ def test_every_architecture_gives_a_complete_table(model_type: str) -> None:
     for s in scorers:
         layer = t.layer_scores(s)
         assert layer.shape == (mm.n_layers,) and torch.isfinite(layer).all() and (layer >= 0).all()
-        if s == "block_influence":
+        if layer_only(s):
+            assert not t.has(s, "component")
             continue
         comp = t.matrix(s)
         present = torch.tensor([[n in b.components for n in t.components] for b in mm.blocks])
@@ -202,3 +204,20 @@ def test_package_exports_are_the_documented_callables() -> None:
     from importance import score
 
     assert score is importance.scoring.score
+
+
+def test_an_identity_block_scores_zero_for_every_layer_scorer_and_layer_only_scorers_have_no_groups() -> None:
+    """Zeroing o_proj and down_proj makes block 1 the identity: its update is exactly zero, so residual_fisher and
+    removal are exactly 0 (bypassing it changes nothing), block_influence 1 - cos(h, h) zero up to rounding."""
+    lm = load_model("random:llama:seed=4")
+    block = model_map(lm.model).blocks[1]
+    for name in ("attn.o", "mlp.down"):
+        block.components[name].update_weight_(lambda w: torch.zeros_like(w))
+    names = ["block_influence", "residual_fisher", "removal"]
+    t = score(lm, _windows(seed=17, n=4), names, batch_size=2, progress=False)
+    for s in names:
+        v = t.layer_scores(s)
+        assert abs(float(v[1])) <= (1e-6 if s == "block_influence" else 0.0), s
+        if s != "removal":  # removing a block of a random model may even lower the loss
+            assert (torch.cat([v[:1], v[2:]]) > 1e-4).all(), s
+        assert not t.has(s, "component") and not t.has(s, "head")

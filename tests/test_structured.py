@@ -333,6 +333,8 @@ def test_bias_compensation_without_a_bias_flag_is_refused_before_any_change() ->
     (["--method", "width", "--sparsity", "1.5"], "outside [0, 1)"),
     (["--method", "channels", "--sparsity", "0.2", "--band", "-1", "--allocation", "importance"], "--band"),
     (["--method", "heads", "--sparsity", "0.2", "--criterion", "block_influence"], "whole layers only"),
+    (["--method", "width", "--sparsity", "0.2", "--criterion", "removal"], "whole layers only"),
+    (["--method", "layers", "--sparsity", "0.5", "--criterion", "wanda"], "unknown --criterion 'wanda'"),
     (["--method", "layers", "--sparsity", "0.5", "--heads", "2"], "does not apply"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv: list[str], message: str, tmp_path: Path,
@@ -345,6 +347,20 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv: list[str], messag
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("criterion", ["residual_fisher", "removal"])
+def test_cli_layers_by_a_layer_only_scorer_removes_its_lowest_layer(criterion: str, tmp_path: Path) -> None:
+    from pruning.cli import main
+
+    out = tmp_path / "out"
+    code = main(["prune", "--model", "random:llama", "--method", "layers", "--sparsity", "0.5", "--criterion",
+                 criterion, "--no-eval", "--quiet", "--tokens", "64", "--seq-len", "32", "--out", str(out)])
+    assert code == 0
+    record = json.loads((out / "imprune.json").read_text())["structured"]
+    scores = record["layer_scores"]
+    assert record["criterion"] == criterion and len(scores) == 2 and all(v > 0 for v in scores)
+    assert record["layers_removed"] == [min(range(2), key=scores.__getitem__)]
 
 
 def test_cli_width_writes_a_folder_that_reloads(tmp_path: Path) -> None:

@@ -385,3 +385,21 @@ def test_smollm2_first_layer_is_catastrophic_and_the_shortcut_is_exact() -> None
     assert replay.shortcut  # replaying all blocks but the last reproduced the loss
     first, middle = replay.delta(Group(0, "layer")), replay.delta(Group(15, "layer"))
     assert first > 2.0 and first > 5 * abs(middle)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_removal_scorer_is_the_layer_ablation_on_the_first_calibration_windows(model_type: str) -> None:
+    lm = _model(model_type)
+    w = _windows(seed=31, n=5, t=16, pad_last=0)
+    t = score(lm, w, ["removal"], batch_size=2, removal_tokens=3 * 16 + 5, progress=False)  # 3 whole windows
+    truth = measure_ablation(lm.model, w.subset(slice(0, 3)), lm.task, ("layer",), batch_size=2, progress=False)
+    assert torch.allclose(t.layer_scores("removal").double(), truth.values["layer"], rtol=1e-5, atol=1e-7)
+    assert t.meta["removal"] == {"windows": 3, "tokens": 48}
+    everything = score(lm, w, ["removal"], batch_size=2, removal_tokens=None, progress=False)
+    assert everything.meta["removal"]["windows"] == 5
+    assert compare(everything, ablation_table(measure_ablation(lm.model, w, lm.task, ("layer",), progress=False),
+                                              model_map(lm.model)), "layer")["scorers"]["removal"]["spearman"] > 0.999
+    with pytest.raises(ImpruneError, match="at least 1"):
+        score(lm, w, ["removal"], removal_tokens=0, progress=False)
+    with pytest.raises(ImpruneError, match="needs the model in memory"):
+        score(lm, w, ["removal"], blockwise=True, progress=False)
