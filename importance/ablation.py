@@ -52,11 +52,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import Block, Component, ModelMap, model_map
-from .collect import Statistics
 from .data import Batch, Windows
 from .errors import ImpruneError
 from .models import input_device
 from .objective import require_loss, token_nll
+from .stats import Statistics
 from .table import ImportanceTable, build_table
 
 GRANULARITIES = ("head", "kv_group", "component", "layer")

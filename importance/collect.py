@@ -25,7 +25,6 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,51 +37,9 @@ from .errors import ImpruneError
 from .models import input_device
 from .objective import require_loss, token_nll
 from .offload import bare_forward, offloaded_weight
+from .stats import CollectConfig, Statistics
 
-
-@dataclass
-class Statistics:
-    """Flat fp32 sums keyed ``'{layer}|{component or group}|{stat}'`` plus run metadata.
-
-    Everything in ``sums`` (counts included) is a plain sum over sequences, so statistics from shards of
-    the data merge by elementwise addition (``merge``, or an all-reduce across processes).
-    """
-
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def add(self, key: str, value: torch.Tensor) -> None:
-        value = value.detach().float()
-        if key in self.sums:
-            self.sums[key] += value.to(self.sums[key].device)
-        else:
-            self.sums[key] = value.clone()
-
-    def get(self, layer: int, name: str, stat: str) -> torch.Tensor | None:
-        return self.sums.get(f"{layer}|{name}|{stat}")
-
-    def merge(self, other: Statistics) -> Statistics:
-        for k, v in other.sums.items():
-            self.add(k, v)
-        return self
-
-    def count(self, name: str) -> float:
-        t = self.sums.get(f"-|run|{name}")
-        return float(t) if t is not None else 0.0
-
-
-@dataclass(frozen=True)
-class CollectConfig:
-    """What the pass gathers: ``grad`` (taylor/fisher), ``elements`` (per-weight tensors), ``activation``,
-    ``block_influence``, ``residual_fisher`` (needs ``grad``); ``fisher_unit`` is 'sequence' or 'batch' (the b
-    of sum_b g_b^2)."""
-
-    grad: bool = True
-    elements: bool = False
-    activation: bool = True
-    block_influence: bool = True
-    fisher_unit: str = "sequence"
-    residual_fisher: bool = False
+__all__ = ["CollectConfig", "Statistics", "collect"]
 
 
 def _token_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -467,7 +424,10 @@ def _frozen(model: nn.Module, grad: bool) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def collect(model: nn.Module, windows: Windows, task: str, cfg: CollectConfig = CollectConfig(),
+_DEFAULT_CONFIG = CollectConfig()
+
+
+def collect(model: nn.Module, windows: Windows, task: str, cfg: CollectConfig = _DEFAULT_CONFIG,
             batch_size: int = 4, progress: bool = True, mm: ModelMap | None = None) -> Statistics:
     """Run the one pass over ``windows`` and return the accumulated ``Statistics``."""
     if cfg.grad:

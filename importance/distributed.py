@@ -1,6 +1,6 @@
 """Data-parallel scoring through accelerate: shard the calibration windows, all-reduce the sums.
 
-Every accumulator of ``importance.collect.Statistics`` is a plain sum over sequences, so N processes that
+Every accumulator of ``importance.stats.Statistics`` is a plain sum over sequences, so N processes that
 each score a disjoint shard of the windows end with exactly the statistics of one process scoring them all
 once their sums are added. This module only does the three things that needs, on top of accelerate's
 process state (no distribution layer of our own):

@@ -33,6 +33,26 @@ from .cache import atomic_file
 from .errors import ImpruneError
 from .table import AGGREGATIONS, NORMALIZATIONS, ImportanceTable, LayerMap, layer_map_matrix, normalize
 
+
+def _bundled_fonts() -> None:
+    """Register matplotlib's own fonts when its font cache lacks them (a cache built by another matplotlib, e.g. a
+    distribution's that uses only system fonts): otherwise every mathtext tick label (10^-2 on log axes) logs a
+    'findfont: Font family ... not found' line per missing family."""
+    from matplotlib import font_manager
+
+    known = {f.name for f in font_manager.fontManager.ttflist}
+    if {"STIXGeneral", "cmr10", "DejaVu Sans Display"} <= known:
+        return
+    ttf = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    for path in sorted(ttf.glob("*.ttf")):
+        try:
+            font_manager.fontManager.addfont(str(path))
+        except (OSError, RuntimeError, ValueError):
+            continue
+
+
+_bundled_fonts()
+
 GRANULARITIES = ("component", "head", "kv_group", "mlp_channel", "expert")
 # x-axis order of the issue: attention, then MLP, then everything else (experts, routers), then norms
 COMPONENT_ORDER = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down", "mlp.gate")

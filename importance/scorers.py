@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .arch import Block, Component, ModelMap
-from .collect import Statistics
+from .stats import Statistics
 
 GROUPS = ("head", "kv_group", "mlp_channel", "expert")
 

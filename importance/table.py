@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from . import scorers as S
 from .arch import ModelMap
 from .cache import atomic_dir
-from .collect import Statistics
 from .errors import ImpruneError
+from .stats import Statistics
 
 MATRIX_GRANULARITIES = ("component", "head", "kv_group", "mlp_channel", "expert")
 AGGREGATIONS = ("sum", "mean")

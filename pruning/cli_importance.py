@@ -154,8 +154,8 @@ def print_ranking(table, k: int = 3) -> None:
                 continue
             top, bottom = table.ranking(scorer, gran, "mean", k, skip_norms=True)
             fmt = lambda xs: ", ".join(label for label, _ in xs)  # noqa: E731
-            print(f"  {scorer:<10} {gran:<9} most: {fmt(top):<40} least: {fmt(bottom)}")
+            print(f"  {scorer:<15} {gran:<9} most: {fmt(top):<40} least: {fmt(bottom)}")
         if layer_only(scorer):
             top, bottom = table.ranking(scorer, "layer", "sum", k)
-            print(f"  {scorer:<10} layer     most: {', '.join(x for x, _ in top):<40} "
+            print(f"  {scorer:<15} layer     most: {', '.join(x for x, _ in top):<40} "
                   f"least: {', '.join(x for x, _ in bottom)}")

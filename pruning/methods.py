@@ -65,7 +65,7 @@ CRITERION: Arg = (("--criterion",), dict(
     default=None,
     help="ranking: magnitude | wanda | activation | taylor | fisher | sparsegpt (unstructured, nm); "
          "taylor | fisher | activation | magnitude (structured; default fisher); layers also "
-         "block_influence | residual_fisher | removal (default block_influence)"))
+         "residual_fisher | removal | block_influence (default residual_fisher)"))
 ALLOCATION: Arg = (("--allocation",), dict(
     default="uniform",
     help="per-layer x component ratios: uniform | importance (bounded by --band around the target) | "

@@ -34,6 +34,7 @@ from importance.data import Windows, load_data
 from importance.errors import ImpruneError
 from importance.meta import versions, write_json
 from importance.models import LoadedModel, load_model
+from importance.scorers import SCORERS
 from importance.scoring import DEFAULT_SCORERS, score
 from importance.table import ImportanceTable
 
@@ -212,6 +213,9 @@ class Pipeline:
         for i, step in enumerate(self.recipe.steps, 1):
             if i > 1:
                 table = self._table_for(step, lm)
+            elif table is not None and (crit := dict(step.options).get("criterion")) in SCORERS \
+                    and crit not in table.scorers:
+                table = None  # a scorer the run's table does not hold (removal): the method scores it itself
             args = step.namespace(batch_size=self.cfg.batch_size, quiet=not self.progress, data=self.cfg.data,
                                   tokens=self.cfg.tokens, seq_len=self.cfg.seq_len, seed=self.cfg.seed)
             start = time.perf_counter()

@@ -18,7 +18,10 @@
             block alone is bypassed; taylor / fisher: the mask score of the block's parameters); the config's
             layer count and per-layer lists follow.
 
-Default criterion: fisher (on SmolLM2 it was best or tied for heads, channels and width). First-order
+Default criterion: fisher (on SmolLM2 it was best or tied for heads, channels and width); for layers
+residual_fisher (on SmolLM2 at 25% of the layers: 114 perplexity against block influence's 123, and the
+closer ranking to measured layer removal); ``removal`` (measured) is better still (98) at L partial forwards;
+block_influence needs no gradients, so it is the one for models without a loss. First-order
 taylor's |sum of w*g| over a group grows like the square root of its size when the terms have mixed
 signs, so across unit sizes it makes large units (heads) look cheap.
 
@@ -409,7 +412,7 @@ def layers_to_remove(table: ImportanceTable, criterion: str, n: int) -> list[int
     return sorted(sorted(range(table.n_layers), key=lambda i: (float(scores[i]), i))[:n])
 
 
-def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "block_influence",
+def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "residual_fisher",
                  table: ImportanceTable | None = None, windows: Windows | None = None, batch_size: int = 4,
                  progress: bool = False) -> PruneResult:
     """Remove round(sparsity x layers) whole blocks with the lowest ``criterion`` layer score."""
@@ -488,7 +491,7 @@ def width_method(ctx: PruneContext) -> PruneResult:
                  "taylor, fisher ...)", args=_FLAGS)
 def layers_method(ctx: PruneContext) -> PruneResult:
     a = ctx.args
-    criterion = getattr(a, "criterion", None) or "block_influence"
+    criterion = getattr(a, "criterion", None) or "residual_fisher"
     for flag, value, default in (("--heads", a.heads, None), ("--bias-compensation", a.bias_compensation, False)):
         if value != default:
             raise ImpruneError(f"{flag} does not apply to --method layers; drop it")

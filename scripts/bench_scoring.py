@@ -4,7 +4,8 @@ Variants, each in its own process (so peak RSS is its own), repeated in interlea
   bare_fwd        no-grad forward over the batches (logits)
   bare_fwdbwd     forward + backward of the summed token NLL with every parameter requiring grad (.grad kept)
   activation      ``score(..., ['activation'])``: the forward-only pass + table
-  groups          taylor + fisher + activation + magnitude at every GROUP granularity (no per-weight tensors)
+  groups          every one-pass default scorer (taylor, fisher, activation, magnitude, block_influence,
+                  residual_fisher) at every GROUP granularity (no per-weight tensors)
   elements        the same plus per-weight tensors (element granularity)
 Printed: median seconds, ratios (activation / bare_fwd, groups and elements / bare_fwdbwd), peak RSS and the RSS
 increase over the loaded model. Writes a JSON beside the table. Reference setting: SmolLM2, 32 x 256 Austen.
@@ -35,7 +36,7 @@ def child(args: argparse.Namespace) -> None:
     from importance.data import load_data
     from importance.models import load_model
     from importance.objective import token_nll
-    from importance.scoring import score
+    from importance.scoring import DEFAULT_SCORERS, score
 
     lm = load_model(args.model)
     windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.windows, seed=0)
@@ -51,8 +52,7 @@ def child(args: argparse.Namespace) -> None:
             nll, _ = token_nll(model, b, task)
             nll.sum().backward()
     else:
-        scorers = {"activation": ["activation"], "groups": ["taylor", "fisher", "activation", "magnitude"],
-                   "elements": ["taylor", "fisher", "activation", "magnitude"]}[args.variant]
+        scorers = {"activation": ["activation"], "groups": DEFAULT_SCORERS, "elements": DEFAULT_SCORERS}[args.variant]
         score(lm, windows, scorers, batch_size=args.batch_size, elements=args.variant == "elements", progress=False)
     seconds = time.perf_counter() - start
     peak = peak_rss_mb()

@@ -7,7 +7,8 @@ Rows (shared/protocol.md; one scoring pass with every criterion on the dense mod
   width 20% of block parameters   taylor, fisher, activation, magnitude (uniform allocation: the same
                                   widths in every layer); taylor, fisher, activation with importance-guided
                                   allocation (when ``pruning.allocate`` is present) and with bias compensation
-  layers 25% of the layers        block_influence, taylor, fisher (8 of SmolLM2's 30 layers)
+  layers 25% of the layers        block_influence, residual_fisher, removal, taylor, fisher (8 of SmolLM2's 30
+                                  layers; removal measured on the first 2,048 calibration tokens)
 Reference setting: SmolLM2 float32, calibration 32 x 256 Austen windows without Persuasion (seed 0),
 evaluation on the first 16,384 tokens of Persuasion in windows of 256. ``--quick``: 8 x 256 calibration,
 4,096 evaluation tokens.
@@ -34,9 +35,10 @@ ROWS: list[dict[str, Any]] = [
       for c in ("taylor", "fisher", "activation")),
     *({"method": "width", "sparsity": 0.2, "criterion": c, "allocation": "uniform", "bias_compensation": True}
       for c in ("taylor", "fisher", "activation")),
-    *({"method": "layers", "sparsity": 0.25, "criterion": c} for c in ("block_influence", "taylor", "fisher")),
+    *({"method": "layers", "sparsity": 0.25, "criterion": c}
+      for c in ("block_influence", "residual_fisher", "removal", "taylor", "fisher")),
 ]
-CRITERIA = ["taylor", "fisher", "activation", "magnitude", "block_influence"]
+CRITERIA = ["taylor", "fisher", "activation", "magnitude", "block_influence", "residual_fisher", "removal"]
 
 
 def row_name(spec: dict[str, Any]) -> str:

@@ -337,3 +337,31 @@ def test_probe_command_scores_each_task(tmp_path) -> None:
     assert main(argv) == 2  # exists
     assert main([*argv[:4], "math,nope", *argv[5:], "--overwrite"]) == 2
     assert sorted(p.name for p in out.iterdir()) == ["heads.png", "logic", "math"]  # untouched
+
+
+def test_a_font_cache_without_matplotlibs_own_fonts_gets_them_and_log_axes_draw_silently(caplog, tmp_path) -> None:
+    """A font cache built by another matplotlib (system fonts only) made every log-axis tick label log
+    'findfont: Font family ... not found'; the heatmap module registers the bundled fonts instead."""
+    import logging
+
+    from matplotlib import font_manager
+    from matplotlib.figure import Figure
+
+    from importance import heatmap
+
+    fm = font_manager.fontManager
+    saved = list(fm.ttflist)
+    try:
+        fm.ttflist = [f for f in fm.ttflist if "mpl-data" not in f.fname]  # what such a cache holds
+        assert "STIXGeneral" not in {f.name for f in fm.ttflist}
+        heatmap._bundled_fonts()
+        assert {"STIXGeneral", "cmr10", "DejaVu Sans Display"} <= {f.name for f in fm.ttflist}
+        with caplog.at_level(logging.WARNING, logger="matplotlib.font_manager"):
+            fig = Figure()
+            ax = fig.subplots()
+            ax.set_yscale("log")
+            ax.plot([1, 2], [0.01, 10])
+            fig.savefig(tmp_path / "log.png")
+        assert not [r for r in caplog.records if "findfont" in r.getMessage()]
+    finally:
+        fm.ttflist = saved

@@ -133,3 +133,22 @@ def test_every_shipped_recipe_validates() -> None:
     assert {"demo", "wanda50", "nm24", "width20", "layers25"} <= set(shipped)
     for name in shipped:
         assert load_recipe(name).steps
+
+
+def test_a_first_step_by_a_scorer_the_run_table_lacks_scores_it_itself(text: Path, tmp_path: Path) -> None:
+    """The run's table holds the one-pass scorers; a recipe that removes layers by the measured ``removal``
+    gets it scored on the calibration windows, and removes the layer whose bypass costs least there."""
+    from importance.ablation import measure_ablation
+
+    recipe = {"name": "r", "steps": [{"method": "layers", "sparsity": 0.34, "criterion": "removal"}]}
+    out = tmp_path / "run"
+    pipe = Pipeline(_cfg(text), parse_recipe(recipe), out, progress=False, log=lambda s: None)
+    pipe.run()
+    step = json.loads((out / "model/imprune.json").read_text())["steps"][0]["structured"]
+    lm = load_model("random:llama:layers=3")
+    calib = pipe.windows("calib", lm)
+    first = calib.subset(slice(0, max(1, 2048 // calib.seq_len)))
+    cost = measure_ablation(lm.model, first, lm.task, ("layer",), progress=False).values["layer"]
+    assert step["criterion"] == "removal"
+    assert step["layers_removed"] == [int(cost.argmin())]
+    assert step["layer_scores"] == pytest.approx(cost.tolist(), rel=1e-4, abs=1e-6)
