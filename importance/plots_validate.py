@@ -1,4 +1,5 @@
-"""Figures of ``imprune validate``: predicted vs measured scatter plots, and the ablation beside the scorers.
+"""Figures that compare rankings: ``imprune validate``'s predicted vs measured scatter plots and the ablation
+beside the scorers, and every scorer's layer ranking side by side (``layer_scores_figure``, in the report).
 
 Both functions return a ``matplotlib.figure.Figure`` built without pyplot (no global state, no display; save
 with ``fig.savefig``). ``ablation_heatmap_figure`` draws its panels with ``importance.heatmap``'s own pieces
@@ -16,6 +17,7 @@ from matplotlib.figure import Figure
 
 from . import heatmap as H
 from .faithfulness import paired, rank, values
+from .scorers import layer_only
 from .table import ImportanceTable
 
 RANK_LABEL = "rank percentile (1 = most important)"
@@ -111,13 +113,8 @@ def ablation_heatmap_figure(scores: ImportanceTable, truth: ImportanceTable, gra
     tables = {truth_scorer: truth, **{s: scores for s in names[1:]}}
     scale = H.scale_for([], "rank", label=RANK_LABEL)
     if granularity == "layer":
-        m = torch.stack([_percentiles(values(tables[s], s, "layer")) for s in names], 1)  # [L, S]
-        fig = H.sized_figure(m.shape[0], len(names), extra=1.0 + 0.5 * len(names))  # columns named by scorer
-        fig.set_figheight(max(fig.get_figheight(), 4.0))  # room for the rotated names and the colour bar label
-        ax = fig.subplots()
-        H.add_colorbar(fig, H.draw_matrix(ax, m, names, scale), [ax], scale)
-        fig.suptitle("layer ablation beside the scorers' layer scores", fontsize=11)
-        return fig
+        return _ranked_columns({s: values(tables[s], s, "layer") for s in names},
+                               "layer ablation beside the scorers' layer scores")
     mats = [_percentiles(values(tables[s], s, granularity, truth.components if granularity == "component" else None))
             for s in names]
     n_layers, width = mats[0].shape
@@ -133,4 +130,25 @@ def ablation_heatmap_figure(scores: ImportanceTable, truth: ImportanceTable, gra
         ax.set_visible(False)
     H.add_colorbar(fig, mesh, axes[:len(names)], scale)
     fig.suptitle(f"{granularity} ablation beside the scorers, same layout (each panel ranked alone)", fontsize=11)
+    return fig
+
+
+def layer_scores_figure(table: ImportanceTable) -> Figure:
+    """Every scorer's layer ranking side by side (layer-only scorers first): [L, S], each column coloured by its
+    rank percentile (1 = most important), so where the scorers would keep and drop different layers shows."""
+    names = [s for s in table.scorers if layer_only(s)] + [s for s in table.scorers
+                                                           if not layer_only(s) and table.has(s, "layer")]
+    return _ranked_columns({s: table.layer_scores(s, "sum") for s in names},
+                           "layer scores of every scorer (each column ranked alone)")
+
+
+def _ranked_columns(columns: dict[str, torch.Tensor], title: str) -> Figure:
+    """One [L, S] panel: column s is ``columns[s]`` [L] as rank percentiles within itself."""
+    scale = H.scale_for([], "rank", label=RANK_LABEL)
+    m = torch.stack([_percentiles(v) for v in columns.values()], 1)  # [L, S]
+    fig = H.sized_figure(m.shape[0], m.shape[1], extra=1.0 + 0.5 * m.shape[1])  # columns named by scorer
+    fig.set_figheight(max(fig.get_figheight(), 4.0))  # room for the rotated names and the colour bar label
+    ax = fig.subplots()
+    H.add_colorbar(fig, H.draw_matrix(ax, m, list(columns), scale), [ax], scale)
+    fig.suptitle(title, fontsize=11)
     return fig

@@ -68,6 +68,7 @@ def score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequence
                         residual_fisher="residual_fisher" in names)
     mm = model_map(hf)
     removal = _removal_windows(data, removal_tokens, blockwise or is_offloaded(hf)) if "removal" in names else None
+    removal_meta = {"windows": len(removal), "tokens": removal.n_tokens} if removal is not None else None
     state = process_state()  # a multi-process launch: score a shard, then add the sums of every process
     if state is not None:
         data = shard_windows(data, batch_size, state.process_index, state.num_processes)
@@ -85,8 +86,8 @@ def score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequence
     meta = {"model": ident, "data": dict(data.meta), "seed": seed, "batch_size": batch_size, "blockwise": blockwise,
             "seconds": round(stats.meta.get("seconds", 0.0), 3), "processes": stats.meta.get("processes", 1),
             "versions": versions()}
-    if removal is not None:
-        meta["removal"] = {"windows": len(removal), "tokens": removal.n_tokens}
+    if removal_meta is not None:
+        meta["removal"] = removal_meta
     return build_table(stats, mm, names, elements=elements, obd=obd, meta=meta)
 
 

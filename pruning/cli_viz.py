@@ -12,7 +12,8 @@ from importance.errors import ImpruneError
 from .cli import DEVICE, DTYPE, MODEL, OVERWRITE, QUIET, SEED, TRUST, arg, check_output, command, positive
 
 KINDS = ("component", "head", "kv_group", "delta", "sparsity", "bits")
-SCORER = arg("--scorer", default=None, help="scorer to draw (default: taylor when the table has it)")
+SCORER = arg("--scorer", default=None, help="scorer to draw (default: taylor when the table has it; beside a "
+             "sparsity / bits plan, the scorer that made the plan)")
 AGGREGATION = arg("--aggregation", default="mean", choices=["sum", "mean"],
                   help="sum over each group, or mean per weight (default; comparable across shapes)")
 NORM = arg("--norm", default="none", choices=["none", "layer", "component", "global"],
@@ -91,8 +92,9 @@ def heatmap_cmd(args: argparse.Namespace) -> int:
         found, values = H.plan_map(plan)
         if found != kind:
             raise ImpruneError(f"the plan has a {found} map, not {kind}; use --kind {found}")
-        fig = H.layer_map_figure(values, kind, tables[0] if tables else None, args.scorer, args.aggregation,
-                                 args.norm, args.log)
+        table = tables[0] if tables else None
+        scorer = args.scorer or (H.plan_scorer(plan, table) if table is not None else None)  # what made the plan
+        fig = H.layer_map_figure(values, kind, table, scorer, args.aggregation, args.norm, args.log)
     H.save_figure(fig, out)
     print(f"wrote {out}")
     return 0

@@ -22,16 +22,16 @@ RUN_DIR may also be a single table folder (table.json + table.safetensors): the 
 alone, and its validation from TABLE/validation/ when there is one. ``compare`` (``--compare TABLE``) replaces
 scores_after as the second table of before / after / delta.
 
-Page: settings, metrics (perplexity, parameters, memory, timings) when present, the layer x component and
-layer x head heatmaps, before / after / difference when there is a second table, the sparsity or bits map
-beside the importance it came from, and the top and bottom components and heads as tables. With a validation
-folder, a section "Does the importance predict removal?": one row per scorer with its Spearman, Kendall and
-bottom-fraction overlap against the measured loss increase at the validated granularity and its layer-level
-Spearman, the best scorer highlighted, the held-out data and the measurement's noise ceiling, and the
-validation's own scatter and ablation heatmap PNGs (embedded as written, not redrawn). A validation.json that
-is not valid JSON, has another schema, lacks the agreement numbers or names a figure outside its folder stops
-the report with a one-line ``ImpruneError``; a figure file that is missing is noted on the page. A small inline
-script records script errors and whether every image decoded on ``<body>`` (``data-images``,
+Page: settings, metrics (perplexity, parameters, memory, timings) when present, the layer x component and layer x
+head heatmaps, every scorer's layer ranking side by side, before / after / difference when there is a second
+table, the sparsity or bits map beside the importance it came from, and the top and bottom components and heads
+as tables. With a validation folder, a section "Does the importance predict removal?": one row per scorer with
+its Spearman, Kendall and bottom-fraction overlap against the measured loss increase at the validated granularity
+and its layer-level Spearman, the best scorer highlighted, the held-out data and the measurement's noise ceiling,
+and the validation's own scatter and ablation heatmap PNGs (embedded as written, not redrawn). A validation.json
+that is not valid JSON, has another schema, lacks the agreement numbers or names a figure outside its folder
+stops the report with a one-line ``ImpruneError``; a figure file that is missing is noted on the page. A small
+inline script records script errors and whether every image decoded on ``<body>`` (``data-images``,
 ``data-decoded``, ``data-errors``): the browser test reads them, and anyone can check a page the same way.
 """
 
@@ -48,6 +48,7 @@ from typing import Any
 from importance import heatmap as H
 from importance.cache import atomic_file
 from importance.errors import ImpruneError
+from importance.plots_validate import layer_scores_figure
 from importance.table import ImportanceTable
 
 FIGURE_DPI = 110
@@ -187,6 +188,9 @@ def run_figures(run: Run, scorer: str | None = None) -> dict[str, tuple[str, Any
         titles = ["before", run.after_label][: len(tables)]
         figs["heads"] = ("Layer x head importance" + (", before and after on one scale" if len(tables) > 1 else ""),
                          H.heads_figure(tables, titles, head_scorer, "mean", "none", log=True, cols=2))
+    figs["layers"] = ("Every scorer's layer ranking side by side (rank percentile within each column, 1 = most "
+                      "important): the layers a depth pruner would drop are the darkest",
+                      layer_scores_figure(t))
     if run.after is not None:
         kept = (run.record or {}).get("layers_kept")
         kept = kept if kept is not None and len(kept) == run.after.n_layers else None

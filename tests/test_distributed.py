@@ -61,7 +61,8 @@ def test_two_processes_give_the_one_process_table(tmp_path: Path, model_type: st
     words = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "far", "away", "and", "birds", "sang"]
     text.write_text(" ".join(words[int(i)] for i in torch.randint(len(words), (2500,), generator=g)))
     common = ["score", "--model", f"random:{model_type}", "--data", f"file:{text}", "--tokens", "768",
-              "--seq-len", "64", "--batch-size", "2", "--quiet"]
+              "--seq-len", "64", "--batch-size", "2", "--quiet", "--removal-tokens", "512",
+              "--scorers", "taylor,fisher,activation,magnitude,block_influence,residual_fisher,removal"]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "pruning", *common, "--processes", "2", "--out",
@@ -74,3 +75,6 @@ def test_two_processes_give_the_one_process_table(tmp_path: Path, model_type: st
     assert a.keys() == b.keys() and len(a) > 10
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-9, equal_nan=True, msg=key)
+    assert one.meta["removal"] == two.meta["removal"] == {"windows": 8, "tokens": 512}
+    for s in one.scorers:  # layer-only scorers too (removal: each process bypasses blocks on its own shard)
+        torch.testing.assert_close(two.layer_scores(s), one.layer_scores(s), rtol=1e-4, atol=1e-7, msg=s)

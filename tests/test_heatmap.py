@@ -365,3 +365,18 @@ def test_a_font_cache_without_matplotlibs_own_fonts_gets_them_and_log_axes_draw_
         assert not [r for r in caplog.records if "findfont" in r.getMessage()]
     finally:
         fm.ttflist = saved
+
+
+def test_heatmap_command_draws_the_scorer_that_made_the_plan(tmp_path, scored: ImportanceTable, monkeypatch) -> None:
+    a = scored.save(tmp_path / "a")
+    other = next(s for s in scored.scorers if s != "taylor" and scored.has(s, "component"))
+    plan = tmp_path / "imprune.json"
+    plan.write_text(json.dumps({"sparsity": {"0": {"attn.q": 0.5}}, "allocation": {"signal": other}}))
+    seen = []
+    real = H.layer_map_figure
+    monkeypatch.setattr(H, "layer_map_figure", lambda values, kind, table, scorer, *rest: seen.append(scorer)
+                        or real(values, kind, table, scorer, *rest))
+    for i, flag in enumerate(([], ["--scorer", "taylor"])):
+        assert main(["heatmap", str(a), "--kind", "sparsity", "--plan", str(plan), *flag,
+                     "--out", str(tmp_path / f"s{i}.png")]) == 0
+    assert seen == [other, "taylor"]

@@ -107,9 +107,9 @@ def test_run_report_has_everything(run_dir: Path, tables) -> None:
     page = build_report(run_dir)
     parsed = check_self_contained(page)
     figures = [a["id"] for a in parsed.all("figure")]
-    assert figures == ["components", "heads", "delta", "plan"]
+    assert figures == ["components", "heads", "layers", "delta", "plan"]
     imgs = parsed.all("img")
-    assert len(imgs) == 4 and all(a["src"].startswith("data:image/png;base64,") and a["alt"] for a in imgs)
+    assert len(imgs) == 5 and all(a["src"].startswith("data:image/png;base64,") and a["alt"] for a in imgs)
     text = " ".join(parsed.text)
     assert "43.22" in text and "51.9" in text and "0.75" in text  # perplexities and params after / before
     assert EVIL in text  # shown as text ...
@@ -125,9 +125,9 @@ def test_run_report_has_everything(run_dir: Path, tables) -> None:
 def test_single_table_and_compare(tmp_path: Path, tables) -> None:
     a, b = tables[0].save(tmp_path / "a"), tables[1].save(tmp_path / "b")
     parsed = check_self_contained(build_report(a))
-    assert [f["id"] for f in parsed.all("figure")] == ["components", "heads"]
+    assert [f["id"] for f in parsed.all("figure")] == ["components", "heads", "layers"]
     parsed = check_self_contained(build_report(a, compare=b))
-    assert [f["id"] for f in parsed.all("figure")] == ["components", "heads", "delta"]
+    assert [f["id"] for f in parsed.all("figure")] == ["components", "heads", "layers", "delta"]
     assert load_run(a, compare=b).after_label == "b"
 
 
@@ -154,7 +154,7 @@ def test_write_run_outputs(run_dir: Path) -> None:
     page = write_run_outputs(run_dir)
     assert page == run_dir / "report.html"
     assert sorted(p.name for p in (run_dir / "figures").iterdir()) == \
-        ["components.png", "delta.png", "heads.png", "plan.png"]
+        ["components.png", "delta.png", "heads.png", "layers.png", "plan.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in (run_dir / "figures").iterdir())
     write_run_outputs(run_dir)  # rerunning replaces them
 
@@ -205,8 +205,8 @@ def test_run_report_shows_the_validation(run_dir: Path, validated: Path) -> None
     parsed = check_self_contained(build_report(run_dir))
     assert SECTION in parsed.text
     ids = [a["id"] for a in parsed.all("figure")]
-    assert ids == ["components", "heads", "delta", "plan", "validation-scatter_head", "validation-scatter_layer",
-                   "validation-ablation_heatmap"]
+    assert ids == ["components", "heads", "layers", "delta", "plan", "validation-scatter_head",
+                   "validation-scatter_layer", "validation-ablation_heatmap"]
     for stem, name in doc["figures"].items():  # embedded exactly as validate wrote them
         assert _img_bytes(parsed, f"validation-{stem}") == (validated / "validation" / name).read_bytes()
     head, layer = doc["granularities"]["head"], doc["granularities"]["layer"]
@@ -331,14 +331,14 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
     page = write_run_outputs(run_dir)
     body = render_in_chromium(page, tmp_path)
     assert body.get("data-errors") == "0"
-    assert body.get("data-images") == "4" and body.get("data-decoded") == "4"
+    assert body.get("data-images") == "5" and body.get("data-decoded") == "5"
 
 
 def test_report_with_validation_renders_in_headless_chromium(run_dir: Path, validated: Path, tmp_path: Path) -> None:
     shutil.copytree(validated / "validation", run_dir / "scores_before" / "validation")
     body = render_in_chromium(write_run_outputs(run_dir), tmp_path)
     assert body.get("data-errors") == "0"
-    assert body.get("data-images") == "7" and body.get("data-decoded") == "7"
+    assert body.get("data-images") == "8" and body.get("data-decoded") == "8"
 
 
 def test_browser_check_catches_a_broken_image_and_a_script_error(run_dir: Path, tmp_path: Path) -> None:
@@ -348,7 +348,7 @@ def test_browser_check_catches_a_broken_image_and_a_script_error(run_dir: Path, 
     broken = tmp_path / "broken.html"
     broken.write_text(text)
     body = render_in_chromium(broken, tmp_path)
-    assert body.get("data-images") == "4" and body.get("data-decoded") == "3"
+    assert body.get("data-images") == "5" and body.get("data-decoded") == "4"
     assert body.get("data-errors") == "1"
 
 
@@ -372,7 +372,7 @@ def test_smollm2_heatmaps_and_report(tmp_path: Path) -> None:
     out = tmp_path / "r.html"
     assert main(["report", str(folder), "--compare", str(tables[1].save(tmp_path / "kn")), "--out", str(out)]) == 0
     body = render_in_chromium(out, tmp_path)
-    assert body.get("data-errors") == "0" and body.get("data-decoded") == body.get("data-images") == "3"
+    assert body.get("data-errors") == "0" and body.get("data-decoded") == body.get("data-images") == "4"
 
 
 def test_plan_is_drawn_beside_the_scorer_that_allocated_it(run_dir: Path, tables) -> None:

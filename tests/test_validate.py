@@ -339,6 +339,20 @@ def test_ablation_heatmap_panels_are_rank_percentiles_in_the_table_layout() -> N
     assert np.allclose(ax.imprune.matrix, expected.numpy())
 
 
+def test_layer_scores_figure_ranks_every_scorer_layer_only_ones_first() -> None:
+    from importance.plots_validate import layer_scores_figure
+
+    table = _random_table(["taylor", "fisher"], 12, seed=3)
+    g = torch.Generator().manual_seed(4)
+    table.tensors["residual_fisher/layer"] = torch.rand(12, generator=g)
+    table.meta["scorers"] = ["taylor", "residual_fisher", "fisher"]
+    (ax,) = [ax for ax in layer_scores_figure(table).axes if hasattr(ax, "imprune")]
+    assert list(ax.imprune.xlabels) == ["residual_fisher", "taylor", "fisher"] and ax.imprune.scale.kind == "rank"
+    for j, name in enumerate(ax.imprune.xlabels):
+        v = table.tensors[f"{name}/layer"]
+        assert np.allclose(ax.imprune.matrix[:, j], (v.argsort().argsort().double() / 11).numpy())
+
+
 # ----------------------------------------------------------------------------------------- command line
 
 def test_validate_command_writes_everything(tmp_path) -> None:
