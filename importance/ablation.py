@@ -417,7 +417,7 @@ def removal_statistics(model: Any, windows: Windows, task: str, batch_size: int 
     """The ``removal`` layer scorer's sums: ``{l}|block|removal`` = NLL-sum increase over ``windows`` when block l
     is bypassed, and ``-|run|removal_tokens`` the predicted tokens; plain sums, so shards merge by addition."""
     result = measure_ablation(model, windows, task, ("layer",), batch_size=batch_size, progress=progress, mm=mm)
-    stats = Statistics(meta={"removal": {"shortcut": result.shortcut, "seconds": result.seconds.get("layer", 0.0)}})
+    stats = Statistics()
     for group, deltas in zip(result.groups["layer"], result.window_deltas["layer"]):
         stats.add(f"{group.layer}|block|removal", deltas.sum().reshape(1))
     stats.add("-|run|removal_tokens", torch.tensor(float(result.tokens)))

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .errors import ImpruneError
+from .scorers import layer_only_names
 from .table import ImportanceTable
 
 BOTTOM_FRACTION = 0.25
@@ -156,7 +157,7 @@ def compare(scores: ImportanceTable, truth: ImportanceTable, granularity: str, t
         n = max(n, out[scorer]["n"])
     if not out:
         raise ImpruneError(f"no scorer in the score table has '{granularity}' values; score with taylor, fisher, "
-                           "activation or magnitude (block_influence, residual_fisher and removal are layer-only)")
+                           f"activation or magnitude ({', '.join(layer_only_names())} are layer-only)")
     finite = {k: v["spearman"] for k, v in out.items() if v["spearman"] == v["spearman"]}
     best = max(finite, key=finite.__getitem__) if finite else None
     return {"n": n, "best": best, "bottom_fraction": fraction, "scorers": out}

@@ -136,8 +136,7 @@ def ablation_heatmap_figure(scores: ImportanceTable, truth: ImportanceTable, gra
 def layer_scores_figure(table: ImportanceTable) -> Figure:
     """Every scorer's layer ranking side by side (layer-only scorers first): [L, S], each column coloured by its
     rank percentile (1 = most important), so where the scorers would keep and drop different layers shows."""
-    names = [s for s in table.scorers if layer_only(s)] + [s for s in table.scorers
-                                                           if not layer_only(s) and table.has(s, "layer")]
+    names = sorted((s for s in table.scorers if table.has(s, "layer")), key=lambda s: not layer_only(s))
     return _ranked_columns({s: table.layer_scores(s, "sum") for s in names},
                            "layer scores of every scorer (each column ranked alone)")
 

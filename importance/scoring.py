@@ -67,7 +67,10 @@ def score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequence
                         block_influence="block_influence" in names, fisher_unit=fisher_unit,
                         residual_fisher="residual_fisher" in names)
     mm = model_map(hf)
-    removal = _removal_windows(data, removal_tokens, blockwise or is_offloaded(hf)) if "removal" in names else None
+    if "removal" in names and (blockwise or is_offloaded(hf)):
+        raise ImpruneError("the removal scorer replays whole-model forwards and needs the model in memory; drop "
+                           "--max-memory / --blockwise or use --scorers block_influence")
+    removal = removal_windows(data, removal_tokens) if "removal" in names else None
     removal_meta = {"windows": len(removal), "tokens": removal.n_tokens} if removal is not None else None
     state = process_state()  # a multi-process launch: score a shard, then add the sums of every process
     if state is not None:
@@ -91,11 +94,9 @@ def score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequence
     return build_table(stats, mm, names, elements=elements, obd=obd, meta=meta)
 
 
-def _removal_windows(data: Windows, removal_tokens: int | None, offloaded: bool) -> Windows:
-    """The calibration windows the measured removal scorer runs on: the first ``removal_tokens`` worth."""
-    if offloaded:
-        raise ImpruneError("the removal scorer replays whole-model forwards and needs the model in memory; drop "
-                           "--max-memory / --blockwise or use --scorers block_influence")
+def removal_windows(data: Windows, removal_tokens: int | None = REMOVAL_TOKENS) -> Windows:
+    """The calibration windows the measured removal scorer runs on: the first ``removal_tokens`` worth (whole
+    windows, at least one; None: all)."""
     if removal_tokens is None:
         return data
     if removal_tokens < 1:

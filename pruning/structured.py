@@ -46,6 +46,7 @@ from importance.data import Windows
 from importance.errors import ImpruneError
 from importance.models import LoadedModel
 from importance.offload import is_offloaded
+from importance.scorers import layer_only, layer_only_names
 from importance.table import ImportanceTable, layer_map
 
 from .cli import arg
@@ -62,7 +63,7 @@ from .surgery import (
 )
 
 CRITERIA = ("taylor", "fisher", "activation", "magnitude")  # heads, channels, width
-LAYER_CRITERIA = (*CRITERIA, "block_influence", "residual_fisher", "removal")
+LAYER_CRITERIA = (*CRITERIA, *layer_only_names())  # + the layer-only scorers of the registry
 GQA_MODES = ("per-group", "groups")
 PARTS = ("heads", "channels", "width")
 ATTN = ("attn.q", "attn.k", "attn.v", "attn.o", "norm.q", "norm.k")
@@ -88,7 +89,7 @@ class StructuredConfig:
             raise ImpruneError(f"unknown structured part '{self.part}'; use one of {', '.join(PARTS)}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ImpruneError(f"sparsity {self.sparsity} is outside [0, 1); give the fraction to remove")
-        if self.criterion in LAYER_CRITERIA and self.criterion not in CRITERIA:
+        if layer_only(self.criterion):
             raise ImpruneError(f"--criterion {self.criterion} scores whole layers only; use it with --method layers, "
                                "or rank heads/channels with taylor, fisher, activation or magnitude")
         if self.criterion not in CRITERIA:

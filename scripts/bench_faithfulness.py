@@ -43,7 +43,7 @@ from importance.faithfulness import compare
 from importance.meta import versions, write_json
 from importance.models import load_model
 from importance.plots_validate import ablation_heatmap_figure, scatter_figure
-from importance.scoring import DEFAULT_SCORERS, REMOVAL_TOKENS
+from importance.scoring import DEFAULT_SCORERS, REMOVAL_TOKENS, removal_windows
 from importance.table import build_table
 
 GOALS = {"layer": 0.8, "head": 0.6}
@@ -172,7 +172,7 @@ def main() -> None:
     names = list(DEFAULT_SCORERS)
     removal = None
     if "layer" in grans:
-        first = chunks[0].subset(slice(0, max(1, args.removal_tokens // chunks[0].seq_len)))
+        first = removal_windows(chunks[0], args.removal_tokens)
         start = time.perf_counter()
         merged.merge(removal_statistics(lm.model, first, lm.task, batch_size=args.batch_size, mm=mm))
         removal = {"windows": len(first), "tokens": first.n_tokens, "seconds": time.perf_counter() - start}

@@ -29,7 +29,7 @@ from importance.data import load_data  # noqa: E402
 from importance.faithfulness import spearman  # noqa: E402
 from importance.meta import versions  # noqa: E402
 from importance.models import load_model  # noqa: E402
-from importance.scorers import layer_only_names  # noqa: E402
+from importance.scorers import layer_only  # noqa: E402
 from importance.scoring import DEFAULT_SCORERS, score  # noqa: E402
 
 
@@ -67,15 +67,17 @@ def main() -> None:
     print("|---|" + "---|" * (len(measured) + 2))
     for s in sorted(names, key=lambda n: -statistics.mean(rho[n].values())):
         v = list(rho[s].values())
-        kind = " (layer-only)" if s in layer_only_names() else ""
+        kind = " (layer-only)" if layer_only(s) else ""
         print(f"| {s}{kind} | " + " | ".join(f"{x:.3f}" for x in v) + f" | {statistics.mean(v):.3f} | {min(v):.3f} |")
     pairs = [spearman(measured[a], measured[b]) for i, a in enumerate(measured) for b in list(measured)[i + 1:]]
-    print(f"\nmeasurement vs measurement (every pair of draws): Spearman {min(pairs):.3f} .. {max(pairs):.3f}")
+    agreement = {"min": min(pairs), "max": max(pairs)} if pairs else None  # needs two draws
+    if agreement:
+        print(f"\nmeasurement vs measurement (every pair of draws): Spearman {min(pairs):.3f} .. {max(pairs):.3f}")
     write_results(args.out, {"settings": vars(args), "versions": versions(), "score_seconds": score_seconds,
                              "calibration": dict(calib.meta), "removal": table.meta.get("removal"),
                              "spearman": rho, "measured": {d: m.tolist() for d, m in measured.items()},
                              "predicted": {s: v.tolist() for s, v in predicted.items()},
-                             "measurement_agreement": {"min": min(pairs), "max": max(pairs)}})
+                             "measurement_agreement": agreement})
 
 
 if __name__ == "__main__":
