@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .arch import Block, Component, ModelMap, model_map
 from .data import Batch, Windows
 from .errors import ImpruneError
+from .model_checks import nonfinite_advice
 from .models import input_device
 from .objective import require_loss, token_nll
 from .offload import bare_forward, offloaded_weight
@@ -365,8 +366,8 @@ class _Pass:
 
         for (layer, name), s in self.rows.items():
             if not torch.isfinite(s).all():
-                raise ImpruneError(f"non-finite gradients in layer {layer} ({name}); score in float32 "
-                                   "(--dtype float32) or with shorter windows")
+                raise ImpruneError(f"non-finite gradients in layer {layer} ({name}); "
+                                   + nonfinite_advice(self.mm.model))
             if unit == "batch":
                 s = s.sum(0, keepdim=True)
             comp = self.mm.blocks[layer].components[name]
@@ -476,7 +477,7 @@ def _one_batch(model: nn.Module, batch: Batch, task: str, cfg: CollectConfig, ru
     nll, counted = token_nll(model, batch, task)
     loss = nll.sum()
     if not math.isfinite(float(loss.detach())):
-        raise ImpruneError("the loss is not finite on a calibration batch; score in float32 (--dtype float32)")
+        raise ImpruneError("the loss is not finite on a calibration batch; " + nonfinite_advice(model))
     s.add("-|run|targets", torch.tensor(float(counted.sum())))
     s.add("-|run|nll", loss.detach().double().float())
     loss.backward()

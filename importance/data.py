@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .data_files import quiet_datasets, read_error, read_json_rows, utf8_text
 from .errors import ImpruneError
 
 DATA_FORMS = ("austen", "austen:train", "austen:eval", "austen:<novel>", "tasks:<name>", "tasks:all",
@@ -127,7 +128,8 @@ def _read_path(spec: str, path: Path) -> Source:
         import datasets
 
         try:
-            ds = datasets.load_from_disk(str(path))
+            with quiet_datasets():
+                ds = datasets.load_from_disk(str(path))
         except Exception:
             raise ImpruneError(f"'{path}' is not a datasets.save_to_disk folder; pass a file instead") from None
         if isinstance(ds, datasets.DatasetDict):
@@ -135,22 +137,20 @@ def _read_path(spec: str, path: Path) -> Source:
         return _from_dataset(spec, ds)
     suffix = path.suffix.lower()
     if suffix in (".txt", ".md", ""):
-        return Source(spec, texts=(path.read_text(encoding="utf-8", errors="replace"),))
+        return Source(spec, texts=(utf8_text(path),))
     builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(suffix)
     if builder is None:
         raise ImpruneError(f"unsupported data file type '{suffix}'; use .txt, .jsonl, .json, .csv or .parquet")
     if builder == "json":
-        from .tasks import load_jsonl
-
-        first = path.read_text(encoding="utf-8", errors="replace").lstrip()[:4096]
-        if '"prompt"' in first and '"answer"' in first:  # user task items
-            return Source(spec, items=tuple((it.prompt, it.answer) for it in load_jsonl(path)))
+        return read_json_rows(spec, path)
     import datasets
 
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        with quiet_datasets():
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:
-        raise ImpruneError(f"cannot read '{path}' as {builder} ({type(err).__name__}); check the file") from None
+        raise ImpruneError(f"cannot read '{path}' as {builder} ({read_error(err)}); fix the file or pass "
+                           "another --data") from None
     return _from_dataset(spec, ds)
 
 
@@ -166,7 +166,8 @@ def _load_hub_dataset(rest: str) -> Any:
     if not name:
         raise ImpruneError("hub data needs a name: --data hub:NAME[:CONFIG][:SPLIT]")
     try:
-        return datasets.load_dataset(name, config, split=split, download_mode="reuse_cache_if_exists")
+        with quiet_datasets():
+            return datasets.load_dataset(name, config, split=split, download_mode="reuse_cache_if_exists")
     except Exception as err:
         if not _hub_reachable():
             raise ImpruneError(f"cannot fetch data set '{name}': the hub is unreachable from here; save it where "
@@ -179,40 +180,42 @@ def _from_dataset(spec: str, ds: Any) -> Source:
     if "prompt" in cols and "answer" in cols:
         return Source(spec, items=tuple((str(p), str(a)) for p, a in zip(ds["prompt"], ds["answer"])
                                         if p is not None and a is not None))  # an empty cell is no item
-    text_col = "text" if "text" in cols else next(
-        (c for c in cols if ds.features[c].dtype == "string"), None) if hasattr(ds, "features") else None
-    if text_col is None:
-        raise ImpruneError(f"data '{spec}' has no text column (columns: {', '.join(cols)}); "
+    if "text" not in cols:  # never another column: an id or a label read as text would pass unnoticed
+        raise ImpruneError(f"data '{spec}' has no text column (columns: {', '.join(cols) or 'none'}); "
                            "give it a 'text' column, or 'prompt' and 'answer' columns")
-    texts = tuple(t for t in ds[text_col] if t)
-    return Source(spec, texts=texts)
+    kind = getattr(getattr(ds, "features", {}).get("text"), "dtype", "string")
+    if kind not in ("string", "large_string"):
+        raise ImpruneError(f"the 'text' column of data '{spec}' holds {kind}, not strings; give it text")
+    return Source(spec, texts=tuple(t for t in ds["text"] if t))
 
 
 # ----------------------------------------------------------------------------------------- windows
 
 def load_data(spec: str, tokenizer: Any, seq_len: int = 256, tokens: int | None = None,
               samples: int | None = None, seed: int = 0, sampling: str = "random",
-              max_positions: int | None = None) -> Windows:
+              max_positions: int | None = None, flags: tuple[str, str] = ("--tokens", "--seq-len")) -> Windows:
     """Read ``spec`` and cut it into windows of ``seq_len`` tokens.
 
     ``tokens`` caps the total tokens (whole windows: ``tokens // seq_len``), ``samples`` the number of
     windows; ``sampling`` is 'random' (seeded draw without replacement) or 'sequential' (first ones).
+    ``flags`` are the command-line names of ``tokens`` and ``seq_len`` in error messages (``--eval-tokens``).
     """
+    tok_flag, len_flag = flags
     if seq_len < 2:
-        raise ImpruneError(f"--seq-len {seq_len} is too short; use at least 2 tokens")
+        raise ImpruneError(f"{len_flag} {seq_len} is too short; use at least 2 tokens")
     if max_positions is not None and seq_len > max_positions:
-        raise ImpruneError(f"--seq-len {seq_len} is longer than the model's {max_positions} positions; "
-                           f"use --seq-len {max_positions} or less")
+        raise ImpruneError(f"{len_flag} {seq_len} is longer than the model's {max_positions} positions; "
+                           f"use {len_flag} {max_positions} or less")
     if tokens is not None and tokens < seq_len:
-        raise ImpruneError(f"--tokens {tokens} is fewer than one window of {seq_len}; raise --tokens or lower "
-                           "--seq-len")
+        raise ImpruneError(f"{tok_flag} {tokens} is fewer than one window of {seq_len} tokens; pass {tok_flag} "
+                           f"{seq_len} or more, or lower {len_flag}")
     if sampling not in ("random", "sequential"):
         raise ImpruneError(f"unknown sampling '{sampling}'; use random or sequential")
     source = read_source(spec)
     if source.items:
         windows = _item_windows(source, tokenizer, seq_len)
     elif any(t.strip() for t in source.texts):
-        windows = _text_windows(source, tokenizer, seq_len)
+        windows = _text_windows(source, tokenizer, seq_len, len_flag)
     else:
         raise ImpruneError(f"data '{spec}' is empty; give it some text")
     n = len(windows)
@@ -233,7 +236,7 @@ def load_data(spec: str, tokenizer: Any, seq_len: int = 256, tokens: int | None 
     return windows
 
 
-def _text_windows(source: Source, tokenizer: Any, seq_len: int) -> Windows:
+def _text_windows(source: Source, tokenizer: Any, seq_len: int, len_flag: str = "--seq-len") -> Windows:
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for text in source.texts:
@@ -243,7 +246,7 @@ def _text_windows(source: Source, tokenizer: Any, seq_len: int) -> Windows:
     n = len(stream) // seq_len
     if n == 0:
         raise ImpruneError(f"data '{source.name}' has {len(stream)} tokens, fewer than one window of {seq_len}; "
-                           "lower --seq-len or give more text")
+                           f"lower {len_flag} or give more text")
     ids = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
     ones = torch.ones_like(ids)
     return Windows(ids, ones, ones.bool(), {"source_tokens": len(stream)})

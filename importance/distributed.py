@@ -14,7 +14,9 @@ process state (no distribution layer of our own):
   on one shard has no key there), then bucketed SUM all-reduces of the flattened fp32 sums.
 
 ``launch_command(argv, processes)`` builds the ``accelerate launch`` line ``imprune score --processes N``
-runs.
+runs; ``check_processes`` refuses, before anything is launched, a count larger than the calibration batches,
+the CPU cores this process may use, the visible GPUs, or what the available memory holds at about
+``worker_memory(model bytes)`` per worker.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from .data import Windows
 from .errors import ImpruneError
 
 _BUCKET = 1 << 24  # floats per all-reduce call (64 MiB of fp32)
+_WORKER_BASE = 512 << 20  # python, torch and transformers in one worker before the model
+_WORKER_FACTOR = 3  # weights + gradients + statistics and activations, in units of the weights' bytes
 
 
 def launched() -> bool:
@@ -136,3 +140,66 @@ def _has_accelerate() -> bool:
     except ImportError:
         return False
     return True
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new processes (psutil, else /proc/meminfo MemAvailable); None if unknown."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def worker_memory(model_bytes: int) -> int:
+    """About what one scoring worker needs: its copy of the weights, gradients, statistics and the runtime."""
+    return _WORKER_BASE + _WORKER_FACTOR * int(model_bytes)
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def check_processes(processes: int, batches: dict[str, tuple[int, str]] | None = None,
+                    model_bytes: int | None = None) -> None:
+    """Refuse ``--processes`` larger than what the work and the machine allow (one line with the largest allowed
+    value), before any process is started. ``batches``: {what: (count, how to get more)}, e.g. the calibration
+    batches; ``model_bytes``: the weights one worker loads (memory per worker, ``worker_memory``)."""
+    if processes <= 1:
+        return
+    cpus = usable_cpus()
+    if processes > cpus:
+        raise ImpruneError(f"--processes {processes} is more than the {cpus} CPU core(s) this machine lets imprune "
+                           f"use; use --processes {cpus} or fewer")
+    if torch.cuda.is_available() and processes > torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
+        raise ImpruneError(f"--processes {processes} needs one GPU each but {gpus} are visible; use --processes "
+                           f"{gpus} or fewer")
+    for what, (count, more) in (batches or {}).items():
+        if processes > count:
+            raise ImpruneError(f"--processes {processes} but only {count} {what}; each process needs at least one: "
+                               f"use --processes {max(1, count)} or fewer, or {more}")
+    free = available_memory()
+    if model_bytes is not None and free is not None:
+        per = worker_memory(model_bytes)
+        if processes * per > free:
+            raise ImpruneError(f"--processes {processes} needs about {_size(processes * per)} of memory ({_size(per)} "
+                               f"per worker for the {_size(model_bytes)} of weights and working memory) but "
+                               f"{_size(free)} is available; use --processes {max(1, free // per)} or fewer")

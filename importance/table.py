@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from . import scorers as S
 from .arch import ModelMap
-from .cache import atomic_dir
 from .errors import ImpruneError
+from .outputs import publish
 from .stats import Statistics
 
 MATRIX_GRANULARITIES = ("component", "head", "kv_group", "mlp_channel", "expert")
@@ -176,27 +176,13 @@ class ImportanceTable:
 
     # -------------------------------------------------------------------------------- persistence
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
-        """Write ``table.safetensors``, ``table.json`` and ``components.csv`` into ``folder`` atomically."""
+        """Write ``table.safetensors``, ``table.json`` and ``components.csv`` into ``folder`` atomically (an
+        existing table is replaced with ``overwrite`` only once the new one is complete: ``outputs.publish``)."""
         folder = Path(folder)
-        if folder.exists() and not overwrite:
-            raise ImpruneError(f"output '{folder}' already exists; choose another path or pass --overwrite")
-        backup = None
-        if folder.exists():
-            backup = folder.with_name(folder.name + ".old")
-            folder.rename(backup)
-        try:
-            with atomic_dir(folder) as tmp:
-                save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp / "table.safetensors"))
-                (tmp / "table.json").write_text(json.dumps(self.meta, indent=2) + "\n")
-                self.write_csv(tmp / "components.csv")
-        except BaseException:
-            if backup is not None:
-                backup.rename(folder)
-            raise
-        if backup is not None:
-            import shutil
-
-            shutil.rmtree(backup, ignore_errors=True)
+        with publish(folder, overwrite=overwrite) as tmp:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp / "table.safetensors"))
+            (tmp / "table.json").write_text(json.dumps(self.meta, indent=2) + "\n")
+            self.write_csv(tmp / "components.csv")
         return folder
 
     def write_csv(self, path: Path) -> None:
@@ -213,11 +199,46 @@ class ImportanceTable:
     @classmethod
     def load(cls, folder: str | Path) -> ImportanceTable:
         folder = Path(folder)
-        if not (folder / "table.json").is_file() or not (folder / "table.safetensors").is_file():
+        if not folder.is_dir():
+            what = "is a file, not" if folder.exists() else "does not exist; it should be"
+            raise ImpruneError(f"'{folder}' {what} an importance table folder; create one with "
+                               "`imprune score --out DIR`")
+        missing = [n for n in ("table.json", "table.safetensors") if not (folder / n).is_file()]
+        if len(missing) == 2:
             raise ImpruneError(f"'{folder}' is not an importance table folder (no table.json / table.safetensors);"
                                " create one with `imprune score --out DIR`")
-        meta = json.loads((folder / "table.json").read_text())
-        return cls(load_file(str(folder / "table.safetensors")), meta)
+        rescore = "rescore the model with `imprune score --out DIR --overwrite`"
+        if missing:
+            raise ImpruneError(f"importance table '{folder}' is incomplete: {missing[0]} is missing; {rescore}")
+        meta = read_table_meta(folder / "table.json", rescore)
+        try:
+            tensors = load_file(str(folder / "table.safetensors"))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+            raise ImpruneError(f"'{folder / 'table.safetensors'}' is damaged ({first}); {rescore}") from None
+        return cls(tensors, meta)
+
+
+def read_table_meta(path: Path, fix: str = "rescore the model with `imprune score --out DIR --overwrite`"
+                    ) -> dict[str, Any]:
+    """``table.json`` as a dict with the keys every reader needs (scorers, components: lists of names; layers:
+    a positive count); anything else is one ``ImpruneError`` naming the file and ``fix``."""
+    try:
+        meta = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        why = f"{err.msg}, line {err.lineno}" if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
+        raise ImpruneError(f"'{path}' is not valid JSON ({why}); the table is damaged: {fix}") from None
+    except OSError as err:
+        raise ImpruneError(f"'{path}' cannot be read ({err.strerror}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise ImpruneError(f"'{path}' should hold a JSON object; the table is damaged: {fix}")
+    names = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)  # noqa: E731
+    bad = next((k for k, ok in (("scorers", names(meta.get("scorers"))), ("components", names(meta.get("components"))),
+                                ("layers", isinstance(meta.get("layers"), int) and not isinstance(meta["layers"], bool)
+                                 and meta["layers"] > 0)) if not ok), None)
+    if bad is not None:
+        raise ImpruneError(f"'{path}' has no usable '{bad}' entry; the table is damaged: {fix}")
+    return meta
 
 
 _SHORT = {"head": "h", "kv_group": "kv", "mlp_channel": "c", "expert": "e"}

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn
 
 from importance.errors import ImpruneError
 
@@ -34,6 +36,9 @@ MAX_MEMORY = arg("--max-memory", default=None,
                  help="cap on --device memory, e.g. 200MiB or 0=20GiB,cpu=64GiB: accelerate offloads the rest "
                       "(CPU, then disk) and streams it in per module")
 TRUST = arg("--trust-remote-code", action="store_true", help="allow model code from the model folder (off)")
+ALLOW_PICKLE = arg("--allow-pickle", action="store_true",
+                   help="load a model folder whose weights are only a pickle (pytorch_model.bin), with "
+                        "torch.load(weights_only=True); off: such a folder is refused")
 SEQ_LEN = arg("--seq-len", type=int, default=256, help="window length in tokens")
 TOKENS = arg("--tokens", type=int, default=None, help="cap on tokens (whole windows)")
 SAMPLES = arg("--samples", type=int, default=None, help="cap on windows")
@@ -66,12 +71,15 @@ def command(name: str, help: str, args: Sequence[Arg] = ()) -> Callable[[Callabl
     return register
 
 
-def check_output(path: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output path unless ``--overwrite`` (before any work is done)."""
-    out = Path(path).expanduser()
-    if out.exists() and not overwrite:
-        raise ImpruneError(f"output '{out}' already exists; choose another path or pass --overwrite")
-    return out
+def check_output(path: str | Path, overwrite: bool, *, kind: Literal["dir", "file"] = "dir",
+                 protect: Mapping[str, Any] | None = None, flag: str = "--out") -> Path:
+    """Every check on an output before any work is done (``importance.outputs.check_target``): an existing
+    one is refused unless ``--overwrite``, and even then unless imprune wrote it and it is none of ``/``, the
+    home or current folder (or a parent of it), an input in ``protect`` ({"--model": spec, ...}) or a parent of
+    one; ``kind`` says whether a folder or a file is written; the place must be writable."""
+    from importance.outputs import check_target
+
+    return check_target(path, overwrite, kind=kind, protect=protect, flag=flag)
 
 
 def positive(value: int | None, flag: str) -> None:
@@ -79,11 +87,23 @@ def positive(value: int | None, flag: str) -> None:
         raise ImpruneError(f"{flag} must be at least 1, got {value}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with two changes: a value that starts with '-' and a digit (``--nm -2:4``, ``--sparsity -1e-3``)
+    is a value for our own checks to judge, not an unknown option; and a usage error is one line, like ours."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     for mod in _COMMAND_MODULES:
         importlib.import_module(mod)
-    parser = argparse.ArgumentParser(prog="imprune", description="Which parts of a transformer matter, and "
-                                     "what to do about it: score, draw, prune, quantize, evaluate.")
+    parser = _Parser(prog="imprune", description="Which parts of a transformer matter, and "
+                     "what to do about it: score, draw, prune, quantize, evaluate.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
@@ -98,6 +118,8 @@ def _quiet_libraries() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # accelerate warns "Some parameters are on the meta device ..." on every --max-memory load, as asked for
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
     try:  # datasets prints "Generating train split" bars for csv / json / parquet files
         import datasets
 

@@ -13,13 +13,27 @@ from importance.models import load_model
 from importance.scorers import SCORERS, layer_only
 from importance.scoring import DEFAULT_SCORERS, REMOVAL_TOKENS
 
-from .cli import DEVICE, DTYPE, MAX_MEMORY, MODEL, OVERWRITE, QUIET, SEED, TRUST, arg, check_output, command, positive
+from .cli import (
+    ALLOW_PICKLE,
+    DEVICE,
+    DTYPE,
+    MAX_MEMORY,
+    MODEL,
+    OVERWRITE,
+    QUIET,
+    SEED,
+    TRUST,
+    arg,
+    check_output,
+    command,
+    positive,
+)
 from .evaluate import perplexity
 
 
 def _load(args: argparse.Namespace):
     return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                      max_memory=getattr(args, "max_memory", None))
+                      max_memory=getattr(args, "max_memory", None), allow_pickle=args.allow_pickle)
 
 
 def _max_positions(model) -> int | None:
@@ -27,7 +41,7 @@ def _max_positions(model) -> int | None:
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
-@command("info", "print the canonical component map of a model", [MODEL, DTYPE, DEVICE, TRUST,
+@command("info", "print the canonical component map of a model", [MODEL, DTYPE, DEVICE, TRUST, ALLOW_PICKLE,
          arg("--json", action="store_true", help="print the map as JSON")])
 def info(args: argparse.Namespace) -> int:
     lm = _load(args)
@@ -60,7 +74,7 @@ def info(args: argparse.Namespace) -> int:
 
 
 @command("eval", "token-level perplexity on non-overlapping windows (shared/protocol.md)", [
-    MODEL, DTYPE, DEVICE, MAX_MEMORY, TRUST,
+    MODEL, DTYPE, DEVICE, MAX_MEMORY, TRUST, ALLOW_PICKLE,
     arg("--data", default="austen:eval", help="data spec (default: Persuasion)"),
     arg("--seq-len", type=int, default=256, help="window length"),
     arg("--tokens", type=int, default=16384, help="evaluate the first N tokens (whole windows)"),
@@ -68,7 +82,8 @@ def info(args: argparse.Namespace) -> int:
     OVERWRITE, QUIET, SEED])
 def evaluate(args: argparse.Namespace) -> int:
     positive(args.batch_size, "--batch-size")
-    out = check_output(args.out, args.overwrite) if args.out else None
+    out = check_output(args.out, args.overwrite, kind="file", protect={"--model": args.model, "--data": args.data}) \
+        if args.out else None
     lm = _load(args)
     windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, tokens=args.tokens, seed=args.seed,
                         sampling="sequential", max_positions=_max_positions(lm.model))
@@ -84,7 +99,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 @command("score", "score every parameter group with all scorers in one pass -> an importance table", [
-    MODEL, DTYPE, DEVICE, MAX_MEMORY, TRUST, arg("--data", default="austen:train", help="calibration data spec"),
+    MODEL, DTYPE, DEVICE, MAX_MEMORY, TRUST, ALLOW_PICKLE,
+    arg("--data", default="austen:train", help="calibration data spec"),
     arg("--scorers", default=",".join(DEFAULT_SCORERS),
         help="comma-separated: " + ", ".join(SCORERS) + " (removal measures layer removal: not a default)"),
     arg("--seq-len", type=int, default=256), arg("--tokens", type=int, default=8192),
@@ -106,8 +122,9 @@ def score_cmd(args: argparse.Namespace) -> int:
     names = parse_scorers(args.scorers)
     positive(args.batch_size, "--batch-size")
     positive(args.processes, "--processes")
-    out = check_output(args.out, args.overwrite)
+    out = check_output(args.out, args.overwrite, protect={"--model": args.model, "--data": args.data})
     if args.processes > 1 and not launched():
+        _check_processes(args, names)
         return _relaunch(args)
     state = process_state()
     if state is not None and state.device.type != "cpu":
@@ -126,6 +143,40 @@ def score_cmd(args: argparse.Namespace) -> int:
           f"({int(counts.get('tokens', 0))} tokens) in {table.meta['seconds']:.1f} s -> {out}")
     print_ranking(table)
     return 0
+
+
+def _check_processes(args: argparse.Namespace, names: list[str]) -> None:
+    """Refuse a --processes count the machine or the data cannot take, before anything is launched: first
+    what the flags alone tell (cores, an upper bound of the batches), then the exact batches and the memory per
+    worker from one load of the model and the data here (freed again before the workers start)."""
+    import gc
+
+    from importance.distributed import check_processes
+    from importance.scoring import removal_windows
+
+    positive(args.tokens, "--tokens")
+    positive(args.seq_len, "--seq-len")
+    more = "more calibration data (--data, --tokens) or a smaller --batch-size"
+    bound = [n for n in (args.tokens // args.seq_len if args.tokens else None, args.samples) if n is not None]
+    check_processes(args.processes, {f"calibration batch(es) of --batch-size {args.batch_size} (at most "
+                                     f"{min(bound)} windows)": (-(-min(bound) // args.batch_size), more)}
+                    if bound else None)
+    lm = load_model(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code,
+                    max_memory=args.max_memory if args.device == "cpu" else None, allow_pickle=args.allow_pickle)
+    windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, tokens=args.tokens, samples=args.samples,
+                        seed=args.seed, max_positions=_max_positions(lm.model))
+    batches = {f"calibration batch(es) of --batch-size {args.batch_size} ({len(windows)} windows of "
+               f"{windows.seq_len} tokens)": (-(-len(windows) // args.batch_size), more)}
+    if "removal" in names:
+        removal = removal_windows(windows, args.removal_tokens)
+        batches[f"removal batch(es) ({len(removal)} windows: --removal-tokens {args.removal_tokens})"] = (
+            -(-len(removal) // args.batch_size), "more --removal-tokens")
+    seen: set[int] = set()
+    weights = sum(p.numel() * p.element_size() for p in lm.model.parameters()
+                  if p.device.type != "meta" and not (p.data_ptr() in seen or seen.add(p.data_ptr())))
+    del lm, windows
+    gc.collect()
+    check_processes(args.processes, batches, weights)
 
 
 def _relaunch(args: argparse.Namespace) -> int:

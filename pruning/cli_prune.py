@@ -8,15 +8,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-from importance.arch import model_map
 from importance.data import Windows, load_data
 from importance.errors import ImpruneError
 from importance.models import load_model
 from importance.table import ImportanceTable
 
-from .cli import DEVICE, DTYPE, MAX_MEMORY, MODEL, OVERWRITE, QUIET, SEED, TRUST, Arg, arg, check_output, command
+from .checks import check_step
+from .cli import (
+    ALLOW_PICKLE,
+    DEVICE,
+    DTYPE,
+    MAX_MEMORY,
+    MODEL,
+    OVERWRITE,
+    QUIET,
+    SEED,
+    TRUST,
+    Arg,
+    arg,
+    check_output,
+    command,
+    positive,
+)
 from .evaluate import perplexity
-from .methods import METHODS, PruneContext
+from .methods import METHODS, PruneContext, method_sparsity
 
 _METHOD_MODULES = ("pruning.unstructured", "pruning.structured")
 
@@ -39,23 +54,19 @@ def _method_args() -> list[Arg]:
     return list(seen.values())
 
 
-def check_table(table: ImportanceTable, lm: Any) -> None:
-    """The table must come from this model's architecture (same layers and component shapes)."""
-    mm = model_map(lm.model)
-    shapes = table.meta.get("shapes")
-    if table.n_layers != mm.n_layers or (shapes and shapes != _shapes(mm)):
-        raise ImpruneError(f"the importance table was made for another model ({table.meta.get('model', {}).get('spec')}"
-                           f", {table.n_layers} layers); score this model with `imprune score` and pass that --scores")
+def check_table(table: ImportanceTable, lm: Any, where: str = "the importance table") -> None:
+    """The table must come from this model (``importance.identity``: same architecture and identity)."""
+    from importance.identity import check_same_model, model_facts, table_facts
 
-
-def _shapes(mm: Any) -> dict[str, list[int]]:
-    return {f"{c.layer}|{c.name}": list(c.shape) for c in mm.components()}
+    check_same_model(model_facts(lm), table_facts(table, where),
+                     f"score --model {lm.spec} with `imprune score --out DIR` and pass that --scores")
 
 
 def _prune_args() -> list[Arg]:
-    return [MODEL, DTYPE, DEVICE, MAX_MEMORY, TRUST,
+    return [MODEL, DTYPE, DEVICE, MAX_MEMORY, TRUST, ALLOW_PICKLE,
             arg("--method", required=True, help="pruning method (see the list in --help)"),
-            arg("--sparsity", type=float, required=True, help="fraction to remove, in [0, 1)"),
+            arg("--sparsity", type=float, default=None,
+                help="fraction to remove, in [0, 1) (--method nm: taken from --nm N:M when not given)"),
             arg("--scores", default=None, help="importance table folder from `imprune score`"),
             arg("--data", default="austen:train", help="calibration data"),
             arg("--tokens", type=int, default=8192), arg("--seq-len", type=int, default=256), SEED,
@@ -71,6 +82,9 @@ def prune_cmd(args: argparse.Namespace) -> int:
     _load_methods()
     if args.method not in METHODS:
         raise ImpruneError(f"unknown method '{args.method}'; use one of {', '.join(METHODS)}")
+    for flag in ("batch_size", "tokens", "eval_tokens", "seq_len"):
+        positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    args.sparsity = method_sparsity(args.method, args.sparsity, getattr(args, "nm", None))
     if not 0.0 <= args.sparsity < 1.0:
         raise ImpruneError(f"--sparsity {args.sparsity} is outside [0, 1); give the fraction to remove, e.g. 0.5")
     method = METHODS[args.method]
@@ -78,15 +92,19 @@ def prune_cmd(args: argparse.Namespace) -> int:
         offloadable = ", ".join(m.name for m in METHODS.values() if m.offload)
         raise ImpruneError(f"--method {args.method} changes shapes and needs the whole model in memory; --max-memory "
                            f"works with --method {offloadable} (weights change in place), or drop --max-memory")
-    out = check_output(args.out, args.overwrite)
+    out = check_output(args.out, args.overwrite, protect={"--model": args.model, "--scores": args.scores,
+                                                          "--data": args.data, "--eval-data": args.eval_data})
     table = ImportanceTable.load(args.scores) if args.scores else None
     lm = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                    max_memory=args.max_memory)
+                    max_memory=args.max_memory, allow_pickle=args.allow_pickle)
     if table is not None:
-        check_table(table, lm)
+        check_table(table, lm, f"--scores {args.scores}")
     if method.needs_table and table is None:
         raise ImpruneError(f"--method {args.method} needs an importance table: run `imprune score ... --out DIR` "
                            "and pass --scores DIR")
+    from importance.arch import model_map
+
+    check_step(model_map(lm.model), args.method, args)  # reachable sparsity, criteria, N:M: before any work
     limit = getattr(lm.model.config, "max_position_embeddings", None)
     cache: dict[str, Windows] = {}
 
@@ -98,7 +116,8 @@ def prune_cmd(args: argparse.Namespace) -> int:
 
     evaluate = not args.no_eval and lm.task in ("causal-lm", "masked-lm")
     eval_windows = load_data(args.eval_data, lm.tokenizer, seq_len=args.seq_len, tokens=args.eval_tokens,
-                             sampling="sequential", max_positions=limit) if evaluate else None
+                             sampling="sequential", max_positions=limit, flags=("--eval-tokens", "--seq-len")) \
+        if evaluate else None
     params_before = sum(p.numel() for p in lm.model.parameters())
     before = perplexity(lm.model, eval_windows, lm.task, progress=not args.quiet) if eval_windows else None
     start = time.perf_counter()

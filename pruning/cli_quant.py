@@ -22,7 +22,7 @@ from importance.models import load_model
 from importance.table import ImportanceTable
 
 from .bits import SENSITIVITIES, BitPlan, check_budget, parse_choices, plan_bits, random_plan
-from .cli import DEVICE, MODEL, OVERWRITE, QUIET, TRUST, arg, check_output, command, positive
+from .cli import ALLOW_PICKLE, DEVICE, MODEL, OVERWRITE, QUIET, TRUST, arg, check_output, command, positive
 from .cli_prune import check_table
 from .evaluate import perplexity
 from .quantize import fake_quantize_model_, float32_bytes, quantize_model_, save_quantized, weight_bytes
@@ -34,7 +34,7 @@ def parse_keep(values: list[str] | None) -> tuple[str, ...]:
 
 
 @command("quantize", "mixed-precision weights by importance under an average-bits budget (optimum-quanto)", [
-    MODEL, DEVICE, TRUST,
+    MODEL, DEVICE, TRUST, ALLOW_PICKLE,
     arg("--scores", default=None, help="importance table folder (`imprune score --elements` for the Fisher estimate)"),
     arg("--budget", type=float, required=True, help="average bits per planned weight, e.g. 5.0"),
     arg("--choices", default="4,8", help="widths to choose from (2, 4, 8), comma separated"),
@@ -52,16 +52,19 @@ def parse_keep(values: list[str] | None) -> tuple[str, ...]:
     arg("--no-eval", action="store_true", help="skip perplexity before/after"),
     arg("--out", required=True, help="output folder"), OVERWRITE, QUIET])
 def quantize_cmd(args: argparse.Namespace) -> int:
-    out = check_output(args.out, args.overwrite)
+    out = check_output(args.out, args.overwrite, protect={"--model": args.model, "--scores": args.scores,
+                                                          "--eval-data": args.eval_data})
     choices = parse_choices(args.choices)
     check_budget(args.budget, choices)
     positive(args.group_size, "--group-size")
     positive(args.eval_tokens, "--eval-tokens")
+    positive(args.batch_size, "--batch-size")
     keep = parse_keep(args.keep)
     table = ImportanceTable.load(args.scores) if args.scores else None
-    lm = load_model(args.model, dtype="float32", device=args.device, trust_remote_code=args.trust_remote_code)
+    lm = load_model(args.model, dtype="float32", device=args.device, trust_remote_code=args.trust_remote_code,
+                    allow_pickle=args.allow_pickle)
     if table is not None:
-        check_table(table, lm)
+        check_table(table, lm, f"--scores {args.scores}")
     if args.random_seed is not None:
         plan = random_plan(lm.model, args.budget, choices, args.random_seed, keep, args.group_size, not args.fake)
     else:
@@ -70,7 +73,8 @@ def quantize_cmd(args: argparse.Namespace) -> int:
     limit = getattr(lm.model.config, "max_position_embeddings", None)
     evaluate = not args.no_eval and lm.task in ("causal-lm", "masked-lm")
     windows = load_data(args.eval_data, lm.tokenizer, seq_len=args.seq_len, tokens=args.eval_tokens,
-                        sampling="sequential", max_positions=limit) if evaluate else None
+                        sampling="sequential", max_positions=limit, flags=("--eval-tokens", "--seq-len")) \
+        if evaluate else None
     ppl = (lambda: perplexity(lm.model, windows, lm.task, args.batch_size, progress=not args.quiet)) if windows \
         else (lambda: None)
     fp32 = float32_bytes(lm.model)
@@ -85,13 +89,9 @@ def quantize_cmd(args: argparse.Namespace) -> int:
               "scores": str(Path(args.scores).resolve()) if args.scores else None}
     figure = {"bits.png": figure_png(plan, table)}
     if args.fake:
-        from importance.cache import atomic_file
-
         from .io import save_model
 
-        save_model(lm, out, {**record, **plan.to_json()}, overwrite=args.overwrite)
-        with atomic_file(out / "bits.png") as tmp:  # the model folder is complete; the figure joins it
-            tmp.write_bytes(figure["bits.png"])
+        save_model(lm, out, {**record, **plan.to_json()}, overwrite=args.overwrite, files=figure)
     else:
         save_quantized(lm, out, plan, record, overwrite=args.overwrite, files=figure)
     if before and after:

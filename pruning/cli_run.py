@@ -9,11 +9,11 @@ from pathlib import Path
 from importance.errors import ImpruneError
 from importance.scoring import DEFAULT_SCORERS, parse_scorers
 
-from .cli import DEVICE, DTYPE, MODEL, QUIET, SEED, TRUST, arg, command, positive
+from .cli import ALLOW_PICKLE, DEVICE, DTYPE, MODEL, QUIET, SEED, TRUST, arg, command, positive
 
 
 @command("run", "evaluate, score, prune by a recipe, evaluate and score again, draw, report (one run folder)", [
-    MODEL, DTYPE, DEVICE, TRUST,
+    MODEL, DTYPE, DEVICE, TRUST, ALLOW_PICKLE,
     arg("--data", default="austen:train", help="calibration and scoring data"),
     arg("--recipe", default="demo", help="a shipped recipe name (see `imprune recipes`) or a .yaml/.json file"),
     arg("--tokens", type=int, default=8192, help="calibration / scoring tokens"),
@@ -39,7 +39,7 @@ def run_cmd(args: argparse.Namespace) -> int:
     cfg = RunConfig(model=args.model, data=args.data, tokens=args.tokens, seq_len=args.seq_len, seed=args.seed,
                     batch_size=args.batch_size, scorers=tuple(parse_scorers(args.scorers)), eval_data=args.eval_data,
                     eval_tokens=args.eval_tokens, dtype=args.dtype, device=args.device,
-                    trust_remote_code=args.trust_remote_code)
+                    trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     result = Pipeline(cfg, recipe, out, progress=not args.quiet, log=log).run()
     print(summary(result.metrics, out))

@@ -34,21 +34,34 @@ validation.json (``"schema": "imprune.validation/1"``):
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 from typing import Any
 
 from importance.ablation import DEFINITION, SCORER, ablation_table, measure_ablation
 from importance.arch import model_map
-from importance.cache import atomic_dir
 from importance.data import load_data
 from importance.errors import ImpruneError
 from importance.faithfulness import BOTTOM_FRACTION, compare
 from importance.meta import versions, write_json
 from importance.objective import has_loss
+from importance.outputs import publish
 from importance.table import ImportanceTable
 
-from .cli import BATCH, DEVICE, DTYPE, MODEL, OVERWRITE, QUIET, SEED, TRUST, arg, check_output, command, positive
+from .cli import (
+    ALLOW_PICKLE,
+    BATCH,
+    DEVICE,
+    DTYPE,
+    MODEL,
+    OVERWRITE,
+    QUIET,
+    SEED,
+    TRUST,
+    arg,
+    check_output,
+    command,
+    positive,
+)
 from .cli_importance import _load, _max_positions
 
 SCHEMA = "imprune.validation/1"
@@ -56,7 +69,7 @@ VALIDATION_DIR = "validation"  # default output: SCORES/validation, where `impru
 
 
 @command("validate", "measure each group's loss increase when removed and how well every scorer predicts it", [
-    MODEL, DTYPE, DEVICE, TRUST,
+    MODEL, DTYPE, DEVICE, TRUST, ALLOW_PICKLE,
     arg("--scores", required=True, help="importance table folder (scored now on --data when it does not exist)"),
     arg("--data", default="austen:train", help="calibration data, used only to score a missing --scores table"),
     arg("--tokens", type=int, default=8192, help="calibration tokens when scoring"),
@@ -75,19 +88,27 @@ def validate_cmd(args: argparse.Namespace) -> int:
     if not 0 < args.bottom <= 1:
         raise ImpruneError(f"--bottom must be in (0, 1], got {args.bottom}")
     scores_dir = Path(args.scores).expanduser()
-    out = check_output(args.out or scores_dir / VALIDATION_DIR, args.overwrite)
-    if scores_dir.exists() and not (scores_dir / "table.json").is_file():
+    if scores_dir.exists() and not scores_dir.is_dir():
+        raise ImpruneError(f"--scores '{scores_dir}' is a file, not an importance table folder; give a table folder "
+                           "(from `imprune score --out DIR`) or a path that does not exist yet")
+    inputs = {"--model": args.model, "--scores": scores_dir, "--data": args.data, "--eval-data": args.eval_data}
+    out = check_output(args.out or scores_dir / VALIDATION_DIR, args.overwrite, protect=inputs)
+    if not scores_dir.exists():
+        check_output(scores_dir, False, flag="--scores")  # scored and written there: writable before any work
+    if scores_dir.exists() and not any((scores_dir / n).is_file() for n in ("table.json", "table.safetensors")):
         raise ImpruneError(f"'{scores_dir}' exists but is not an importance table folder; give a table folder "
                            "(from `imprune score --out DIR`) or a path that does not exist yet")
+    given = ImportanceTable.load(scores_dir) if scores_dir.exists() else None  # a damaged table stops here
     lm = _load(args)
     if not has_loss(lm.task):
         raise ImpruneError(f"--model {lm.spec} has no language-model head, so there is no loss to measure an "
                            "ablation with; validate a causal or masked language model")
     mm = model_map(lm.model)
-    table = _scores(args, lm, scores_dir)
-    _check_same_model(table, mm, lm)
+    table = given if given is not None else _scores(args, lm, scores_dir)
+    _check_same_model(table, mm, lm, f"--scores {scores_dir}")
     windows = load_data(args.eval_data, lm.tokenizer, seq_len=args.eval_seq_len, tokens=args.eval_tokens,
-                        seed=args.seed, sampling="random", max_positions=_max_positions(lm.model))
+                        seed=args.seed, sampling="random", max_positions=_max_positions(lm.model),
+                        flags=("--eval-tokens", "--eval-seq-len"))
     grans = tuple(dict.fromkeys((args.granularity, "layer")))
     result = measure_ablation(lm.model, windows, lm.task, grans, batch_size=args.batch_size,
                               shortcut=not args.no_shortcut, progress=not args.quiet, mm=mm)
@@ -136,13 +157,11 @@ def _scores(args: argparse.Namespace, lm: Any, scores_dir: Path) -> ImportanceTa
     return table
 
 
-def _check_same_model(table: ImportanceTable, mm: Any, lm: Any) -> None:
-    heads = mm.blocks[0].n_heads
-    if table.n_layers != mm.n_layers or int(table.meta.get("heads", heads)) != heads or \
-            table.meta.get("model_type", mm.model_type) != mm.model_type:
-        raise ImpruneError(f"the score table describes a {table.meta.get('model_type')} with {table.n_layers} layers "
-                           f"and {table.meta.get('heads')} heads, but --model {lm.spec} has {mm.n_layers} layers and "
-                           f"{heads} heads; validate the model the table was scored on")
+def _check_same_model(table: ImportanceTable, mm: Any, lm: Any, where: str = "the score table") -> None:
+    from importance.identity import check_same_model, model_facts, table_facts
+
+    check_same_model(model_facts(lm, mm), table_facts(table, where),
+                     "validate the model the table was scored on, or give --scores a new folder to score this one")
 
 
 def _top(result: Any, granularity: str, k: int = 5) -> list[list[Any]]:
@@ -157,20 +176,13 @@ def write_validation(out: Path, doc: dict[str, Any], scores: ImportanceTable, tr
     from importance.plots_validate import ablation_heatmap_figure, scatter_figure
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ImpruneError(f"output '{out}' already exists; choose another path or pass --overwrite")
-    staging = out.with_name(out.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    with atomic_dir(staging) as tmp:
+    with publish(out, overwrite=overwrite) as tmp:  # a unique temporary sibling, swapped in when complete
         truth.save(tmp / doc["ablation_table"])
         for gran, res in doc["granularities"].items():
             fig = scatter_figure(scores, truth, gran, res, SCORER)
             fig.savefig(tmp / f"scatter_{gran}.png", dpi=110)
         ablation_heatmap_figure(scores, truth, granularity, SCORER).savefig(tmp / "ablation_heatmap.png", dpi=110)
         write_json(tmp / "validation.json", doc)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
     return out
 
 

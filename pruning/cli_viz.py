@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from importance.errors import ImpruneError
 
-from .cli import DEVICE, DTYPE, MODEL, OVERWRITE, QUIET, SEED, TRUST, arg, check_output, command, positive
+from .cli import ALLOW_PICKLE, DEVICE, DTYPE, MODEL, OVERWRITE, QUIET, SEED, TRUST, arg, check_output, command, positive
 
 KINDS = ("component", "head", "kv_group", "delta", "sparsity", "bits")
 SCORER = arg("--scorer", default=None, help="scorer to draw (default: taylor when the table has it; beside a "
@@ -24,7 +23,7 @@ LOG = arg("--log", action="store_true", help="log colour scale (over the positiv
 def _figure_path(path: str, overwrite: bool) -> Path:
     from importance.heatmap import FORMATS
 
-    out = check_output(path, overwrite)
+    out = check_output(path, overwrite, kind="file")
     if out.suffix.lower() not in FORMATS:
         raise ImpruneError(f"--out '{out.name}' must end in .png, .svg or .pdf")
     return out
@@ -39,7 +38,10 @@ def _titles(text: str | None, n: int) -> list[str] | None:
     return titles
 
 
-def _plan(path: str | None) -> dict:
+def _plan(path: str | None) -> tuple[dict, Path]:
+    """The --plan record (checked: a JSON object whose map is layer -> component -> number) and its file."""
+    from importance.identity import check_plan_map, read_json_object
+
     if path is None:
         raise ImpruneError("--kind sparsity/bits needs --plan imprune.json (from `imprune prune` or `quantize`)")
     p = Path(path).expanduser()
@@ -47,10 +49,35 @@ def _plan(path: str | None) -> dict:
         p = p / "imprune.json"
     if not p.is_file():
         raise ImpruneError(f"plan '{p}' does not exist; pass the imprune.json of a pruned or quantized model")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as err:
-        raise ImpruneError(f"plan '{p}' is not valid JSON ({err.msg}); pass an imprune.json") from None
+    fix = "pass the imprune.json that `imprune prune` or `imprune quantize` wrote"
+    record = read_json_object(p, fix, "plan ")
+    check_plan_map(record, f"plan '{p}'", fix)
+    return record, p
+
+
+def _check_tables(kind: str, paths: list[str], tables: list, plan: dict | None, plan_path: Path | None,
+                  scorer: str | None = None) -> tuple[int, ...] | None:
+    """Artifacts drawn together must describe one model: delta's second table may be the first's model after
+    pruning (its layers_kept, returned, lines the rows up) and must hold the scorer drawn; a plan must fit the
+    table drawn beside it."""
+    from importance.heatmap import pick_scorer
+    from importance.identity import check_plan, check_same_model, table_facts
+
+    facts = [table_facts(t, f"table '{p}'") for p, t in zip(paths, tables)]
+    if kind == "delta":
+        kept = check_same_model(facts[0], facts[1], "draw the difference of two tables of one model (before "
+                                "`imprune prune` and after it)", derived=True)
+        name = pick_scorer(tables[0], scorer, "component")
+        if not tables[1].has(name, "component"):
+            both = [s for s in tables[0].scorers if tables[0].has(s, "component") and tables[1].has(s, "component")]
+            raise ImpruneError(f"table '{paths[1]}' has no {name} component scores (it has "
+                               f"{', '.join(tables[1].scorers)}); " + (f"pass --scorer {' or '.join(both)}" if both
+                               else "score both models with the same --scorers"))
+        return kept
+    if plan is not None and facts:
+        check_plan(plan, f"plan '{plan_path}'", facts[0], "draw a plan beside the table of the model it was made "
+                   "from (the dense model's scores)")
+    return None
 
 
 @command("heatmap", "draw importance tables: layer x component, layer x head grid, before/after/delta, "
@@ -77,8 +104,9 @@ def heatmap_cmd(args: argparse.Namespace) -> int:
         raise ImpruneError(f"--kind {kind} needs at least one TABLE folder")
     if kind in ("sparsity", "bits") and n > 1:
         raise ImpruneError(f"--kind {kind} draws one plan beside at most one TABLE, got {n}")
-    plan = _plan(args.plan) if kind in ("sparsity", "bits") else None
+    plan, plan_path = _plan(args.plan) if kind in ("sparsity", "bits") else (None, None)
     tables = [ImportanceTable.load(Path(t).expanduser()) for t in args.tables]
+    kept = _check_tables(kind, args.tables, tables, plan, plan_path, args.scorer)
     titles = _titles(args.titles, n)
     if kind == "component" and n == 1:
         fig = H.component_figure(tables[0], args.scorer, args.aggregation, args.norm, args.log, args.norms)
@@ -87,7 +115,7 @@ def heatmap_cmd(args: argparse.Namespace) -> int:
                             args.cols)
     elif kind == "delta":
         fig = H.delta_figure(tables[0], tables[1], args.scorer, "component", args.aggregation, args.norm, args.log,
-                             args.norms, titles or ("before", "after"))
+                             args.norms, titles or ("before", "after"), layers_kept=kept)
     else:
         found, values = H.plan_map(plan)
         if found != kind:
@@ -107,10 +135,13 @@ def heatmap_cmd(args: argparse.Namespace) -> int:
 def report_cmd(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    out = check_output(args.out, args.overwrite)
+    out = check_output(args.out, args.overwrite, kind="file")
     write_report(args.run_dir, out, args.compare, args.scorer, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
+
+
+PROBE_MARKER, PROBE_SCHEMA = "probe.json", "imprune.probe/1"  # marks a probe folder as imprune's (--overwrite)
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -126,7 +157,7 @@ def parse_tasks(text: str) -> list[str]:
 
 @command("probe", "score each built-in task probe separately -> DIR/<task>/ tables and DIR/heads.png (one panel "
          "per task)", [
-             MODEL, DTYPE, DEVICE, TRUST,
+             MODEL, DTYPE, DEVICE, TRUST, ALLOW_PICKLE,
              arg("--tasks", default="all", help="all, or comma-separated: knowledge, retrieval, logic, decision, "
                                                 "semantic, syntax, inference, math"),
              arg("--samples", type=int, default=64, help="prompt/answer items per task"),
@@ -139,20 +170,23 @@ def parse_tasks(text: str) -> list[str]:
              arg("--log", action=argparse.BooleanOptionalAction, default=True, help="heads.png on a log scale"),
              arg("--out", required=True, help="output folder"), OVERWRITE, QUIET])
 def probe_cmd(args: argparse.Namespace) -> int:
-    import shutil
-
     from importance import heatmap as H
-    from importance.cache import atomic_dir
     from importance.data import load_data
+    from importance.meta import versions, write_json
     from importance.models import load_model
+    from importance.outputs import publish
     from importance.scoring import parse_scorers, score
 
     names = parse_tasks(args.tasks)
     scorers = parse_scorers(args.scorers)
     positive(args.samples, "--samples")
     positive(args.batch_size, "--batch-size")
-    out = check_output(args.out, args.overwrite)
-    lm = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    if args.scorer is not None and args.scorer not in scorers:
+        raise ImpruneError(f"--scorer {args.scorer} is not among --scorers {','.join(scorers)}; draw one of those "
+                           "or add it to --scorers")
+    out = check_output(args.out, args.overwrite, protect={"--model": args.model})
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                    allow_pickle=args.allow_pickle)
     limit = getattr(lm.model.config, "max_position_embeddings", None)
     start = time.perf_counter()
     tables = []
@@ -168,12 +202,15 @@ def probe_cmd(args: argparse.Namespace) -> int:
     scorer = H.pick_scorer(tables[0], args.scorer, "head")
     fig = H.heads_figure(tables, names, scorer, args.aggregation, args.norm, args.log)
     png = H.figure_bytes(fig, "png")
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    with atomic_dir(out) as tmp:
+    with publish(out, overwrite=args.overwrite) as tmp:  # the old folder goes only once the new one is complete
         for name, table in zip(names, tables):
             table.save(tmp / name)
         (tmp / "heads.png").write_bytes(png)
-    print(f"probed {lm.spec} on {len(names)} task(s) x {args.samples} items in {time.perf_counter() - start:.1f} s "
+        write_json(tmp / PROBE_MARKER, {"schema": PROBE_SCHEMA, "model": lm.describe(), "tasks": names,
+                                         "samples": args.samples, "scorers": scorers, "seed": args.seed,
+                                         "figure": "heads.png", "versions": versions()})
+    items = sorted({int(t.meta.get("data", {}).get("windows", 0)) for t in tables})  # a task may have fewer
+    count = str(items[0]) if len(items) == 1 else f"{items[0]}-{items[-1]}"
+    print(f"probed {lm.spec} on {len(names)} task(s) x {count} items in {time.perf_counter() - start:.1f} s "
           f"-> {out} (tables per task, heads.png)")
     return 0

@@ -21,35 +21,33 @@ from typing import Any
 
 import torch
 
-from importance.cache import atomic_dir
 from importance.errors import ImpruneError
 from importance.meta import versions, write_json
 from importance.models import LoadedModel
+from importance.outputs import publish
 
 
 def save_model(lm: LoadedModel, out: str | Path, record: dict[str, Any], card: str = "",
-               overwrite: bool = False) -> Path:
-    """Save ``lm`` with ``record`` as imprune.json and ``card`` as README.md into ``out``.
+               overwrite: bool = False, files: dict[str, bytes] | None = None) -> Path:
+    """Save ``lm`` with ``record`` as imprune.json and ``card`` as README.md into ``out`` (``files``: extra
+    files such as figures, written inside the same atomic folder).
 
     A record with ``shapes_changed`` (structured pruning) gets ``layer_shapes`` where the config cannot
-    describe the model's shapes, and ``reload`` says which loader rebuilds the folder.
+    describe the model's shapes, and ``reload`` says which loader rebuilds the folder. An existing ``out``
+    is replaced (``overwrite``) only once the new folder is complete (``importance.outputs.publish``).
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ImpruneError(f"output '{out}' already exists; choose another path or pass --overwrite")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
     shapes = layer_shapes(lm.model) if record.get("shapes_changed") else None
     record = {**record, "reload": "pruning.io.load_pruned" if shapes else "transformers.from_pretrained"}
     if shapes:
         record["layer_shapes"] = shapes
-    with atomic_dir(out) as tmp:
+    with publish(out, overwrite=overwrite) as tmp:
         lm.model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
         write_json(tmp / "imprune.json", {**record, "source_model": lm.describe(), "versions": versions()})
         (tmp / "README.md").write_text(card or _default_card(lm, record))
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
     return out
 
 
@@ -115,6 +113,7 @@ def load_pruned(folder: str | Path, dtype: torch.dtype | str = torch.float32, de
 
     from importance.arch import model_map
     from importance.arch_edit import set_attention_heads
+    from importance.model_checks import check_loading_info
     from importance.models import resolve_dtype
 
     from .surgery import resize_params_
@@ -139,9 +138,10 @@ def load_pruned(folder: str | Path, dtype: torch.dtype | str = torch.float32, de
 
     pruned = type(base.__name__, (base,), {"__init__": init, "__module__": base.__module__})
     try:
-        model = pruned.from_pretrained(folder, dtype=torch_dtype)
+        model, info = pruned.from_pretrained(folder, dtype=torch_dtype, output_loading_info=True)
     except (RuntimeError, ValueError) as err:
         raise ImpruneError(f"'{folder}': the saved weights do not fit the recorded shapes "
                            f"({str(err).splitlines()[0][:160]}); was the folder edited by hand?") from None
+    check_loading_info(folder, info)  # a parameter without a saved weight would be silently random
     model.__class__ = base
     return model.to(device).eval()

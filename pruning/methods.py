@@ -83,6 +83,23 @@ def register_method(name: str, help: str, args: Sequence[Arg] = (), needs_table:
     return add
 
 
+def method_sparsity(method: str, sparsity: float | None, nm: str | None, where: str = "",
+                    flags: tuple[str, str] = ("--sparsity", "--nm")) -> float:
+    """The sparsity a step runs at: as given, or for ``--method nm`` taken from ``--nm N:M`` (1 - N/M) when
+    it is not given (both given must agree: the method checks that). One rule for `prune` and recipes."""
+    if sparsity is None and method == "nm" and nm is not None:
+        from .unstructured import parse_nm
+
+        n, m = parse_nm(str(nm))
+        if not 0 < n < m:
+            raise ImpruneError(f"{where}N:M pattern {n}:{m} needs 0 < N < M, e.g. 2:4")
+        return 1 - n / m
+    if sparsity is None:
+        raise ImpruneError(f"{where}{flags[0]} is missing: give the fraction to remove, e.g. 0.5"
+                           + (f", or the pattern as {flags[1]} 2:4" if method == "nm" else ""))
+    return float(sparsity)
+
+
 def table_for(lm: LoadedModel, table: ImportanceTable | None, scorer: str,
               windows: Windows | Callable[[], Windows] | None, batch_size: int, progress: bool,
               hint: str = "") -> ImportanceTable:

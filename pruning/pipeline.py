@@ -11,7 +11,10 @@ Run directory (what ``pruning.report`` reads)::
     RUN_DIR/stages/NAME.json    one marker per finished stage: the key of its settings, its seconds
 
 A stage is reused when its marker holds the key of the same settings (upstream keys included, so a new
-recipe redoes pruning and everything after it but not the dense evaluation). A stage removes its marker
+recipe redoes pruning and everything after it but not the dense evaluation). The settings hold fingerprints
+of the inputs (``importance.fingerprint``: the model's files, the data's content), so a changed text file or
+changed weights redo what depends on them, and only that. Unless pruning is reused, every recipe step is
+checked against the loaded model (``pruning.checks``) before the first stage runs. A stage removes its marker
 before it starts and writes it only after its output was renamed into place, so an interrupted stage
 never looks finished.
 """
@@ -20,9 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,12 +32,14 @@ from typing import Any
 from importance.arch import model_map
 from importance.data import Windows, load_data
 from importance.errors import ImpruneError
+from importance.fingerprint import data_fingerprint, model_fingerprint
 from importance.meta import versions, write_json
 from importance.models import LoadedModel, load_model
 from importance.scorers import SCORERS
 from importance.scoring import DEFAULT_SCORERS, score
 from importance.table import ImportanceTable
 
+from .checks import check_step
 from .evaluate import perplexity
 from .methods import METHODS, PruneContext
 from .recipes import Recipe, Step
@@ -61,6 +63,7 @@ class RunConfig:
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # a pickle-only model folder, read with weights_only=True (no effect on results)
 
 
 @dataclass
@@ -75,27 +78,12 @@ def _key(settings: Any) -> str:
 
 
 def _publish(final: Path, write: Callable[[Path], None], is_dir: bool) -> None:
-    """Write into a temporary sibling, then swap it into ``final`` (the old copy goes only after)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        shutil.rmtree(tmp)
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
+    """``write`` a new path (a unique temporary sibling), then swap it into ``final``; the old copy goes only
+    after (``importance.outputs.publish``: atomic exchange, stale temporaries cleaned, OSError -> one line)."""
+    from importance.outputs import publish
+
+    with publish(final, kind="dir" if is_dir else "file", overwrite=True, create=False) as tmp:
         write(tmp)
-        if final.is_dir():
-            trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        raise
 
 
 class Pipeline:
@@ -109,6 +97,7 @@ class Pipeline:
         self._dense: LoadedModel | None = None
         self._pruned: LoadedModel | None = None
         self._windows: dict[str, Windows] = {}
+        self._fingerprints: dict[str, str] = {}
 
     # ---------------------------------------------------------------------------------------------- stages
 
@@ -116,7 +105,7 @@ class Pipeline:
                is_dir: bool) -> str:
         key = _key(settings)
         marker = self.out / "stages" / f"{name}.json"
-        if marker.is_file() and output.exists() and json.loads(marker.read_text()).get("key") == key:
+        if self._done(name, key, output):
             self.reused.append(name)
             self.log(f"  {name}: reused (settings unchanged)")
             return key
@@ -128,21 +117,53 @@ class Pipeline:
         write_json(marker, {"key": key, "settings": settings, "seconds": self.timings[name]})
         return key
 
+    def _done(self, name: str, key: str, output: Path) -> bool:
+        """Whether stage ``name`` finished with settings ``key`` and its output is still there."""
+        marker = self.out / "stages" / f"{name}.json"
+        try:
+            return marker.is_file() and output.exists() and json.loads(marker.read_text()).get("key") == key
+        except (OSError, ValueError, AttributeError):  # an unreadable or foreign marker: not finished
+            return False
+
+    def fingerprints(self) -> dict[str, str]:
+        """What the inputs hold (``importance.fingerprint``): a changed file or weights change the stage keys."""
+        if not self._fingerprints:
+            c = self.cfg
+            self._fingerprints = {"model": model_fingerprint(c.model), "data": data_fingerprint(c.data, "--data")}
+            self._fingerprints["eval_data"] = self._fingerprints["data"] if c.eval_data == c.data else \
+                data_fingerprint(c.eval_data, "--eval-data")
+        return self._fingerprints
+
+    def validate(self) -> None:
+        """Every recipe step checked against the dense model (``pruning.checks``) before the first stage."""
+        mm = model_map(self.dense().model)
+        for i, step in enumerate(self.recipe.steps, 1):
+            try:
+                check_step(mm, step.method, self._namespace(step))
+            except ImpruneError as err:
+                raise ImpruneError(f"recipe {self.recipe.name}, step {i} ({step.method}): {err}") from None
+
     def run(self) -> RunResult:
         c, out = self.cfg, self.out
-        model_s = {"model": c.model, "dtype": c.dtype, "trust_remote_code": c.trust_remote_code}
-        eval_s = {"data": c.eval_data, "tokens": c.eval_tokens, "seq_len": c.seq_len}
-        calib_s = {"data": c.data, "tokens": c.tokens, "seq_len": c.seq_len, "seed": c.seed}
+        fp = self.fingerprints()
+        model_s = {"model": c.model, "model_fingerprint": fp["model"], "dtype": c.dtype,
+                   "trust_remote_code": c.trust_remote_code}
+        eval_s = {"data": c.eval_data, "data_fingerprint": fp["eval_data"], "tokens": c.eval_tokens,
+                  "seq_len": c.seq_len}
+        calib_s = {"data": c.data, "data_fingerprint": fp["data"], "tokens": c.tokens, "seq_len": c.seq_len,
+                   "seed": c.seed}
         score_s = {**calib_s, "scorers": list(c.scorers), "batch_size": c.batch_size}
+        prune_s = {**model_s, **calib_s, "batch_size": c.batch_size, "recipe": self.recipe.to_dict(),
+                   "scores": _key({**model_s, **score_s})}
+        if not self._done("prune", _key(prune_s), out / "model"):
+            self.validate()  # a recipe this model cannot take fails before any stage runs or writes
         self.log(f"[1/6] dense evaluation on {c.eval_data}")
         k_eval = self._stage("eval_before", {**model_s, **eval_s}, out / "stages" / "eval_before.out.json",
                              lambda p: self._evaluate(self.dense(), p), False)
         self.log(f"[2/6] scoring the dense model on {c.data} ({', '.join(c.scorers)})")
-        k_score = self._stage("scores_before", {**model_s, **score_s}, out / "scores_before",
-                              lambda p: self._score(self.dense(), p), True)
+        self._stage("scores_before", {**model_s, **score_s}, out / "scores_before",
+                    lambda p: self._score(self.dense(), p), True)
         self.log(f"[3/6] pruning: recipe {self.recipe.name} ({len(self.recipe.steps)} step(s))")
-        prune_s = {**model_s, **calib_s, "batch_size": c.batch_size, "recipe": self.recipe.to_dict(),
-                   "scores": k_score}
         k_prune = self._stage("prune", prune_s, out / "model", self._prune, True)
         self.log("[4/6] evaluating the pruned model")
         self._stage("eval_after", {"prune": k_prune, "eval": k_eval}, out / "stages" / "eval_after.out.json",
@@ -163,7 +184,8 @@ class Pipeline:
     def dense(self) -> LoadedModel:
         if self._dense is None:
             c = self.cfg
-            self._dense = load_model(c.model, dtype=c.dtype, device=c.device, trust_remote_code=c.trust_remote_code)
+            self._dense = load_model(c.model, dtype=c.dtype, device=c.device, trust_remote_code=c.trust_remote_code,
+                                     allow_pickle=c.allow_pickle)
             if self._dense.task != "causal-lm" and self._dense.task != "masked-lm":
                 raise ImpruneError(f"{c.model} is an encoder without a language-model head: `imprune run` needs a "
                                    "loss to evaluate; use a causal or masked language model")
@@ -181,7 +203,8 @@ class Pipeline:
             limit = getattr(lm.model.config, "max_position_embeddings", None)
             if which == "eval":
                 self._windows[which] = load_data(c.eval_data, lm.tokenizer, seq_len=c.seq_len, tokens=c.eval_tokens,
-                                                 sampling="sequential", max_positions=limit)
+                                                 sampling="sequential", max_positions=limit,
+                                                 flags=("--eval-tokens", "--seq-len"))
             else:
                 self._windows[which] = load_data(c.data, lm.tokenizer, seq_len=c.seq_len, tokens=c.tokens,
                                                  seed=c.seed, max_positions=limit)
@@ -216,8 +239,7 @@ class Pipeline:
             elif table is not None and (crit := dict(step.options).get("criterion")) in SCORERS \
                     and crit not in table.scorers:
                 table = None  # a scorer the run's table does not hold (removal): the method scores it itself
-            args = step.namespace(batch_size=self.cfg.batch_size, quiet=not self.progress, data=self.cfg.data,
-                                  tokens=self.cfg.tokens, seq_len=self.cfg.seq_len, seed=self.cfg.seed)
+            args = self._namespace(step)
             start = time.perf_counter()
             result = METHODS[step.method].fn(PruneContext(lm, args, table, lambda: self.windows("calib", lm)))
             kept = result.record.get("structured", {}).get("layers_kept")
@@ -232,6 +254,12 @@ class Pipeline:
                   "sparsity": {str(k): v for k, v in sparsity.items()}, "shapes_changed": shapes_changed,
                   "calibration": dict(self.windows("calib", lm).meta)}
         save_model(lm, path, record)
+
+    def _namespace(self, step: Step) -> Any:
+        """The flags a step's method reads: its own, and the prune command's shared ones from the run."""
+        c = self.cfg
+        return step.namespace(batch_size=c.batch_size, quiet=not self.progress, data=c.data, tokens=c.tokens,
+                              seq_len=c.seq_len, seed=c.seed)
 
     def _table_for(self, step: Step, lm: LoadedModel) -> ImportanceTable | None:
         """A later step that ranks by a table gets one scored on the model as the earlier steps left it."""
@@ -259,7 +287,7 @@ class Pipeline:
                 "nonzero_params": {"before": before["nonzero"], "after": after["nonzero"]},
                 "memory": {"weight_bytes_before": before["weight_bytes"], "weight_bytes_after": after["weight_bytes"]},
                 "timings": timings, "computed_now": dict(self.timings), "reused": list(self.reused),
-                "settings": asdict(self.cfg), "versions": versions()}
+                "settings": asdict(self.cfg), "inputs": self.fingerprints(), "versions": versions()}
 
 
 def _size(lm: LoadedModel) -> dict[str, int]:

@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 
-from importance.cache import atomic_dir
 from importance.errors import ImpruneError
 from importance.meta import versions, write_json
 from importance.models import LoadedModel
+from importance.outputs import publish
 
 from .bits import BitPlan, fake_quantize
 from .io import model_class
@@ -127,7 +127,7 @@ def save_quantized(lm: LoadedModel, out: str | Path, plan: BitPlan, record: dict
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite:  # before the state is gathered; publish checks the rest
         raise ImpruneError(f"output '{out}' already exists; choose another path or pass --overwrite")
     state, aliases, seen = {}, {}, {}
     for key, t in lm.model.state_dict().items():
@@ -141,11 +141,7 @@ def save_quantized(lm: LoadedModel, out: str | Path, plan: BitPlan, record: dict
              for u in plan.units}
     qmap = {n: {"weights": q["weights"], "group_size": group.get(n)} for n, q in quantization_map(lm.model).items()}
     doc = {"format": FORMAT, "modules": qmap, "aliases": aliases, "library": versions().get("optimum-quanto")}
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    with atomic_dir(out) as tmp:
+    with publish(out, overwrite=overwrite) as tmp:  # the old folder goes only once the new one is complete
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         lm.model.config.architectures = [type(lm.model).__name__]  # as save_pretrained records it
         lm.model.config.save_pretrained(tmp)

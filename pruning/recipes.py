@@ -6,7 +6,7 @@ Schema (``imprune.recipe/1``)::
     description: free text             # optional
     steps:                             # one or more, applied in order to the same model
       - method: layers                 # any method of `imprune prune` (unstructured, nm, heads, channels, ...)
-        sparsity: 0.067                # fraction to remove (the method's own meaning; nm takes it from nm: N:M)
+        sparsity: 0.067                # fraction to remove (the method's own meaning; nm: from nm: "N:M")
         criterion: block_influence     # any flag of that method, spelled without '--' ('-' or '_')
       - method: unstructured
         sparsity: 0.3
@@ -28,7 +28,7 @@ from typing import Any
 
 from importance.errors import ImpruneError
 
-from .methods import METHODS
+from .methods import METHODS, method_sparsity
 
 SHIPPED = Path(__file__).parent / "recipes"
 _TOP_KEYS = {"name", "description", "steps"}
@@ -82,7 +82,10 @@ def load_recipe(spec: str | Path) -> Recipe:
 
 
 def _read(path: Path) -> Any:
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ImpruneError(f"recipe '{path}' is not UTF-8 text; pass a .yaml or .json recipe file") from None
     try:
         if path.suffix.lower() == ".json":
             return json.loads(text)
@@ -129,10 +132,15 @@ def _step(raw: Any, i: int, source: str) -> Step:
             allowed = ", ".join(sorted({"method", "sparsity", *(d.replace("_", "-") for d in flags)}))
             raise ImpruneError(f"{where}: unknown key '{key}' for method {method}; allowed: {allowed}")
         options[dest] = _coerce(flags[dest], value, f"{where}, '{key}'")
-    sparsity = raw.get("sparsity", 0.0 if method == "nm" else None)
-    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= float(sparsity) < 1.0:
+    sparsity = raw.get("sparsity")
+    if sparsity is not None and (not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool)
+                                 or not 0.0 <= float(sparsity) < 1.0):
         raise ImpruneError(f"{where}: 'sparsity' must be a number in [0, 1), got {sparsity!r}")
-    return Step(method, float(sparsity), tuple(sorted(options.items())))
+    if method == "nm" and isinstance(raw.get("nm"), int):
+        raise ImpruneError(f"{where}: 'nm' must be quoted, like nm: \"2:4\" (YAML reads 2:4 unquoted as the "
+                           f"number {raw['nm']})")
+    sparsity = method_sparsity(method, sparsity, options.get("nm"), f"{where}: ", ("'sparsity'", "'nm'"))
+    return Step(method, sparsity, tuple(sorted(options.items())))
 
 
 def _flags(method: str) -> dict[str, dict[str, Any]]:

@@ -48,6 +48,7 @@ from typing import Any
 from importance import heatmap as H
 from importance.cache import atomic_file
 from importance.errors import ImpruneError
+from importance.outputs import publish
 from importance.plots_validate import layer_scores_figure
 from importance.table import ImportanceTable
 
@@ -67,22 +68,46 @@ class Run:
     record: dict[str, Any] | None = None
     is_run: bool = True
     validation: Validation | None = None
+    layers_kept: tuple[int, ...] | None = None  # the original layer of each row of ``after`` (layers removed)
 
 
 def _is_table(folder: Path) -> bool:
     return (folder / "table.json").is_file() and (folder / "table.safetensors").is_file()
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ImpruneError(f"'{path}' is not valid JSON ({err.msg}, line {err.lineno}); rewrite or remove it") from None
-    if not isinstance(data, dict):
-        raise ImpruneError(f"'{path}' should hold a JSON object; rewrite or remove it")
-    return data
+def _looks_like_table(folder: Path) -> bool:
+    """Either table file is there (a missing other one is then named by ``ImportanceTable.load``)."""
+    return (folder / "table.json").is_file() or (folder / "table.safetensors").is_file()
+
+
+def _read_json(path: Path, fix: str = "rewrite or remove it") -> dict[str, Any] | None:
+    from importance.identity import read_json_object
+
+    return read_json_object(path, fix) if path.is_file() else None
+
+
+_RERUN = "rerun `imprune run` on the folder (it redoes what is damaged) or remove the file"
+_COMPARE_FIX = "compare two tables of one model (before `imprune prune` and after it)"
+
+
+def _check_run(run: Run, compare: str | Path | None, after_record: dict[str, Any] | None) -> Run:
+    """The tables and the plan of a report describe one model (``importance.identity``); returns ``run`` with
+    the after table's layers_kept."""
+    from dataclasses import replace
+
+    from importance.identity import check_plan, check_plan_map, check_same_model, table_facts
+
+    first = table_facts(run.before, f"table '{run.root / 'scores_before' if run.is_run else run.root}'")
+    plan = f"'{run.root / 'model' / 'imprune.json'}'"
+    if run.record is not None:
+        check_plan_map(run.record, plan, _RERUN)
+    kept = None
+    if run.after is not None:
+        where = f"--compare '{compare}'" if compare is not None else f"table '{run.root / 'scores_after'}'"
+        kept = check_same_model(first, table_facts(run.after, where, after_record), _COMPARE_FIX, derived=True)
+    if run.record is not None:
+        check_plan(run.record, plan, first, _RERUN)
+    return replace(run, layers_kept=kept)
 
 
 def load_run(path: str | Path, compare: str | Path | None = None) -> Run:
@@ -92,18 +117,20 @@ def load_run(path: str | Path, compare: str | Path | None = None) -> Run:
         raise ImpruneError(f"'{root}' is not a folder; pass an `imprune run` folder or an importance table folder")
     other = ImportanceTable.load(Path(compare).expanduser()) if compare is not None else None
     other_label = Path(compare).name if compare is not None else "after"
-    if _is_table(root):
-        return Run(root, ImportanceTable.load(root), other, other_label, is_run=False,
-                   validation=load_validation(root))
-    if not _is_table(root / "scores_before"):
+    if _looks_like_table(root):
+        return _check_run(Run(root, ImportanceTable.load(root), other, other_label, is_run=False,
+                              validation=load_validation(root)), compare, None)
+    if not (root / "scores_before").is_dir():
         raise ImpruneError(f"'{root}' holds neither a table nor scores_before/; pass an `imprune run` folder or a "
                            "folder written by `imprune score`")
+    before = ImportanceTable.load(root / "scores_before")
+    record = _read_json(root / "model" / "imprune.json", _RERUN)
+    metrics = _read_json(root / "metrics.json", _RERUN)
     after = other
-    if after is None and _is_table(root / "scores_after"):
+    if after is None and (root / "scores_after").is_dir():
         after = ImportanceTable.load(root / "scores_after")
-    return Run(root, ImportanceTable.load(root / "scores_before"), after, other_label,
-               _read_json(root / "metrics.json"), _read_json(root / "model" / "imprune.json"),
-               validation=load_validation(root / "scores_before"))
+    run = Run(root, before, after, other_label, metrics, record, validation=load_validation(root / "scores_before"))
+    return _check_run(run, compare, record if compare is None else None)
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -133,7 +160,7 @@ def load_validation(table_dir: Path) -> Validation | None:
 
     folder = table_dir / VALIDATION_DIR
     path = folder / "validation.json"
-    doc = _read_json(path)
+    doc = _read_json(path, "rerun `imprune validate` with --overwrite, or remove the folder")
     if doc is None:
         return None
 
@@ -192,8 +219,7 @@ def run_figures(run: Run, scorer: str | None = None) -> dict[str, tuple[str, Any
                       "important): the layers a depth pruner would drop are the darkest",
                       layer_scores_figure(t))
     if run.after is not None:
-        kept = (run.record or {}).get("layers_kept")
-        kept = kept if kept is not None and len(kept) == run.after.n_layers else None
+        kept = run.layers_kept
         figs["delta"] = ("Before / after on one scale, and log10(after / before) centred at zero",
                          H.delta_figure(t, run.after, comp_scorer, "component", "mean", "none", log=True,
                                         titles=("before", run.after_label), layers_kept=kept))
@@ -455,7 +481,7 @@ def write_report(path: str | Path, out: str | Path, compare: str | Path | None =
     if out.exists() and not overwrite:
         raise ImpruneError(f"output '{out}' already exists; choose another path or pass --overwrite")
     page = build_report(path, compare, scorer, figures_dir)
-    with atomic_file(out) as tmp:
+    with publish(out, kind="file", overwrite=overwrite) as tmp:  # a regular file only, replaced atomically
         tmp.write_text(page, encoding="utf-8")
     return out
 

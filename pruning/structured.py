@@ -29,8 +29,9 @@ signs, so across unit sizes it makes large units (heads) look cheap.
 MLP parameters (channels), the attention + MLP parameters of the blocks (width; norms never shrink) or the
 blocks (layers). Per-layer ratios are uniform or importance-guided (``pruning.allocate.importance_ratios``);
 counts are whole units (a KV group, one head per group, one channel), so the achieved fraction is recorded
-next to the target. ``--bias-compensation`` folds the calibration mean of what the removed heads / channels
-fed into o_proj / down_proj into its bias (Llama-style models get it through ``attention_bias``/``mlp_bias``).
+next to the target; one that whole units cannot reach is refused first (``pruning.checks``).
+``--bias-compensation`` folds the calibration mean of what the removed heads / channels fed into o_proj /
+down_proj into its bias (Llama-style models get it through ``attention_bias``/``mlp_bias``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from importance.offload import is_offloaded
 from importance.scorers import layer_only, layer_only_names
 from importance.table import ImportanceTable, layer_map
 
+from .checks import check_plan, check_structured, layers_count
 from .cli import arg
 from .methods import ALLOCATION, BAND, CRITERION, PruneContext, PruneResult, register_method, table_for
 from .surgery import (
@@ -261,17 +263,20 @@ def _uniform_width(blocks: list[Block], units: list[list[Unit]], budget: float) 
     max_a = min((len(a) for a in attn if a), default=0)
     max_c = min((len(c) for c in chan if c), default=0)
     per_channel = sum(c[0].params for c in chan if c)
-    best: tuple[float, int, int] | None = None
+    step = per_channel or sum(x[0].params for x in attn if x)  # the finest amount a split can change by
+    best: tuple[bool, float, int, int] | None = None
     for a in range(max_a + 1):
         left = budget - sum(u.params for x in attn for u in x[:a])
         c = min(max_c, max(0, round(left / per_channel))) if per_channel else 0
         removed = budget - left + c * per_channel
         if a and removed - budget > sum(x[a - 1].params for x in attn if x) / 2:
             break  # these attention units alone overshoot the budget
+        short = budget - removed > step / 2 + 1e-9  # the channels ran out first: a split that misses the budget
         cost = sum(u.score for x in attn for u in x[:a]) + sum(u.score for x in chan for u in x[:c])
-        if best is None or cost < best[0]:
-            best = (cost, a, c)
-    _, a, c = best or (0.0, 0, 0)
+        rank = (short, -removed if short else cost)  # fill the budget first, then remove least importance
+        if best is None or rank < best[:2]:
+            best = (*rank, a, c)
+    *_, a, c = best or (False, 0.0, 0, 0)
     return [LayerPlan.of(b.index, attn[i][:a] + chan[i][:c]) for i, b in enumerate(blocks)]
 
 
@@ -377,16 +382,14 @@ def prune_structured(lm: LoadedModel, cfg: StructuredConfig, table: ImportanceTa
     cfg.validate()
     _check_in_memory(lm)
     mm = model_map(lm.model)
-    if cfg.keep_heads is not None:  # a bad head count fails before any scoring
-        for b in mm.blocks:
-            if b.n_heads:
-                _keep_heads_count(b, cfg.keep_heads, cfg.gqa)
+    limits = check_structured(mm, cfg)  # an unreachable target or a bad head count fails before any scoring
     table = table_for(lm, table, cfg.criterion, windows, batch_size, progress)
     before = {(c.layer, c.name): c.numel for c in mm.components()}
     params_before = param_count(lm.model)
     plans = plan_structured(mm, table, cfg)
     planned = sum(p.params for p in plans)
     acted_on = sum(part_params(b, cfg.part) for b in mm.blocks)
+    check_plan(planned / max(acted_on, 1), cfg, limits)
     mm, added = apply_plans(lm, plans, cfg.bias_compensation, windows, batch_size)
     geometry = _geometry(mm)
     layers = {str(p.layer): {"heads_removed": p.heads, "kv_heads_removed": p.kv_heads,
@@ -418,15 +421,8 @@ def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "residual_fi
                  progress: bool = False) -> PruneResult:
     """Remove round(sparsity x layers) whole blocks with the lowest ``criterion`` layer score."""
     _check_in_memory(lm)
-    if not 0.0 <= sparsity < 1.0:
-        raise ImpruneError(f"sparsity {sparsity} is outside [0, 1); give the fraction of layers to remove")
-    if criterion not in LAYER_CRITERIA:
-        raise ImpruneError(f"unknown --criterion '{criterion}'; use one of {', '.join(LAYER_CRITERIA)}")
     mm = model_map(lm.model)
-    n = round(sparsity * mm.n_layers)
-    if n >= mm.n_layers:
-        raise ImpruneError(f"--sparsity {sparsity} removes all {mm.n_layers} layers; the most is "
-                           f"{(mm.n_layers - 1) / mm.n_layers:.3f} (keep at least one layer)")
+    n = layers_count(mm.n_layers, sparsity, criterion)
     table = table_for(lm, table, criterion, windows, batch_size, progress)
     removed = layers_to_remove(table, criterion, n)
     keep = [i for i in range(mm.n_layers) if i not in removed]
@@ -457,8 +453,8 @@ _BIAS = arg("--bias-compensation", action="store_true",
 _FLAGS = [_CRITERION, _ALLOCATION, _BAND, _GQA, _HEADS, _BIAS]
 
 
-def _cfg(ctx: PruneContext, part: str) -> StructuredConfig:
-    a = ctx.args
+def config_from_args(a: Any, part: str) -> StructuredConfig:
+    """The validated ``StructuredConfig`` of ``--method heads|channels|width`` flags."""
     cfg = StructuredConfig(sparsity=a.sparsity, part=part, criterion=getattr(a, "criterion", None) or "fisher",
                            allocation=getattr(a, "allocation", "uniform"), band=getattr(a, "band", 0.1),
                            gqa=getattr(a, "gqa", "groups"), keep_heads=getattr(a, "heads", None),
@@ -468,7 +464,7 @@ def _cfg(ctx: PruneContext, part: str) -> StructuredConfig:
 
 
 def _run(ctx: PruneContext, part: str) -> PruneResult:
-    cfg = _cfg(ctx, part)
+    cfg = config_from_args(ctx.args, part)
     windows = ctx.calibration() if ctx.table is None or cfg.bias_compensation else None
     return prune_structured(ctx.lm, cfg, ctx.table, windows, ctx.args.batch_size, progress=not ctx.args.quiet)
 
@@ -488,13 +484,18 @@ def width_method(ctx: PruneContext) -> PruneResult:
     return _run(ctx, "width")
 
 
+def layers_criterion(a: Any) -> str:
+    """The ``--method layers`` criterion (default residual_fisher); head / bias flags do not apply."""
+    for flag, value, default in (("--heads", a.heads, None), ("--bias-compensation", a.bias_compensation, False)):
+        if value != default:
+            raise ImpruneError(f"{flag} does not apply to --method layers; drop it")
+    return getattr(a, "criterion", None) or "residual_fisher"
+
+
 @register_method("layers", "remove whole layers by their layer scores (block_influence, residual_fisher, removal, "
                  "taylor, fisher ...)", args=_FLAGS)
 def layers_method(ctx: PruneContext) -> PruneResult:
     a = ctx.args
-    criterion = getattr(a, "criterion", None) or "residual_fisher"
-    for flag, value, default in (("--heads", a.heads, None), ("--bias-compensation", a.bias_compensation, False)):
-        if value != default:
-            raise ImpruneError(f"{flag} does not apply to --method layers; drop it")
+    criterion = layers_criterion(a)
     windows = ctx.calibration() if ctx.table is None else None
     return prune_layers(ctx.lm, a.sparsity, criterion, ctx.table, windows, a.batch_size, progress=not a.quiet)

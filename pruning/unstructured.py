@@ -134,7 +134,7 @@ class UnstructuredConfig:
         if self.nm is not None:
             n, m = self.nm
             if not 0 < n < m:
-                raise ImpruneError(f"N:M pattern {n}:{m} needs 0 < N < M, e.g. 2:4")
+                raise ImpruneError(f"--nm {n}:{m} is no N:M pattern: it needs 0 < N < M, e.g. 2:4")
             if abs((1 - n / m) - self.sparsity) > 1e-9:
                 raise ImpruneError(f"--sparsity {self.sparsity} does not match {n}:{m}, which removes "
                                    f"{1 - n / m:g}; pass --sparsity {1 - n / m:g}")

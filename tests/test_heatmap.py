@@ -324,7 +324,8 @@ def test_probe_command_scores_each_task(tmp_path) -> None:
     argv = ["probe", "--model", "random:llama", "--tasks", "math,logic", "--samples", "3", "--scorers", "taylor",
             "--out", str(out), "--quiet"]
     assert main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["heads.png", "logic", "math"]
+    assert sorted(p.name for p in out.iterdir()) == ["heads.png", "logic", "math", "probe.json"]
+    assert json.loads((out / "probe.json").read_text())["tasks"] == ["math", "logic"]  # marks it as imprune's
     assert (out / "heads.png").read_bytes().startswith(b"\x89PNG")
     lm = load_model("random:llama")
     for task in ("math", "logic"):
@@ -336,7 +337,7 @@ def test_probe_command_scores_each_task(tmp_path) -> None:
         torch.testing.assert_close(got.tensors["taylor/head"], want.tensors["taylor/head"], equal_nan=True)
     assert main(argv) == 2  # exists
     assert main([*argv[:4], "math,nope", *argv[5:], "--overwrite"]) == 2
-    assert sorted(p.name for p in out.iterdir()) == ["heads.png", "logic", "math"]  # untouched
+    assert sorted(p.name for p in out.iterdir()) == ["heads.png", "logic", "math", "probe.json"]  # untouched
 
 
 def test_a_font_cache_without_matplotlibs_own_fonts_gets_them_and_log_axes_draw_silently(caplog, tmp_path) -> None:
