@@ -34,7 +34,7 @@ from .bits import SENSITIVITIES, SUPPORTED_BITS, BitPlan, check_budget, parse_ch
 from .cli import DEVICE, MODEL, OVERWRITE, QUIET, SEED, TRUST, arg, check_output, command, positive
 from .cli_prune import check_table
 from .evaluate import perplexity
-from .quantize import float32_bytes, quantize_model_, save_quantized, weight_bytes
+from .quantize import fake_quantize_model_, float32_bytes, quantize_model_, save_quantized, weight_bytes
 
 
 def parse_keep(values: list[str] | None) -> tuple[str, ...]:
@@ -74,7 +74,7 @@ def parse_keep(values: list[str] | None) -> tuple[str, ...]:
     arg("--out", required=True, help="output folder"), OVERWRITE, QUIET])
 def quantize_cmd(args: argparse.Namespace) -> int:
     out = check_output(args.out, args.overwrite)
-    legacy = args.format == "quanto" and not args.fake
+    legacy = args.format == "quanto"  # the optimum-quanto grid (packed, or --fake)
     method = args.method or ("gptq" if args.data else "rtn")
     if legacy and method == "gptq":
         raise ImpruneError("--format quanto stores round-to-nearest weights only; use --format compressed-tensors "
@@ -116,12 +116,12 @@ def quantize_cmd(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     quantized = None
     if legacy:
-        quantize_model_(lm.model, plan)
+        (fake_quantize_model_ if args.fake else quantize_model_)(lm.model, plan)
     else:
         quantized = quantize_model_gptq_(lm.model, plan, calib, cfg, args.batch_size, progress=not args.quiet)
     seconds = time.perf_counter() - start
     after = ppl()
-    stored = weight_bytes(lm.model) if legacy else packed_bytes(lm.model, plan, quantized)
+    stored = weight_bytes(lm.model) if quantized is None else packed_bytes(lm.model, plan, quantized)
     record = {"method": "quantize", "quantizer": method if not legacy else "rtn (optimum-quanto grid)",
               "budget": args.budget, "format": "fake-quant" if args.fake else args.format,
               "grid": {"symmetric": cfg.sym, "act_order": cfg.act_order, "damp": cfg.damp,

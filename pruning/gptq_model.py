@@ -201,8 +201,16 @@ def plan_gptq(model: Any, table: ImportanceTable | None, budget: float, choices:
         return BitPlan({u.name: choices[0] for u in units}, tuple(units), choices, budget, "uniform", "uniform",
                        0.0, tuple(kept))
     errors, how = gptq_errors(model, units, choices, windows, cfg, table, batch_size, progress)
+    return plan_from_errors(units, kept, errors, choices, budget, how)
+
+
+def plan_from_errors(units: list[QuantUnit], kept: list[str], errors: dict[str, dict[int, float]],
+                     choices: tuple[int, ...], budget: float, how: str) -> BitPlan:
+    """The knapsack's plan from estimates already measured (for several budgets from one planning pass)."""
+    check_budget(budget, choices)
     rows = [[errors[u.name][b] for b in choices] for u in units]
     pick, solver = solve([u.numel for u in units], rows, choices, budget)
     bits = {u.name: choices[k] for u, k in zip(units, pick, strict=True)}
     estimate = sum(r[k] for r, k in zip(rows, pick, strict=True))
-    return BitPlan(bits, tuple(units), choices, budget, how, solver, estimate, tuple(kept), errors)
+    return BitPlan(bits, tuple(units), choices, budget, how, solver, estimate, tuple(kept),
+                   {n: {b: row[b] for b in choices} for n, row in errors.items()})

@@ -76,7 +76,8 @@ def test_all_8_bit_changes_perplexity_by_under_a_tenth_of_a_percent():
 
 @pytest.mark.parametrize("extra, message", [
     (["--budget", "9"], "outside the widths"), (["--choices", "5,8"], "unsupported bit width"),
-    (["--group-size", "48"], "divisor of it (8, 16, 32, 64)"), (["--method", "gptq", "--data", ""], "needs calibration data"),
+    (["--group-size", "48"], "divisor of it (8, 16, 32, 64)"),
+    (["--method", "gptq", "--data", ""], "needs calibration data"),
     (["--format", "quanto", "--data", "austen:train", "--choices", "3,8"], "quanto stores"),
     (["--nm", "4:2"], "0 < N < M")])
 def test_cli_refuses_bad_input(tmp_path, capsys, extra, message):
