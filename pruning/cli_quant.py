@@ -1,7 +1,7 @@
 """``imprune quantize``: importance-guided mixed-precision weights under an average-bits budget.
 
     imprune quantize --model M [--scores DIR] --budget 4.5 --choices 3,4,8 [--data austen:train --tokens 8192
-                     --seq-len 256 --seed 0] [--method gptq|rtn] [--sym|--asym] [--group-size G] [--act-order]
+                     --seq-len 256 --seed 0] [--method gptq|rtn] [--sym|--asym] [--group-size G] [--no-act-order]
                      [--sparsity 0.5 | --nm 2:4] [--keep PATTERN ...] [--format compressed-tensors|quanto]
                      [--fake] [--random-seed S] --out OUT
 
@@ -55,7 +55,10 @@ def parse_keep(values: list[str] | None) -> tuple[str, ...]:
     arg("--tokens", type=int, default=8192, help="calibration tokens (whole windows)"), SEED,
     arg("--sym", dest="sym", action="store_true", default=False, help="symmetric grid (zero point 0)"),
     arg("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points (default)"),
-    arg("--act-order", action="store_true", help="gptq: visit columns by descending Hessian diagonal"),
+    arg("--act-order", dest="act_order", action="store_true", default=True,
+        help="gptq: visit columns by descending Hessian diagonal, static groups (default; SmolLM2 4-bit g64: "
+             "46.66 vs 50.12 without)"),
+    arg("--no-act-order", dest="act_order", action="store_false", help="gptq: natural column order"),
     arg("--damp", type=float, default=0.01), arg("--blocksize", type=int, default=128),
     arg("--sparsity", type=float, default=0.0, help="gptq: prune this fraction jointly (e.g. 0.5)"),
     arg("--nm", default=None, help="gptq: prune N:M jointly, e.g. 2:4"),
