@@ -94,16 +94,17 @@ class BitPlan:
 
 # ----------------------------------------------------------------------------------------- validation
 
-def parse_choices(text: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
-    """'4,8' -> (4, 8), sorted, each a width a library stores."""
+def parse_choices(text: str | list[int] | tuple[int, ...], supported: tuple[int, ...] = SUPPORTED_BITS
+                  ) -> tuple[int, ...]:
+    """'4,8' -> (4, 8), sorted, each a width the storage format holds (``supported``)."""
     try:
         items = [int(x) for x in (text.split(",") if isinstance(text, str) else text) if str(x).strip()]
     except ValueError:
         raise ImpruneError(f"--choices '{text}' is not a list of integers; give widths such as 4,8") from None
-    bad = [b for b in items if b not in SUPPORTED_BITS]
+    bad = [b for b in items if b not in supported]
     if not items or bad:
         raise ImpruneError(f"unsupported bit width(s) {bad or text}; --choices takes widths from "
-                           f"{','.join(map(str, SUPPORTED_BITS))}, e.g. 4,8")
+                           f"{','.join(map(str, supported))}, e.g. 4,8")
     return tuple(sorted(set(items)))
 
 
@@ -117,8 +118,9 @@ def _group_size(name: str, in_features: int, group_size: int | None) -> int:
     if group_size is None:
         return next((g for g in AUTO_GROUPS if in_features % g == 0 and g < in_features), in_features)
     if group_size < 1 or in_features % group_size:
+        divs = ", ".join(str(k) for k in range(8, in_features + 1) if in_features % k == 0)
         raise ImpruneError(f"--group-size {group_size} does not divide the input dimension {in_features} of {name}; "
-                           "use a divisor of it (e.g. 32 or 64) or leave --group-size out for an automatic one")
+                           f"use a divisor of it ({divs}) or leave --group-size out for an automatic one")
     return group_size
 
 
@@ -287,9 +289,9 @@ def _greedy(sizes: list[int], errors: list[list[float]], choices: tuple[int, ...
 
 def plan_bits(model: Any, table: ImportanceTable | None, budget: float, choices: tuple[int, ...] | str,
               sensitivity: str = "fisher", keep: tuple[str, ...] = (), group_size: int | None = None,
-              linear_only: bool = False) -> BitPlan:
+              linear_only: bool = False, supported: tuple[int, ...] = SUPPORTED_BITS) -> BitPlan:
     """The importance-guided plan for ``model`` (one width everywhere when only one choice is given)."""
-    choices = parse_choices(choices)
+    choices = parse_choices(choices, supported)
     check_budget(budget, choices)
     units, kept = _units(model, keep, group_size, linear_only)
     if len(choices) == 1:
@@ -315,10 +317,11 @@ def _units(model: Any, keep: tuple[str, ...], group_size: int | None, linear_onl
 
 
 def random_plan(model: Any, budget: float, choices: tuple[int, ...] | str, seed: int,
-                keep: tuple[str, ...] = (), group_size: int | None = None, linear_only: bool = False) -> BitPlan:
+                keep: tuple[str, ...] = (), group_size: int | None = None, linear_only: bool = False,
+                supported: tuple[int, ...] = SUPPORTED_BITS) -> BitPlan:
     """A baseline at the same budget: units visited in a seeded random order, each raised to the largest
     width that still fits (so it fills the budget about as fully as the guided plan)."""
-    choices = parse_choices(choices)
+    choices = parse_choices(choices, supported)
     check_budget(budget, choices)
     units, kept = _units(model, keep, group_size, linear_only)
     order = list(range(len(units)))

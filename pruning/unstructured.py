@@ -161,6 +161,8 @@ def parse_nm(text: str | None) -> tuple[int, int] | None:
         n, m = (int(x) for x in text.split(":"))
     except ValueError:
         raise ImpruneError(f"--nm '{text}' is not N:M; write it like 2:4 or 4:8") from None
+    if not 0 < n < m:
+        raise ImpruneError(f"--nm {n}:{m} is no N:M pattern: it needs 0 < N < M, e.g. 2:4")
     return n, m
 
 

@@ -306,7 +306,7 @@ def table_dir(tmp_path_factory, scored):
 def test_cli_refuses_bad_input(tmp_path, capsys, table_dir, extra, message):
     out = tmp_path / "q"
     args = ["quantize", "--model", "random:llama:hidden=128,intermediate=256", "--scores", str(table_dir),
-            "--budget", "5", "--no-eval", "--out", str(out), *extra]
+            "--budget", "5", "--format", "quanto", "--no-eval", "--out", str(out), *extra]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
@@ -316,8 +316,8 @@ def test_cli_refuses_bad_input(tmp_path, capsys, table_dir, extra, message):
 def test_cli_writes_a_reloadable_folder(tmp_path, table_dir):
     out = tmp_path / "q"
     args = ["quantize", "--model", "random:llama:hidden=128,intermediate=256", "--scores", str(table_dir),
-            "--budget", "5", "--choices", "4,8", "--keep", "model.layers.0.mlp.*", "--no-eval", "--quiet",
-            "--out", str(out)]
+            "--budget", "5", "--choices", "4,8", "--keep", "model.layers.0.mlp.*", "--format", "quanto",
+            "--no-eval", "--quiet", "--out", str(out)]
     assert main(args) == 0
     assert {"model.safetensors", "quantization.json", "imprune.json", "bits.png", "config.json"} <= \
         {p.name for p in out.iterdir()}
@@ -332,8 +332,8 @@ def test_cli_writes_a_reloadable_folder(tmp_path, table_dir):
 
 def test_cli_fake_path_writes_a_plain_folder(tmp_path, table_dir):
     out = tmp_path / "f"
-    assert main(["quantize", "--model", "random:gpt2", "--budget", "8", "--choices", "8", "--fake", "--no-eval",
-                 "--quiet", "--out", str(out)]) == 0
+    assert main(["quantize", "--model", "random:gpt2", "--budget", "8", "--choices", "8", "--fake", "--format",
+                 "quanto", "--no-eval", "--quiet", "--out", str(out)]) == 0
     again = load_model(str(out))
     ref = load_model("random:gpt2")
     plan = uniform_plan(ref.model, 8)

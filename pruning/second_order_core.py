@@ -1,0 +1,118 @@
+"""The one second-order core: calibration Hessian, damping, inverse Cholesky and the blocked column loop.
+
+For inputs X [n, in] and a weight W [out, in], both SparseGPT (pruning) and GPTQ (quantization) look for a
+constrained W' minimising ||X W^T - X W'^T||^2, whose Hessian per output row is H = 2 X^T X / n [in, in].
+The columns are visited in order; each column j gets its new value q_j from a *projection* (zero it by a mask,
+round it to a grid, or both), and its error (w_j - q_j) / U_jj is pushed onto the not-yet-visited columns
+through row j of U, the upper Cholesky factor of H^-1 (H^-1 = U^T U: the successive inverses over the
+remaining columns are its rows, so one factorisation serves every column; optimal brain surgeon).
+
+Lazy blocks: within a block of ``blocksize`` columns every column's error goes to the columns on its right
+inside the block at once; the accumulated block error reaches all later columns in one matrix product. Blocks
+start on multiples of the projection's ``align`` (N:M groups, quantization groups), so a group is always
+inside one block and sees the current (already updated) weights when the loop reaches its first column.
+
+Damping adds ``damp`` x mean(diag H) to the diagonal (x10 per retry if H is not positive definite); inputs
+that never fire (diag 0) are dropped (their weights set to 0). ``act_order`` visits the columns by descending
+diag H (the most active inputs first, when the most columns are left to absorb their error) and undoes the
+permutation at the end; the projection is told the permutation (``start``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from importance.errors import ImpruneError
+
+
+class Projection(Protocol):
+    """Where each visited column lands. ``w1`` is the current block [out, b] (updated in place by the core),
+    ``d`` the block's diagonal of U [b], ``start`` the block's first column in visiting order."""
+
+    align: int  # blocks start on multiples of this
+
+    def start(self, w: torch.Tensor, perm: torch.Tensor | None) -> None:
+        """Once before the loop: the damped, dead-zeroed weight [out, in] in visiting order; perm[k] = the
+        original index of the k-th visited column (None = natural order)."""
+
+    def block(self, w1: torch.Tensor, d: torch.Tensor, start: int) -> None:
+        """At the start of every block."""
+
+    def column(self, w1: torch.Tensor, j: int, start: int, d: torch.Tensor) -> torch.Tensor:
+        """The new value [out] of column j of the block (visiting index start + j)."""
+
+
+def layer_hessian(xtx: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """H = 2 X^T X / n (float64 [in, in]) with dead inputs' diagonal set to 1, and the dead mask [in]."""
+    h = 2.0 * xtx.double() / max(n_tokens, 1)  # [in, in]
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    return h, dead
+
+
+def inverse_cholesky(h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1, float64, retrying with more damping if needed."""
+    h = h.double().clone()
+    mean_diag = float(torch.diagonal(h).mean())
+    if mean_diag <= 0 or not torch.isfinite(h).all():
+        raise ImpruneError("the calibration inputs of a layer are all zero or not finite; use more calibration data")
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for attempt in range(6):
+        lam = damp * mean_diag * (10.0 ** attempt)
+        l_factor, info = torch.linalg.cholesky_ex(h + lam * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(l_factor)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return u
+    raise ImpruneError("the calibration Hessian of a layer is not positive definite even with damping; "
+                       "raise --damp or use more calibration tokens")
+
+
+def output_error(delta: torch.Tensor, xtx: torch.Tensor) -> float:
+    """||X delta^T||^2 = sum_i delta_i^T (X^T X) delta_i for a weight change ``delta`` [out, in]."""
+    d = delta.double()
+    return float(((d @ xtx.double()) * d).sum())
+
+
+@torch.no_grad()
+def compensate(weight: torch.Tensor, xtx: torch.Tensor, n_tokens: int, projection: Projection,
+               blocksize: int = 128, damp: float = 0.01, act_order: bool = False) -> torch.Tensor:
+    """The projected and error-compensated copy of ``weight`` [out, in] (float32), from X^T X [in, in] summed
+    over ``n_tokens`` (see the module docstring)."""
+    w = weight.detach().float().clone()  # [out, in]
+    cols = w.shape[1]
+    if xtx.shape != (cols, cols):
+        raise ImpruneError(f"the Hessian {tuple(xtx.shape)} does not match the layer's {cols} inputs")
+    h, dead = layer_hessian(xtx, n_tokens)
+    w[:, dead] = 0.0
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)  # [in]
+        w, h = w[:, perm], h[perm][:, perm]
+    u = inverse_cholesky(h, damp).float()  # [in, in] upper
+    align = max(int(projection.align), 1)
+    if blocksize % align:
+        blocksize = max(align, blocksize - blocksize % align)
+    projection.start(w, perm)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1 = w[:, i1:i2].clone()  # [out, b]
+        u1 = u[i1:i2, i1:i2]  # [b, b]
+        d = torch.diagonal(u1)  # [b]
+        err = torch.zeros_like(w1)
+        projection.block(w1, d, i1)
+        for j in range(i2 - i1):
+            col = w1[:, j]
+            q = projection.column(w1, j, i1, d)
+            e = (col - q) / d[j]  # [out]
+            w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
+            w1[:, j] = q
+            err[:, j] = e
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    if perm is not None:
+        w = w[:, torch.argsort(perm)]
+    return w

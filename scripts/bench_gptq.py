@@ -1,0 +1,184 @@
+"""Benchmark of error-compensated selective quantization (shared/protocol.md), in ONE run.
+
+Rows (each a fresh copy of the model, quantized, evaluated; weights on the compressed-tensors grid, group
+``--group-size`` for widths below 8, asymmetric unless ``--sym``):
+  dense float32
+  rtn 4-bit                          round to nearest (no data)
+  gptq 4-bit, gptq 8-bit             uniform, sequential GPTQ
+  guided gptq <b> (choices)          widths by the output error after GPTQ x Fisher row sensitivity
+                                     (``pruning.gptq_model``), for b in --budgets (4.0 with 3,4,8; 4.5 with
+                                     3,4,8; 5.0 with 4,8); one planning pass measures every width once
+  random <b> seed k                  random plans at the same budgets and choices, GPTQ at those widths
+  joint 50% + 4-bit, 2:4 + 4-bit     GPTQ with the mask in the same column loop
+  sparsegpt 50%                      the pass the quantization time is compared with (same windows)
+Columns: average bits, weight bytes as stored (packed codes + scales + zero points; embeddings float32),
+perplexity, loss vs dense, / random loss at the same budget, quantization seconds, / SparseGPT seconds.
+
+Reference setting: SmolLM2-135M float32; calibration 32 x 256 ``austen:train`` windows (seed 0); evaluation
+the first 16,384 tokens of Persuasion in windows of 256. ``--quick``: 8 x 256 calibration, 4,096 evaluation
+tokens, one random seed. ``--rows`` picks rows by prefix (e.g. ``--rows gptq4,guided``).
+
+    python scripts/bench_gptq.py [--quick] [--group-size 64] [--rows ...] [--seeds 3] [--out scripts/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+BUDGETS = {4.0: "3,4,8", 4.5: "3,4,8", 5.0: "4,8"}
+ROWS = ("rtn4", "gptq4", "gptq8", "guided", "random", "joint", "sparsegpt")
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="builtin:smollm2-135m")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--sym", action="store_true")
+    p.add_argument("--budgets", default="4.0,4.5,5.0")
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--seeds", type=int, default=None, help="random plans per budget (default 3, quick 1)")
+    p.add_argument("--calib-windows", type=int, default=None)
+    p.add_argument("--eval-tokens", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    return p.parse_args()
+
+
+def main() -> int:
+    import torch
+
+    from importance.meta import versions, write_json
+    from importance.models import load_model
+    from importance.scoring import score
+    from pruning.bits import _units, random_plan
+    from pruning.ct_format import packed_bytes
+    from pruning.evaluate import perplexity
+    from pruning.gptq import GPTQ_BITS
+    from pruning.gptq_model import GPTQConfig, gptq_errors, plan_from_errors, plan_gptq, quantize_model_gptq_
+    from pruning.quantize import float32_bytes
+    from pruning.unstructured import UnstructuredConfig, prune_unstructured
+    from scripts.benchlib import reference_data
+
+    a = _args()
+    rows_wanted = {r.strip() for r in a.rows.split(",") if r.strip()}
+    budgets = [float(b) for b in a.budgets.split(",") if b.strip()]
+    st = {"model": a.model, "quick": a.quick, "group_size": a.group_size, "symmetric": a.sym,
+          "budgets": {b: BUDGETS.get(b, "3,4,8") for b in budgets}, "rows": sorted(rows_wanted),
+          "seeds": a.seeds or (1 if a.quick else 3), "calib_windows": a.calib_windows or (8 if a.quick else 32),
+          "seq_len": a.seq_len, "eval_tokens": a.eval_tokens or (4096 if a.quick else 16384),
+          "batch_size": a.batch_size, "seed": a.seed, "threads": torch.get_num_threads()}
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in st.items()), flush=True)
+    base = load_model(a.model)
+    calib, evalw = reference_data(base, st)
+    fp32 = float32_bytes(base.model)
+    gs = a.group_size
+    cfg = GPTQConfig("gptq", sym=a.sym)
+    results: list[dict[str, Any]] = []
+
+    def evaluate(name: str, model: Any, plan: Any, quantized: Any, seconds: float | None, budget: float | None) -> None:
+        ppl = perplexity(model, evalw, base.task, batch_size=a.batch_size, progress=False)
+        nbytes = fp32 if plan is None else packed_bytes(model, plan, quantized)
+        results.append({"row": name, "budget": budget, "avg_bits": None if plan is None else
+                        round(plan.average_bits(), 4), "weight_bytes": nbytes, "ratio_fp32": nbytes / fp32,
+                        "ppl": ppl.ppl, "nll": ppl.nll, "predicted": ppl.predicted,
+                        "seconds": None if seconds is None else round(seconds, 1),
+                        "bits": None if plan is None else dict(plan.bits)})
+        print(f"  {name}: ppl {ppl.ppl:.3f}, {nbytes / fp32:.3f}x float32"
+              + ("" if seconds is None else f", {seconds:.0f} s"), flush=True)
+
+    def run(name: str, plan: Any, c: Any = cfg, budget: float | None = None) -> None:
+        model = copy.deepcopy(base.model)
+        start = time.perf_counter()
+        q = quantize_model_gptq_(model, plan, calib, c, a.batch_size)
+        evaluate(name, model, plan, q, time.perf_counter() - start, budget)
+        del model
+
+    evaluate("dense float32", base.model, None, None, None, None)
+    sgpt_s = None
+    if "sparsegpt" in rows_wanted:
+        lm = copy.copy(base)
+        lm.model = copy.deepcopy(base.model)
+        start = time.perf_counter()
+        prune_unstructured(lm, UnstructuredConfig(0.5, "sparsegpt"), windows=calib, batch_size=a.batch_size)
+        sgpt_s = time.perf_counter() - start
+        evaluate("sparsegpt 50% (time reference)", lm.model, None, None, sgpt_s, None)
+        results[-1]["weight_bytes"] = None
+        del lm
+    uniform = lambda b: plan_gptq(base.model, None, float(b), str(b), calib, cfg, group_size=gs)  # noqa: E731
+    if "rtn4" in rows_wanted:
+        run("rtn 4-bit", uniform(4), GPTQConfig("rtn", sym=a.sym))
+    for b in (4, 8):
+        if f"gptq{b}" in rows_wanted:
+            run(f"gptq {b}-bit", uniform(b))
+    if "joint" in rows_wanted:
+        run("joint 50% + gptq 4-bit", uniform(4), GPTQConfig("gptq", sym=a.sym, sparsity=0.5))
+        run("joint 2:4 + gptq 4-bit", uniform(4), GPTQConfig("gptq", sym=a.sym, nm=(2, 4)))
+    plan_s, errors, how = None, None, ""
+    if "guided" in rows_wanted:
+        table = score(base, calib, ["fisher"], elements=True, batch_size=a.batch_size, progress=False)
+        units, kept = _units(base.model, (), gs, True)
+        widths = tuple(sorted({int(w) for b in budgets for w in st["budgets"][b].split(",")}))
+        start = time.perf_counter()
+        errors, how = gptq_errors(base.model, units, widths, calib, cfg, table, a.batch_size)
+        plan_s = time.perf_counter() - start
+        print(f"planning pass ({widths}): {plan_s:.0f} s; {how}", flush=True)
+        for b in budgets:
+            choices = tuple(int(w) for w in st["budgets"][b].split(","))
+            run(f"guided gptq {b:g} ({st['budgets'][b]})", plan_from_errors(units, kept, errors, choices, b, how),
+                budget=b)
+    if "random" in rows_wanted:
+        for b in budgets:
+            for k in range(st["seeds"]):
+                run(f"random {b:g} ({st['budgets'][b]}) seed {k}",
+                    random_plan(base.model, b, st["budgets"][b], k, group_size=gs, linear_only=True,
+                                supported=GPTQ_BITS), budget=b)
+    dense = results[0]["ppl"]
+    for r in results:
+        r["ppl_loss"] = r["ppl"] - dense
+        rand = [x["ppl"] - dense for x in results if x["row"].startswith("random") and x["budget"] == r["budget"]]
+        r["loss_vs_random"] = r["ppl_loss"] / (sum(rand) / len(rand)) if rand and r["budget"] else None
+        r["time_vs_sparsegpt"] = r["seconds"] / sgpt_s if sgpt_s and r["seconds"] else None
+    md = _markdown(results, st, evalw, plan_s)
+    print(md)
+    out = Path(a.out)
+    stem = "bench_gptq_quick" if a.quick else "bench_gptq"
+    write_json(out / f"{stem}.json", {"settings": st, "eval": dict(evalw.meta), "calibration": dict(calib.meta),
+                                      "planning_seconds": plan_s, "estimator": how, "errors": errors,
+                                      "rows": results, "versions": versions()})
+    (out / f"{stem}.md").write_text(md + "\n")
+    print(f"wrote {out / (stem + '.json')} and .md")
+    return 0
+
+
+def _markdown(rows: list[dict[str, Any]], st: dict[str, Any], evalw: Any, plan_s: float | None) -> str:
+    lines = [f"Perplexity on {evalw.meta.get('data')} ({len(evalw)} x {evalw.seq_len} tokens), calibration "
+             f"{st['calib_windows']} x {st['seq_len']} austen:train windows (seed {st['seed']}); grid "
+             f"{'symmetric' if st['symmetric'] else 'asymmetric'}, group {st['group_size']} below 8 bits, 8 bits per "
+             f"channel; embeddings / lm_head float32"
+             + (f"; the guided rows share one planning pass of {plan_s:.0f} s." if plan_s else "."), "",
+             "| row | avg bits | weight MB | x fp32 | perplexity | loss vs dense | / random loss | seconds | "
+             "/ SparseGPT |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        bits = "32" if r["avg_bits"] is None else f"{r['avg_bits']:.3f}"
+        mb = "-" if r["weight_bytes"] is None else f"{r['weight_bytes'] / 1e6:.1f}"
+        ratio = "-" if r["weight_bytes"] is None else f"{r['ratio_fp32']:.3f}"
+        rel = "-" if r["loss_vs_random"] is None else f"{r['loss_vs_random']:.2f}"
+        sec = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        tv = "-" if r["time_vs_sparsegpt"] is None else f"{r['time_vs_sparsegpt']:.2f}"
+        lines.append(f"| {r['row']} | {bits} | {mb} | {ratio} | {r['ppl']:.2f} | {r['ppl_loss']:+.2f} | {rel} | "
+                     f"{sec} | {tv} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""compressed-tensors round trip (pruning.ct_format) and the GPTQ model pass / CLI (pruning.gptq_model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from conftest import fresh, random_windows
+
+from pruning.bits import quant_units
+from pruning.cli import main
+from pruning.ct_format import save_compressed_tensors
+from pruning.gptq_model import GPTQConfig, plan_gptq, quantize_model_gptq_
+
+
+def _windows(vocab: int, n: int = 6, length: int = 24, seed: int = 0) -> object:
+    return random_windows(n, length, seed=seed, high=min(vocab, 261))
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "qwen2"])
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+def test_round_trip_equals_the_fake_quantized_model(tmp_path, model_type, sym):
+    lm = fresh(model_type, scale=0.1)
+    windows = _windows(lm.model.config.vocab_size)
+    cfg = GPTQConfig("gptq", sym=sym)
+    units, _ = quant_units(lm.model, group_size=16)
+    bits = {u.name: (2, 3, 4, 8)[i % 4] for i, u in enumerate(units)}  # every width, mixed
+    from pruning.bits import BitPlan
+
+    plan = BitPlan(bits, tuple(units), (2, 3, 4, 8), 4.0, "test", "test", 0.0)
+    dense = _logits(lm.model, windows.input_ids)
+    quantized = quantize_model_gptq_(lm.model, plan, windows, cfg, batch_size=3)
+    fake = _logits(lm.model, windows.input_ids)
+    assert not torch.allclose(fake, dense, atol=1e-4)  # quantization changed the model
+    save_compressed_tensors(lm, tmp_path / "ct", plan, quantized, {"test": True})
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    widths = sorted(g["weights"]["num_bits"] for g in config["config_groups"].values())
+    assert widths == [2, 3, 4, 8] and config["quant_method"] == "compressed-tensors"
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    assert torch.allclose(_logits(again, windows.input_ids), fake, atol=1e-5, rtol=1e-5)
+
+
+def test_guided_plan_meets_the_budget_and_prefers_sensitive_units():
+    lm = fresh("llama", scale=0.1)
+    windows = _windows(lm.model.config.vocab_size)
+    cfg = GPTQConfig("gptq")
+    plan = plan_gptq(lm.model, None, 5.0, "4,8", windows, cfg, group_size=16)
+    n = sum(u.numel for u in plan.units)
+    assert plan.average_bits() <= 5.0 and plan.average_bits() > 5.0 - 4 * max(u.numel for u in plan.units) / n
+    for name, row in plan.errors.items():
+        assert row[8] < row[4], name  # more bits, less error after compensation
+    upgraded = [plan.errors[u][4] - plan.errors[u][8] for u, b in plan.bits.items() if b == 8]
+    kept = [plan.errors[u][4] - plan.errors[u][8] for u, b in plan.bits.items() if b == 4]
+    assert upgraded and kept
+
+
+def test_all_8_bit_changes_perplexity_by_under_a_tenth_of_a_percent():
+    from pruning.evaluate import perplexity
+
+    lm = fresh("llama", scale=0.1)
+    windows = _windows(lm.model.config.vocab_size)
+    evalw = _windows(lm.model.config.vocab_size, seed=1)
+    before = perplexity(lm.model, evalw, lm.task, batch_size=3).ppl
+    plan = plan_gptq(lm.model, None, 8.0, "8", windows, GPTQConfig("gptq"))
+    quantize_model_gptq_(lm.model, plan, windows, GPTQConfig("gptq"))
+    after = perplexity(lm.model, evalw, lm.task, batch_size=3).ppl
+    assert abs(after / before - 1) < 1e-3
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--budget", "9"], "outside the widths"), (["--choices", "5,8"], "unsupported bit width"),
+    (["--group-size", "48"], "divisor of it (8, 16, 32, 64)"),
+    (["--method", "gptq", "--data", ""], "needs calibration data"),
+    (["--format", "quanto", "--data", "austen:train", "--choices", "3,8"], "quanto stores"),
+    (["--nm", "4:2"], "0 < N < M")])
+def test_cli_refuses_bad_input(tmp_path, capsys, extra, message):
+    out = tmp_path / "q"
+    args = ["quantize", "--model", "random:llama", "--data", "austen:train", "--tokens", "512", "--seq-len", "32",
+            "--budget", "4", "--choices", "4", "--no-eval", "--quiet", "--out", str(out), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_writes_a_mixed_folder_that_from_pretrained_loads(tmp_path):
+    out = tmp_path / "q"
+    args = ["quantize", "--model", "random:llama", "--data", "austen:train", "--tokens", "512", "--seq-len", "32",
+            "--budget", "4.5", "--choices", "3,4,8", "--group-size", "32", "--eval-tokens", "256", "--quiet",
+            "--out", str(out)]
+    assert main(args) == 0
+    record = json.loads((out / "imprune.json").read_text())
+    assert record["average_bits"] <= 4.5 and record["format"] == "compressed-tensors"
+    assert set(record["modules"].values()) <= {3, 4, 8} and (out / "bits.png").is_file()
+    again = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.isfinite(_logits(again, torch.tensor([[1, 5, 9, 12]]))).all()
