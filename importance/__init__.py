@@ -11,10 +11,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "load_model": "importance.models", "LoadedModel": "importance.models",
-    "model_map": "importance.arch", "register_arch": "importance.arch", "ArchSpec": "importance.arch",
-    "load_data": "importance.data", "Windows": "importance.data",
-    "score": "importance.scoring", "Statistics": "importance.collect",
+    "load_model": "importance.models.load", "LoadedModel": "importance.models.load",
+    "model_map": "importance.arch.canonical", "register_arch": "importance.arch.canonical",
+    "ArchSpec": "importance.arch.canonical",
+    "load_data": "importance.data.sources", "Windows": "importance.data.sources",
+    "score": "importance.scoring", "Statistics": "importance.engine.collect",
     "ImportanceTable": "importance.table", "SCORERS": "importance.scorers", "ImpruneError": "importance.errors",
 }
 

@@ -19,7 +19,7 @@ gate row + up row + down column, an expert, a component, a whole block):
                     loss change when the whole update is removed, without cross-token cancellation)
   removal           layer  measured: mean token NLL increase on (the first ``removal_tokens`` of) the calibration
                     windows when the block is bypassed (output = input); the perplexity criterion of depth
-                    pruning, L partial forwards with the cached-input replay of ``importance.ablation``
+                    pruning, L partial forwards with the cached-input replay of ``importance.validate.ablation``
 
 b runs over sequences (or over batches with ``fisher_unit='batch'``; residual_fisher is always per token).
 Layer-only scorers (kind 'layer') have no element, channel, head or component values.
@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from .arch import Block, Component, ModelMap
-from .stats import Statistics
+from importance.arch.canonical import Block, Component, ModelMap
+from importance.engine.stats import Statistics
 
 GROUPS = ("head", "kv_group", "mlp_channel", "expert")
 

@@ -9,18 +9,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .ablation import removal_statistics
-from .arch import model_map
-from .blockwise import collect_blockwise
-from .collect import CollectConfig, collect
-from .data import Windows, load_data
-from .distributed import all_reduce_statistics, process_state, shard_windows
-from .errors import ImpruneError
-from .meta import versions
-from .models import LoadedModel
-from .offload import is_offloaded
-from .scorers import SCORERS
-from .table import ImportanceTable, build_table
+from importance.arch.canonical import model_map
+from importance.data.sources import Windows, load_data
+from importance.engine.blockwise import collect_blockwise
+from importance.engine.collect import CollectConfig, collect
+from importance.engine.distributed import all_reduce_statistics, process_state, shard_windows
+from importance.engine.offload import is_offloaded
+from importance.errors import ImpruneError
+from importance.models.load import LoadedModel
+from importance.scorers import SCORERS
+from importance.store.meta import versions
+from importance.table import ImportanceTable, build_table
+from importance.validate.ablation import removal_statistics
 
 DEFAULT_SCORERS = ("taylor", "fisher", "activation", "magnitude", "block_influence", "residual_fisher")
 REMOVAL_TOKENS = 2048  # default calibration tokens the measured removal scorer runs on
@@ -44,7 +44,7 @@ def score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequence
 
     ``model`` is a ``LoadedModel`` (from ``importance.load_model``) or a Hugging Face model plus
     ``tokenizer``/``task``; ``data`` is ``Windows`` or a ``--data`` spec string. ``blockwise`` runs the
-    forward-only scorers block by block over kept hidden states (``importance.blockwise``): with an
+    forward-only scorers block by block over kept hidden states (``importance.engine.blockwise``): with an
     offloaded model, peak memory is about one block plus the hidden states. ``removal_tokens`` caps the
     windows the ``removal`` scorer measures on (whole windows, at least one; None: all of them).
     """

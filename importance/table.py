@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import scorers as S
-from .arch import ModelMap
-from .errors import ImpruneError
-from .outputs import publish
-from .stats import Statistics
+from importance import scorers as S
+from importance.arch.canonical import ModelMap
+from importance.engine.stats import Statistics
+from importance.errors import ImpruneError
+from importance.store.outputs import publish
 
 MATRIX_GRANULARITIES = ("component", "head", "kv_group", "mlp_channel", "expert")
 AGGREGATIONS = ("sum", "mean")

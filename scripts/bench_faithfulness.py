@@ -1,11 +1,11 @@
 """Faithfulness: how well each scorer's ranking predicts the measured ablation, as calibration data doubles.
 
-Ground truth (``importance.ablation``): every head and every layer of the model removed alone, mean token NLL
+Ground truth (``importance.validate.ablation``): every head and every layer of the model removed alone, mean token NLL
 increase on held-out windows (``--eval-data``, seeded random draw), measured once. Scores: one pass per chunk of
 calibration windows, statistics merged by addition (they are plain sums), so the tables at n, 2n, 4n, 8n windows
 (nested: each set holds the previous one, the first is the reference draw ``load_data(samples=n, seed)``) cost
 one pass over the largest set. For every size and granularity: Spearman, Kendall tau-b and the bottom-25%
-overlap of every scorer against the ablation (``importance.faithfulness``), and the measurement's own
+overlap of every scorer against the ablation (``importance.validate.faithfulness``), and the measurement's own
 reproducibility (split-half over the held-out windows, ``Ablation.reliability``), whose square root is about
 the best Spearman any scorer can reach against the measurement.
 
@@ -35,16 +35,16 @@ from pathlib import Path
 
 import torch
 
-from importance.ablation import Replay, ablation_table, groups, measure_ablation, removal_statistics
-from importance.arch import model_map
-from importance.collect import CollectConfig, Statistics, collect
-from importance.data import Windows, load_data
-from importance.faithfulness import compare
-from importance.meta import versions, write_json
-from importance.models import load_model
-from importance.plots_validate import ablation_heatmap_figure, scatter_figure
+from importance.arch.canonical import model_map
+from importance.data.sources import Windows, load_data
+from importance.engine.collect import CollectConfig, Statistics, collect
+from importance.models.load import load_model
 from importance.scoring import DEFAULT_SCORERS, REMOVAL_TOKENS, removal_windows
+from importance.store.meta import versions, write_json
 from importance.table import build_table
+from importance.validate.ablation import Replay, ablation_table, groups, measure_ablation, removal_statistics
+from importance.validate.faithfulness import compare
+from importance.viz.validate import ablation_heatmap_figure, scatter_figure
 
 GOALS = {"layer": 0.8, "head": 0.6}
 

@@ -6,7 +6,7 @@ Rows (each a fresh copy of the model, quantized, evaluated; weights on the compr
   rtn 4-bit                          round to nearest (no data)
   gptq 4-bit, gptq 8-bit             uniform, sequential GPTQ
   guided gptq <b> (choices)          widths by the output error after GPTQ x Fisher row sensitivity
-                                     (``pruning.gptq_model``), for b in --budgets (4.0 with 3,4,8; 4.5 with
+                                     (``pruning.quant.gptq_model``), for b in --budgets (4.0 with 3,4,8; 4.5 with
                                      3,4,8; 5.0 with 4,8); one planning pass measures every width once
   random <b> seed k                  random plans at the same budgets and choices, GPTQ at those widths
   joint 50% + 4-bit, 2:4 + 4-bit     GPTQ with the mask in the same column loop
@@ -57,16 +57,16 @@ def _args() -> argparse.Namespace:
 def main() -> int:
     import torch
 
-    from importance.meta import versions, write_json
-    from importance.models import load_model
+    from importance.models.load import load_model
     from importance.scoring import score
-    from pruning.bits import _units, random_plan
-    from pruning.ct_format import packed_bytes
-    from pruning.evaluate import perplexity
-    from pruning.gptq import GPTQ_BITS
-    from pruning.gptq_model import GPTQConfig, gptq_errors, plan_from_errors, plan_gptq, quantize_model_gptq_
-    from pruning.quantize import float32_bytes
-    from pruning.unstructured import UnstructuredConfig, prune_unstructured
+    from importance.store.meta import versions, write_json
+    from pruning.eval.perplexity import perplexity
+    from pruning.methods.unstructured import UnstructuredConfig, prune_unstructured
+    from pruning.quant.bits import _units, random_plan
+    from pruning.quant.ct_format import packed_bytes
+    from pruning.quant.gptq_model import GPTQConfig, gptq_errors, plan_from_errors, plan_gptq, quantize_model_gptq_
+    from pruning.quant.quantize import float32_bytes
+    from pruning.second_order.gptq import GPTQ_BITS
     from scripts.benchlib import reference_data
 
     a = _args()

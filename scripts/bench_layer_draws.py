@@ -23,14 +23,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from benchlib import write_results  # noqa: E402
 
-from importance.ablation import measure_ablation  # noqa: E402
-from importance.arch import model_map  # noqa: E402
-from importance.data import load_data  # noqa: E402
-from importance.faithfulness import spearman  # noqa: E402
-from importance.meta import versions  # noqa: E402
-from importance.models import load_model  # noqa: E402
+from importance.arch.canonical import model_map  # noqa: E402
+from importance.data.sources import load_data  # noqa: E402
+from importance.models.load import load_model  # noqa: E402
 from importance.scorers import layer_only  # noqa: E402
 from importance.scoring import DEFAULT_SCORERS, score  # noqa: E402
+from importance.store.meta import versions  # noqa: E402
+from importance.validate.ablation import measure_ablation  # noqa: E402
+from importance.validate.faithfulness import spearman  # noqa: E402
 
 
 def main() -> None:

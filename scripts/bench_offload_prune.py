@@ -28,8 +28,8 @@ def child(args: argparse.Namespace) -> None:
     lm, windows, peak = capped_child(args, args.child_cap)
     from safetensors.torch import save_file
 
-    from importance.arch import model_map
-    from pruning.unstructured import UnstructuredConfig, prune_unstructured
+    from importance.arch.canonical import model_map
+    from pruning.methods.unstructured import UnstructuredConfig, prune_unstructured
 
     cap = None if args.child_cap == "none" else args.child_cap
     placed = sorted(set(getattr(lm.model, "hf_device_map", {}).values()))

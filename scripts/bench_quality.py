@@ -74,10 +74,10 @@ def unstructured_rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
     import torch
     from benchlib import reference_data
 
-    from importance.models import load_model
+    from importance.models.load import load_model
     from importance.scoring import score
-    from pruning.evaluate import perplexity
-    from pruning.unstructured import UnstructuredConfig, prune_unstructured
+    from pruning.eval.perplexity import perplexity
+    from pruning.methods.unstructured import UnstructuredConfig, prune_unstructured
 
     st = settings(args)
     specs = unstructured_specs(args)

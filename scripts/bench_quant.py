@@ -51,13 +51,13 @@ def _args() -> argparse.Namespace:
 def main() -> int:
     import torch
 
-    from importance.data import load_data
-    from importance.meta import versions, write_json
-    from importance.models import load_model
+    from importance.data.sources import load_data
+    from importance.models.load import load_model
     from importance.scoring import score
-    from pruning.bits import parse_choices, plan_bits, random_plan, uniform_plan
-    from pruning.evaluate import perplexity
-    from pruning.quantize import float32_bytes, quantize_model_, weight_bytes
+    from importance.store.meta import versions, write_json
+    from pruning.eval.perplexity import perplexity
+    from pruning.quant.bits import parse_choices, plan_bits, random_plan, uniform_plan
+    from pruning.quant.quantize import float32_bytes, quantize_model_, weight_bytes
 
     a = _args()
     choices = parse_choices(a.choices)

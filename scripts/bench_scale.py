@@ -32,8 +32,8 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from importance.data import load_data
-    from importance.models import load_model
+    from importance.data.sources import load_data
+    from importance.models.load import load_model
     from importance.scoring import score
 
     lm = load_model(args.model)

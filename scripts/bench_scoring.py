@@ -33,9 +33,9 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from importance.data import load_data
-    from importance.models import load_model
-    from importance.objective import token_nll
+    from importance.data.sources import load_data
+    from importance.engine.objective import token_nll
+    from importance.models.load import load_model
     from importance.scoring import DEFAULT_SCORERS, score
 
     lm = load_model(args.model)

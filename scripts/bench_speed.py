@@ -37,7 +37,7 @@ def _status_mb(key: str) -> float:
 
 
 def _inputs(tokenizer, batch: int, seq_len: int):
-    from importance.data import load_data
+    from importance.data.sources import load_data
 
     return load_data("austen:eval", tokenizer, seq_len=seq_len, samples=batch, sampling="sequential").input_ids
 
@@ -47,7 +47,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from importance.models import load_model
+    from importance.models.load import load_model
 
     lm = load_model(args.load)
     ids = _inputs(lm.tokenizer, args.batch, args.seq_len)
@@ -64,10 +64,10 @@ def child(args: argparse.Namespace) -> None:
 
 def _build(args: argparse.Namespace, folder: Path) -> dict[str, str]:
     """Prune the dense model into folders; returns {variant: folder or model spec}."""
-    from importance.data import load_data
-    from importance.models import load_model
+    from importance.data.sources import load_data
+    from importance.models.load import load_model
     from pruning.io import save_model
-    from pruning.structured import StructuredConfig, prune_layers, prune_structured
+    from pruning.methods.structured import StructuredConfig, prune_layers, prune_structured
 
     specs = {"dense": args.model}
     lm = load_model(args.model)
@@ -104,8 +104,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from importance.arch import model_map
-    from importance.models import load_model
+    from importance.arch.canonical import model_map
+    from importance.models.load import load_model
 
     settings = {k: getattr(args, k) for k in ("model", "width", "layers", "batch", "seq_len", "reps", "threads",
                                               "quick")}

@@ -64,7 +64,7 @@ def write_results(path: str | Path, payload: dict[str, Any]) -> None:
 def reference_data(lm: Any, st: dict[str, Any]) -> tuple[Any, Any]:
     """The quality benches' calibration (``st['calib_windows']`` seeded Austen windows without Persuasion) and
     evaluation windows (the first ``st['eval_tokens']`` of Persuasion), both of ``st['seq_len']`` tokens."""
-    from importance.data import load_data
+    from importance.data.sources import load_data
 
     limit = getattr(lm.model.config, "max_position_embeddings", None)
     calib = load_data("austen:train", lm.tokenizer, seq_len=st["seq_len"], samples=st["calib_windows"],
@@ -81,8 +81,8 @@ def capped_child(args: Any, cap: str) -> tuple[Any, Any, dict[str, int]]:
     import torch
 
     torch.set_num_threads(args.threads)
-    from importance.data import load_data
-    from importance.models import load_model
+    from importance.data.sources import load_data
+    from importance.models.load import load_model
 
     lm = load_model(args.model, max_memory=None if cap == "none" else cap)
     windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.windows, seed=0)

@@ -4,7 +4,7 @@ Quantizes the same float32 linear (SmolLM2's mlp.down shape, [576, 1536]) with o
 groups of 128, qint8) and, when installed, torchao (Int4WeightOnlyConfig, IntxWeightOnlyConfig int4 per group
 of 128, Int8WeightOnlyConfig), and prints for each: bytes of its state dict as saved, the ratio to float32,
 the largest output error on random inputs, and the tensor class that holds the weight. This measurement is why
-``pruning.quantize`` stores weights with quanto (see the README). A configuration that fails to run here is
+``pruning.quant.quantize`` stores weights with quanto (see the README). A configuration that fails to run here is
 printed with its error, not skipped silently.
 
     python scripts/compare_quant_libraries.py [--out scripts/results/quant_libraries.json]

@@ -6,7 +6,7 @@ same rows as a markdown table (with the dense figure) and writes a JSON beside i
 Rows (shared/protocol.md; one scoring pass with every criterion on the dense model feeds all of them):
   width 20% of block parameters   taylor, fisher, activation, magnitude (uniform allocation: the same
                                   widths in every layer); taylor, fisher, activation with importance-guided
-                                  allocation (when ``pruning.allocate`` is present) and with bias compensation
+                                  allocation (when ``pruning.methods.allocate`` is present) and with bias compensation
   layers 25% of the layers        block_influence, residual_fisher, removal, taylor, fisher (8 of SmolLM2's 30
                                   layers; removal measured on the first 2,048 calibration tokens)
 Reference setting: SmolLM2 float32, calibration 32 x 256 Austen windows without Persuasion (seed 0),
@@ -60,7 +60,7 @@ def _selected(args: Any) -> list[dict[str, Any]]:
     only = [s.strip() for s in (getattr(args, "only", None) or "").split(",") if s.strip()]
     chosen = [r for r in ROWS if not only or any(s in row_name(r) for s in only)]
     try:
-        import pruning.allocate  # noqa: F401
+        import pruning.methods.allocate  # noqa: F401
     except ModuleNotFoundError:
         chosen = [r for r in chosen if r.get("allocation") != "importance"]
     return chosen
@@ -70,10 +70,10 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
     """One dict per structured row (``dense=True`` adds the dense model first)."""
     from benchlib import reference_data
 
-    from importance.models import load_model
+    from importance.models.load import load_model
     from importance.scoring import score
-    from pruning.evaluate import perplexity
-    from pruning.structured import StructuredConfig, prune_layers, prune_structured
+    from pruning.eval.perplexity import perplexity
+    from pruning.methods.structured import StructuredConfig, prune_layers, prune_structured
 
     st = _settings(args)
     chosen = _selected(args)

@@ -5,7 +5,7 @@ granularity / transform / band below, each from the same dense weights, and prin
 configuration with the perplexity (64 x 256 Persuasion windows) and the first and last per-layer ratios.
 Calibration 32 x 256 Austen windows (seed 0); the table (all scorers) is scored once on the dense model.
 The uniform and OWL (linear) figures of the same setting are in ``scripts/results/bench_quality.md``.
-This sweep chose the default signal of ``pruning.unstructured`` (fisher, per layer, log scale).
+This sweep chose the default signal of ``pruning.methods.unstructured`` (fisher, per layer, log scale).
 
     python scripts/sweep_allocation.py [wanda|sparsegpt|...] > scripts/results/sweep_allocation.jsonl
 """
@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import reference_data  # noqa: E402
 
-from importance.models import load_model  # noqa: E402
+from importance.models.load import load_model  # noqa: E402
 from importance.scoring import score  # noqa: E402
-from pruning.evaluate import perplexity  # noqa: E402
-from pruning.unstructured import UnstructuredConfig, prune_unstructured  # noqa: E402
+from pruning.eval.perplexity import perplexity  # noqa: E402
+from pruning.methods.unstructured import UnstructuredConfig, prune_unstructured  # noqa: E402
 
 CONFIGS = [  # (signal, granularity, transform, band)
     ("fisher", "layer", "log", 0.1), ("fisher", "layer", "rank", 0.1), ("block_influence", "layer", "rank", 0.1),

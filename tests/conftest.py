@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from importance.data import Windows
-from importance.models import LoadedModel, load_model
+from importance.data.sources import Windows
+from importance.models.load import LoadedModel, load_model
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# every model type with a registered map (importance.arch), in the order the issue lists them
+# every model type with a registered map (importance.arch.canonical), in the order the issue lists them
 ARCH_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite", "olmo2",
               "gpt2", "gpt_neox", "opt", "bert", "mixtral", "qwen3_moe", "qwen2_moe"]
 MOE_TYPES = ["mixtral", "qwen3_moe", "qwen2_moe"]

@@ -1,4 +1,4 @@
-"""pruning.allocate: uniform, importance-guided and global ratios, and exact whole-element counts."""
+"""pruning.methods.allocate: uniform, importance-guided and global ratios, and exact whole-element counts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from importance.errors import ImpruneError
-from pruning.allocate import (
+from pruning.methods.allocate import (
     allocate,
     element_counts,
     global_ratios,

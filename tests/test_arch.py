@@ -1,4 +1,4 @@
-"""The canonical component views (importance.arch) against what each real module computes in a model forward.
+"""The canonical component views (importance.arch.canonical) against what each real module computes in a model forward.
 
 Every check runs on a private copy of a tiny random model whose parameters (biases and norms too) are refilled
 with noise, so that a view that drops a bias, reads the wrong rows or forgets a transpose cannot pass.
@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from conftest import ARCH_TYPES, DISCOVERED_TYPES, MOE_TYPES, UNKNOWN_FUSED_TYPES, fresh, random_windows, tiny
 from torch import nn
 
-from importance.arch import model_map
+from importance.arch.canonical import model_map
 from importance.errors import ImpruneError
-from importance.models import load_model
-from pruning.cli import main
+from importance.models.load import load_model
+from pruning.cli.core import main
 
 
 def _map(model: nn.Module):

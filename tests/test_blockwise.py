@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from importance.data import Windows
+from importance.data.sources import Windows
 from importance.errors import ImpruneError
-from importance.models import load_model
+from importance.models.load import load_model
 from importance.scoring import score
 
 FORWARD_ONLY = ["activation", "magnitude", "block_influence"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import tiny
 
-from importance.data import load_data
-from pruning.cli import main
-from pruning.evaluate import perplexity
+from importance.data.sources import load_data
+from pruning.cli.core import main
+from pruning.eval.perplexity import perplexity
 
 
 def _files(root: Path) -> set[Path]:

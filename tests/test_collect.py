@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from importance.arch import model_map
-from importance.collect import CollectConfig, Statistics, collect
-from importance.data import Windows
+from importance.arch.canonical import model_map
+from importance.data.sources import Windows
+from importance.engine.collect import CollectConfig, Statistics, collect
+from importance.engine.objective import token_nll
 from importance.errors import ImpruneError
-from importance.models import load_model
-from importance.objective import token_nll
+from importance.models.load import load_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite", "olmo2", "gpt2",
          "gpt_neox", "opt", "bert", "mixtral", "qwen3_moe", "qwen2_moe"]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from importance import corpora
-from importance.corpora import (
+from importance.data import corpora
+from importance.data.corpora import (
     AUSTEN_EVAL,
     AUSTEN_NOVELS,
     AUSTEN_OBJECTS,
@@ -24,8 +24,8 @@ from importance.corpora import (
     austen_text,
     austen_texts,
 )
+from importance.data.rdata import RList, RSymbol, read_lazyload, read_lazyload_object, read_serialized
 from importance.errors import ImpruneError
-from importance.rdata import RList, RSymbol, read_lazyload, read_lazyload_object, read_serialized
 
 # --- tiny R serialization writer (XDR), enough to build test streams by hand -----------------------------
 

@@ -1,4 +1,4 @@
-"""compressed-tensors round trip (pruning.ct_format) and the GPTQ model pass / CLI (pruning.gptq_model)."""
+"""compressed-tensors round trip (pruning.quant.ct_format) and the GPTQ model pass / CLI (pruning.quant.gptq_model)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 import transformers
 from conftest import fresh, random_windows
 
-from pruning.bits import quant_units
-from pruning.cli import main
-from pruning.ct_format import save_compressed_tensors
-from pruning.gptq_model import GPTQConfig, plan_gptq, quantize_model_gptq_
+from pruning.cli.core import main
+from pruning.quant.bits import quant_units
+from pruning.quant.ct_format import save_compressed_tensors
+from pruning.quant.gptq_model import GPTQConfig, plan_gptq, quantize_model_gptq_
 
 
 def _windows(vocab: int, n: int = 6, length: int = 24, seed: int = 0) -> object:
@@ -32,7 +32,7 @@ def test_round_trip_equals_the_fake_quantized_model(tmp_path, model_type, sym):
     cfg = GPTQConfig("gptq", sym=sym)
     units, _ = quant_units(lm.model, group_size=16)
     bits = {u.name: (2, 3, 4, 8)[i % 4] for i, u in enumerate(units)}  # every width, mixed
-    from pruning.bits import BitPlan
+    from pruning.quant.bits import BitPlan
 
     plan = BitPlan(bits, tuple(units), (2, 3, 4, 8), 4.0, "test", "test", 0.0)
     dense = _logits(lm.model, windows.input_ids)
@@ -62,7 +62,7 @@ def test_guided_plan_meets_the_budget_and_prefers_sensitive_units():
 
 
 def test_all_8_bit_changes_perplexity_by_under_a_tenth_of_a_percent():
-    from pruning.evaluate import perplexity
+    from pruning.eval.perplexity import perplexity
 
     lm = fresh("llama", scale=0.1)
     windows = _windows(lm.model.config.vocab_size)

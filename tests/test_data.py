@@ -1,4 +1,4 @@
-"""Data specs -> windows (importance.data), checked against the token stream computed from the UTF-8 bytes."""
+"""Data specs -> windows (importance.data.sources), checked against the token stream computed from the UTF-8 bytes."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXT, byte_ids
 
-from importance.data import load_data
+from importance.data.sources import load_data
+from importance.data.tasks import generate, task_names
 from importance.errors import ImpruneError
-from importance.models import byte_tokenizer
-from importance.tasks import generate, task_names
+from importance.models.load import byte_tokenizer
 
 EOS = 2
 PAD = 0

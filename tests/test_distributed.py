@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from importance.data import Windows
-from importance.distributed import launch_command, shard_windows
+from importance.data.sources import Windows
+from importance.engine.distributed import launch_command, shard_windows
 from importance.errors import ImpruneError
 from importance.table import ImportanceTable
-from pruning.cli import main
+from pruning.cli.core import main
 
 
 def _windows(n: int, t: int = 8) -> Windows:

@@ -1,4 +1,4 @@
-"""Perplexity (pruning.evaluate) against an independent computation from the logits."""
+"""Perplexity (pruning.eval.perplexity) against an independent computation from the logits."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import random_windows, tiny
 
-from importance.data import Windows, load_data
+from importance.data.sources import Windows, load_data
+from importance.engine.objective import mlm_positions
 from importance.errors import ImpruneError
-from importance.objective import mlm_positions
-from pruning.evaluate import perplexity
+from pruning.eval.perplexity import perplexity
 
 
 def _reference_causal(model, w: Windows) -> tuple[float, int]:

@@ -1,4 +1,4 @@
-"""GPTQ on the second-order core (pruning.gptq, pruning.second_order_core)."""
+"""GPTQ on the second-order core (pruning.second_order.gptq, pruning.second_order.core)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from importance.errors import ImpruneError
-from pruning.gptq import QuantSpec, dequantize, gptq, rtn
-from pruning.unstructured import lowest_mask
+from pruning.methods.masks import lowest_mask
+from pruning.second_order.gptq import QuantSpec, dequantize, gptq, rtn
 
 
 def _layer(seed: int = 0, n: int = 512, cols: int = 64, out: int = 24) -> tuple[torch.Tensor, torch.Tensor]:

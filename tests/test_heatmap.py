@@ -15,11 +15,11 @@ import torch
 from conftest import random_windows, tiny
 from matplotlib import colors
 
-from importance import heatmap as H
 from importance.errors import ImpruneError
 from importance.scoring import score
 from importance.table import ImportanceTable
-from pruning.cli import main
+from importance.viz import heatmap as H
+from pruning.cli.core import main
 
 # table component order deliberately differs from the display order
 COMPS = ["norm.attn_in", "attn.q", "attn.k", "attn.v", "attn.o", "norm.mlp_in", "mlp.gate", "mlp.up", "mlp.down"]
@@ -317,8 +317,8 @@ def test_heatmap_command(tmp_path, scored: ImportanceTable, capsys) -> None:
 
 
 def test_probe_command_scores_each_task(tmp_path) -> None:
-    from importance.data import load_data
-    from importance.models import load_model
+    from importance.data.sources import load_data
+    from importance.models.load import load_model
 
     out = tmp_path / "probe"
     argv = ["probe", "--model", "random:llama", "--tasks", "math,logic", "--samples", "3", "--scorers", "taylor",
@@ -348,7 +348,7 @@ def test_a_font_cache_without_matplotlibs_own_fonts_gets_them_and_log_axes_draw_
     from matplotlib import font_manager
     from matplotlib.figure import Figure
 
-    from importance import heatmap
+    from importance.viz import heatmap
 
     fm = font_manager.fontManager
     saved = list(fm.ttflist)

@@ -1,4 +1,4 @@
-"""Model specs (importance.models): random-model overrides, the byte tokenizer, errors, the built-in models."""
+"""Model specs (importance.models.load): random-model overrides, the byte tokenizer, errors, the built-in models."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import ARCH_TYPES, BYTE_OFFSET, byte_ids, tiny
 
-import importance.models as models
-from importance.arch import model_map
+import importance.models.load as models
+from importance.arch.canonical import model_map
+from importance.engine.objective import has_loss, token_nll
 from importance.errors import ImpruneError
-from importance.models import BYTE_SPECIALS, byte_tokenizer, load_model, parse_random_spec
-from importance.objective import has_loss, token_nll
-from pruning.evaluate import perplexity
+from importance.models.load import BYTE_SPECIALS, byte_tokenizer, load_model, parse_random_spec
+from pruning.eval.perplexity import perplexity
 
 # ----------------------------------------------------------------------------------------- random specs
 
@@ -186,7 +186,7 @@ def test_minilm_is_an_encoder_without_loss() -> None:
     with torch.no_grad():
         out = lm.model(**ids)
     assert out.last_hidden_state.shape[-1] == lm.model.config.hidden_size
-    from importance.data import Windows
+    from importance.data.sources import Windows
 
     w = Windows(ids["input_ids"], ids["attention_mask"], ids["attention_mask"].bool())
     with pytest.raises(ImpruneError, match="no language-model head"):

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from importance.arch import model_map
-from importance.data import Windows
+from importance.arch.canonical import model_map
+from importance.data.sources import Windows
 from importance.errors import ImpruneError
-from importance.models import load_model
+from importance.models.load import load_model
 from importance.scoring import score
-from pruning.evaluate import perplexity
+from pruning.eval.perplexity import perplexity
 
 
 def _windows() -> Windows:

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from importance.errors import ImpruneError
-from importance.models import load_model
-from pruning.cli import main
-from pruning.pipeline import Pipeline, RunConfig
-from pruning.recipes import load_recipe, parse_recipe, shipped_recipes
+from importance.models.load import load_model
+from pruning.cli.core import main
+from pruning.run.pipeline import Pipeline, RunConfig
+from pruning.run.recipes import load_recipe, parse_recipe, shipped_recipes
 
 RECIPE = {"name": "t", "steps": [{"method": "layers", "sparsity": 0.34, "criterion": "block_influence"},
                                  {"method": "channels", "sparsity": 0.25, "criterion": "taylor"}]}
@@ -138,7 +138,7 @@ def test_every_shipped_recipe_validates() -> None:
 def test_a_first_step_by_a_scorer_the_run_table_lacks_scores_it_itself(text: Path, tmp_path: Path) -> None:
     """The run's table holds the one-pass scorers; a recipe that removes layers by the measured ``removal``
     gets it scored on the calibration windows, and removes the layer whose bypass costs least there."""
-    from importance.ablation import measure_ablation
+    from importance.validate.ablation import measure_ablation
 
     recipe = {"name": "r", "steps": [{"method": "layers", "sparsity": 0.34, "criterion": "removal"}]}
     out = tmp_path / "run"

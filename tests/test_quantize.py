@@ -12,13 +12,13 @@ import random
 import pytest
 import torch
 
-from importance.data import Windows
+from importance.data.sources import Windows
 from importance.errors import ImpruneError
-from importance.models import load_model
+from importance.models.load import load_model
 from importance.scoring import score
-from pruning.bits import fake_quantize, parse_choices, plan_bits, quant_units, random_plan, solve, uniform_plan
-from pruning.cli import main
-from pruning.quantize import (
+from pruning.cli.core import main
+from pruning.quant.bits import fake_quantize, parse_choices, plan_bits, quant_units, random_plan, solve, uniform_plan
+from pruning.quant.quantize import (
     fake_quantize_model_,
     float32_bytes,
     load_quantized,
@@ -258,7 +258,7 @@ def test_save_reload_gives_the_same_logits(tmp_path, scored):
 def test_tied_embeddings_reload(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from importance.models import LoadedModel, byte_tokenizer, random_config
+    from importance.models.load import LoadedModel, byte_tokenizer, random_config
 
     torch.manual_seed(0)
     config = random_config("llama", hidden_size=128, intermediate_size=256, tie_word_embeddings=True)
@@ -344,7 +344,7 @@ def test_cli_fake_path_writes_a_plain_folder(tmp_path, table_dir):
 
 @pytest.mark.integration
 def test_smollm2_five_bits_fits_the_memory_target():
-    from importance.data import load_data
+    from importance.data.sources import load_data
 
     lm = load_model("builtin:smollm2-135m")
     windows = load_data("austen:train", lm.tokenizer, seq_len=64, tokens=128)

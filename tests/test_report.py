@@ -17,12 +17,12 @@ import torch
 from conftest import random_windows, tiny
 from matplotlib.figure import Figure
 
-from importance import heatmap as H
 from importance.errors import ImpruneError
 from importance.scoring import score
 from importance.table import ImportanceTable
-from pruning.cli import main
-from pruning.report import build_report, load_run, write_run_outputs
+from importance.viz import heatmap as H
+from pruning.cli.core import main
+from pruning.run.report import build_report, load_run, write_run_outputs
 
 EVIL = "<script>alert('x')</script>"
 
@@ -357,9 +357,9 @@ def test_browser_check_catches_a_broken_image_and_a_script_error(run_dir: Path, 
 
 @pytest.mark.integration
 def test_smollm2_heatmaps_and_report(tmp_path: Path) -> None:
-    from importance import heatmap as H
-    from importance.data import load_data
-    from importance.models import load_model
+    from importance.data.sources import load_data
+    from importance.models.load import load_model
+    from importance.viz import heatmap as H
 
     lm = load_model("builtin:smollm2-135m")
     tables = [score(lm, load_data(f"tasks:{t}", lm.tokenizer, seq_len=64, samples=4), ["taylor"], progress=False)
@@ -376,7 +376,7 @@ def test_smollm2_heatmaps_and_report(tmp_path: Path) -> None:
 
 
 def test_plan_is_drawn_beside_the_scorer_that_allocated_it(run_dir: Path, tables) -> None:
-    from pruning.report import run_figures
+    from pruning.run.report import run_figures
 
     record = {"method": "recipe", "sparsity": {"0": {"attn.q": 0.5}, "1": {"attn.q": 0.75}},
               "steps": [{"method": "layers"}, {"method": "unstructured",

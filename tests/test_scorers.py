@@ -8,10 +8,10 @@ import pytest
 import torch
 from test_collect import ARCHS, _close, _model, _windows, per_sequence_grads
 
-from importance.arch import model_map
-from importance.data import Windows
+from importance.arch.canonical import model_map
+from importance.data.sources import Windows
 from importance.errors import ImpruneError
-from importance.models import load_model
+from importance.models.load import load_model
 from importance.scorers import layer_only
 from importance.scoring import parse_scorers, score
 from importance.table import ImportanceTable, layer_map_matrix, normalize
@@ -181,7 +181,7 @@ def test_data_spec_needs_a_tokenizer() -> None:
 
 @pytest.mark.integration
 def test_smollm2_scores_every_layer_component_and_head(tmp_path) -> None:
-    from pruning.cli import main
+    from pruning.cli.core import main
 
     out = tmp_path / "scores"
     assert main(["score", "--model", "builtin:smollm2-135m", "--data", "austen:train", "--tokens", "256",

@@ -17,11 +17,11 @@ import pytest
 import torch
 from conftest import fresh
 
-from importance.arch import model_map
-from importance.data import Windows
+from importance.arch.canonical import model_map
+from importance.data.sources import Windows
 from importance.errors import ImpruneError
-from importance.models import LoadedModel, load_model
-from pruning.unstructured import UnstructuredConfig, prune_unstructured, select_components
+from importance.models.load import LoadedModel, load_model
+from pruning.methods.unstructured import UnstructuredConfig, prune_unstructured, select_components
 
 SPECS = ["random:llama:layers=6,hidden=256,intermediate=512", "random:gpt2:layers=6,hidden=256"]
 
@@ -89,7 +89,7 @@ def test_sequential_pruning_offloaded_equals_in_memory(tmp_path: Path, spec: str
 def test_the_sequential_pass_reads_one_block_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from accelerate.utils import OffloadedWeightsLoader
 
-    import pruning.unstructured as U
+    import pruning.methods.unstructured as U
 
     _, folder, size = _saved(tmp_path, SPECS[0])
     off = _offloaded(folder, size)
@@ -192,7 +192,7 @@ def _folder_of(lm: LoadedModel) -> str:
 
 
 def test_structured_pruning_refuses_an_offloaded_model(tmp_path: Path) -> None:
-    from pruning.structured import prune_layers
+    from pruning.methods.depth import prune_layers
 
     _, folder, size = _saved(tmp_path, SPECS[0])
     with pytest.raises(ImpruneError, match="needs the whole model in memory"):
@@ -202,7 +202,7 @@ def test_structured_pruning_refuses_an_offloaded_model(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------- CLI
 
 def _prune_cli(*argv: str) -> int:
-    from pruning.cli import main
+    from pruning.cli.core import main
 
     return main(["prune", "--no-eval", "--quiet", "--tokens", "256", "--seq-len", "32", "--method", "unstructured",
                  "--sparsity", "0.5", *argv])
@@ -229,7 +229,7 @@ def test_cli_prunes_an_offloaded_model_into_a_reloadable_folder(tmp_path: Path, 
 
 def test_cli_refuses_max_memory_for_structured_methods(tmp_path: Path, text_file: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from pruning.cli import main
+    from pruning.cli.core import main
 
     _, folder, size = _saved(tmp_path, SPECS[0])
     capsys.readouterr()

@@ -9,14 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from importance.arch import model_map
-from importance.data import Windows
+from importance.arch.canonical import model_map
+from importance.data.sources import Windows
 from importance.errors import ImpruneError
-from importance.models import load_model
+from importance.models.load import load_model
+from importance.models.pruned import load_pruned
 from importance.scoring import score
-from pruning.io import load_pruned, save_model
-from pruning.structured import LayerPlan, StructuredConfig, apply_plans, plan_structured, prune_layers, prune_structured
-from pruning.surgery import cut_block, param_count
+from pruning.io import save_model
+from pruning.methods.depth import prune_layers
+from pruning.methods.structured import (
+    LayerPlan,
+    StructuredConfig,
+    apply_plans,
+    plan_structured,
+    prune_structured,
+)
+from pruning.methods.surgery import cut_block, param_count
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite", "olmo2", "gpt2",
          "gpt_neox", "opt", "bert", "mixtral", "qwen3_moe", "qwen2_moe"]
@@ -192,7 +200,7 @@ def test_width_split_follows_importance() -> None:
 
     for allocation in ("uniform", "importance"):
         if allocation == "importance":
-            pytest.importorskip("pruning.allocate")
+            pytest.importorskip("pruning.methods.allocate")
         cfg = StructuredConfig(0.2, "width", criterion="magnitude", allocation=allocation, band=0.0)
         cheap_heads = plan_structured(mm, Scaled(1e-6), cfg)
         costly_heads = plan_structured(mm, Scaled(1e6), cfg)
@@ -210,7 +218,7 @@ def test_non_uniform_widths_save_and_load_identically(model_type: str, tmp_path:
     want = _logits(lm.model, ids)
     save_model(lm, tmp_path / "m", {"method": "test", "shapes_changed": True})
     record = json.loads((tmp_path / "m" / "imprune.json").read_text())
-    assert record["reload"] == "pruning.io.load_pruned" and record["layer_shapes"]["params"]
+    assert record["reload"] == "importance.models.pruned.load_pruned" and record["layer_shapes"]["params"]
     again = load_model(str(tmp_path / "m"))  # load_model routes the folder through load_pruned
     assert torch.equal(_logits(again.model, ids), want)
     assert [(b.n_heads, b.n_kv_heads, b.intermediate) for b in model_map(again.model).blocks] == \
@@ -339,7 +347,7 @@ def test_bias_compensation_without_a_bias_flag_is_refused_before_any_change() ->
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv: list[str], message: str, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from pruning.cli import main
+    from pruning.cli.core import main
 
     out = tmp_path / "out"
     code = main(["prune", "--model", "random:llama", "--no-eval", "--quiet", "--tokens", "64", "--seq-len", "32",
@@ -351,7 +359,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv: list[str], messag
 
 @pytest.mark.parametrize("criterion", ["residual_fisher", "removal"])
 def test_cli_layers_by_a_layer_only_scorer_removes_its_lowest_layer(criterion: str, tmp_path: Path) -> None:
-    from pruning.cli import main
+    from pruning.cli.core import main
 
     out = tmp_path / "out"
     code = main(["prune", "--model", "random:llama", "--method", "layers", "--sparsity", "0.5", "--criterion",
@@ -364,7 +372,7 @@ def test_cli_layers_by_a_layer_only_scorer_removes_its_lowest_layer(criterion: s
 
 
 def test_cli_width_writes_a_folder_that_reloads(tmp_path: Path) -> None:
-    from pruning.cli import main
+    from pruning.cli.core import main
 
     out = tmp_path / "out"
     code = main(["prune", "--model", "random:llama", "--method", "width", "--sparsity", "0.3", "--criterion",
@@ -380,7 +388,7 @@ def test_cli_width_writes_a_folder_that_reloads(tmp_path: Path) -> None:
 @pytest.mark.integration
 @pytest.mark.parametrize("method, sparsity", [("width", 0.2), ("layers", 0.25)])
 def test_smollm2_prunes_reloads_and_generates(method: str, sparsity: float, tmp_path: Path) -> None:
-    from importance.data import load_data
+    from importance.data.sources import load_data
 
     lm = load_model("builtin:smollm2-135m")
     windows = load_data("austen:train", lm.tokenizer, seq_len=64, samples=2)

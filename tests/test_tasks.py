@@ -13,9 +13,9 @@ from fractions import Fraction
 
 import pytest
 
-from importance import task_words
+from importance.data import task_words
+from importance.data.tasks import TASKS, TaskItem, TaskSpec, generate, load_jsonl, register_task, task_names
 from importance.errors import ImpruneError
-from importance.tasks import TASKS, TaskItem, TaskSpec, generate, load_jsonl, register_task, task_names
 
 NAMES = ("knowledge", "retrieval", "logic", "decision", "semantic", "syntax", "inference", "math")
 N = 256

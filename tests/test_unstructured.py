@@ -1,4 +1,4 @@
-"""Unstructured and N:M pruning (pruning.unstructured, pruning.sparsegpt, pruning.sequential)."""
+"""Unstructured and N:M pruning (pruning.methods.unstructured, pruning.second_order: sparsegpt, sequential)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from importance.arch import model_map
-from importance.blockwise import BlockInput
+from importance.arch.canonical import model_map
+from importance.engine.blockwise import BlockInput
 from importance.errors import ImpruneError
-from pruning.sequential import run_sequential
-from pruning.sparsegpt import sparsegpt
-from pruning.unstructured import (
+from pruning.methods.masks import lowest_mask, nm_mask
+from pruning.methods.unstructured import (
     UnstructuredConfig,
     default_signal,
-    lowest_mask,
-    nm_mask,
     prune_unstructured,
     select_components,
 )
+from pruning.second_order.sequential import run_sequential
+from pruning.second_order.sparsegpt import sparsegpt
 from tests.conftest import fresh, random_windows
 
 CRITERIA = ["magnitude", "wanda", "taylor", "fisher", "sparsegpt"]
@@ -218,7 +217,7 @@ def test_sequential_sparsegpt_sees_pruned_inputs() -> None:
 # ----------------------------------------------------------------------------------------- CLI and reload
 
 def _cli(tmp_path: Path, *argv: str) -> int:
-    from pruning.cli import main
+    from pruning.cli.core import main
 
     return main(["prune", "--model", "random:llama", "--no-eval", "--quiet", "--data", "austen:train",
                  "--tokens", "128", "--seq-len", "32", *argv])
@@ -248,7 +247,7 @@ def test_cli_writes_a_folder_plain_transformers_reloads_with_zeros(tmp_path: Pat
 
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2"])
 def test_pruned_weights_stay_zero_after_save_and_reload(model_type: str, tmp_path: Path) -> None:
-    from importance.models import load_model
+    from importance.models.load import load_model
     from pruning.io import save_model
 
     lm = fresh(model_type, scale=0.1)
@@ -283,7 +282,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv: list[str], messag
 
 
 def test_a_table_from_another_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from importance.models import load_model
+    from importance.models.load import load_model
     from importance.scoring import score
 
     other = load_model("random:llama:hidden=32,heads=2,kv_heads=1,intermediate=64")
@@ -303,7 +302,7 @@ def test_a_table_from_another_model_is_refused(tmp_path: Path, capsys: pytest.Ca
 def test_smollm2_wanda_half_reloads_with_plain_transformers(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from pruning.cli import main
+    from pruning.cli.core import main
 
     out = tmp_path / "m"
     code = main(["prune", "--model", "builtin:smollm2-135m", "--method", "unstructured", "--criterion", "wanda",
@@ -318,7 +317,7 @@ def test_smollm2_wanda_half_reloads_with_plain_transformers(tmp_path: Path) -> N
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_semi_structured_kernels_are_refused_without_cuda() -> None:
-    from pruning.unstructured import to_semi_structured_
+    from pruning.methods.unstructured import to_semi_structured_
 
     with pytest.raises(ImpruneError, match="need a CUDA GPU"):
         to_semi_structured_(fresh("llama").model)

@@ -12,15 +12,15 @@ import pytest
 import torch
 from test_collect import _model, _windows
 
-from importance.ablation import Ablation, Group, Replay, ablation_table, groups, measure_ablation, removed
-from importance.arch import model_map
-from importance.data import Windows
+from importance.arch.canonical import model_map
+from importance.data.sources import Windows
+from importance.engine.objective import token_nll
 from importance.errors import ImpruneError
-from importance.faithfulness import agreement, bottom_overlap, compare, kendall_tau_b, rank, spearman
-from importance.models import load_model
-from importance.objective import token_nll
+from importance.models.load import load_model
 from importance.scoring import score
 from importance.table import ImportanceTable
+from importance.validate.ablation import Ablation, Group, Replay, ablation_table, groups, measure_ablation, removed
+from importance.validate.faithfulness import agreement, bottom_overlap, compare, kendall_tau_b, rank, spearman
 
 SHORTCUT_ARCHS = ["llama", "gpt2", "gpt_neox", "gemma2", "qwen3", "bert", "phi3", "qwen2_moe"]
 
@@ -316,7 +316,7 @@ def _random_table(scorers: list[str], n_layers: int, seed: int) -> ImportanceTab
 
 
 def test_ablation_heatmap_panels_are_rank_percentiles_in_the_table_layout() -> None:
-    from importance.plots_validate import ablation_heatmap_figure
+    from importance.viz.validate import ablation_heatmap_figure
 
     scores, truth = _random_table(["taylor", "fisher"], 30, seed=1), _random_table(["ablation"], 30, seed=2)
 
@@ -340,7 +340,7 @@ def test_ablation_heatmap_panels_are_rank_percentiles_in_the_table_layout() -> N
 
 
 def test_layer_scores_figure_ranks_every_scorer_layer_only_ones_first() -> None:
-    from importance.plots_validate import layer_scores_figure
+    from importance.viz.validate import layer_scores_figure
 
     table = _random_table(["taylor", "fisher"], 12, seed=3)
     g = torch.Generator().manual_seed(4)
@@ -356,7 +356,7 @@ def test_layer_scores_figure_ranks_every_scorer_layer_only_ones_first() -> None:
 # ----------------------------------------------------------------------------------------- command line
 
 def test_validate_command_writes_everything(tmp_path) -> None:
-    from pruning.cli import main
+    from pruning.cli.core import main
 
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"word{i % 37} and more{i % 11}." for i in range(800)))
@@ -390,7 +390,7 @@ def test_validate_command_writes_everything(tmp_path) -> None:
 
 @pytest.mark.integration
 def test_smollm2_first_layer_is_catastrophic_and_the_shortcut_is_exact() -> None:
-    from importance.data import load_data
+    from importance.data.sources import load_data
 
     lm = load_model("builtin:smollm2-135m")
     mm = model_map(lm.model)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pruning.cli import main
+from pruning.cli.core import main
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))  # `from conftest import tiny` reaches tests/conftest.py

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from importance import distributed
-from importance.data import load_data
-from importance.models import load_model
+from importance.data.sources import load_data
+from importance.engine import distributed
+from importance.models.load import load_model
 from importance.scoring import score
-from pruning.cli import main
+from pruning.cli.core import main
 
 from .conftest import Result, assert_one_line_error, snapshot
 

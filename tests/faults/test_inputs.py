@@ -23,9 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from importance.errors import ImpruneError
-from importance.model_checks import check_device, nonfinite_advice
-from importance.models import load_model
-from pruning.cli import main
+from importance.models.checks import check_device, nonfinite_advice
+from importance.models.load import load_model
+from pruning.cli.core import main
 
 from .conftest import Result, assert_one_line_error, snapshot
 

@@ -1,6 +1,6 @@
 """Outputs are never lost: what ``--overwrite`` refuses, read-only and full disks, interrupted saves.
 
-Every command writes through ``importance.outputs`` (``check_target`` before any work, ``publish`` to swap a
+Every command writes through ``importance.store.outputs`` (``check_target`` before any work, ``publish`` to swap a
 complete temporary in). These tests run the CLI as a user would and compare the file system before / after.
 """
 
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from importance import outputs as O
 from importance.errors import ImpruneError
-from importance.models import load_model
+from importance.models.load import load_model
+from importance.store import outputs as O
 from importance.table import ImportanceTable
-from pruning.cli import main
+from pruning.cli.core import main
 
 from .conftest import REPO, assert_one_line_error, snapshot
 
@@ -390,7 +390,7 @@ def test_probe_marks_its_folder_and_overwrite_replaces_it(cli, tmp_path: Path):
 
 
 def test_a_cache_folder_written_by_another_process_first_is_kept(tmp_path: Path):
-    from importance.cache import atomic_dir
+    from importance.store.cache import atomic_dir
 
     final = tmp_path / "cache" / "model"
     with atomic_dir(final) as tmp:

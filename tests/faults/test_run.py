@@ -17,8 +17,8 @@ import pytest
 import torch
 from conftest import sample_words
 
-from importance.models import load_model
-from pruning.recipes import shipped_recipes
+from importance.models.load import load_model
+from pruning.run.recipes import shipped_recipes
 
 from .conftest import assert_one_line_error, snapshot
 
@@ -40,9 +40,9 @@ def _rewrite_keeping_stat(path: Path, data: bytes) -> None:
 
 def test_changed_inputs_redo_what_depends_on_them_and_only_that(cli, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import pruning.report
+    import pruning.run.report
 
-    monkeypatch.setattr(pruning.report, "write_run_outputs", lambda out: None)  # figures: not the point here
+    monkeypatch.setattr(pruning.run.report, "write_run_outputs", lambda out: None)  # figures: not the point here
     model = tmp_path / "model"
     lm = load_model("random:llama:layers=2")
     lm.model.save_pretrained(model)
@@ -83,7 +83,7 @@ def test_a_large_weight_file_is_fingerprinted_by_its_header_and_samples(tmp_path
     """Above FULL_HASH_BYTES a file is hashed by size, mtime, its safetensors header and sampled chunks."""
     from safetensors.torch import save_file
 
-    import importance.fingerprint as F
+    import importance.store.fingerprint as F
 
     monkeypatch.setattr(F, "FULL_HASH_BYTES", 1 << 20)
     path = tmp_path / "model.safetensors"
@@ -151,14 +151,14 @@ def test_a_recipe_the_model_cannot_take_fails_before_any_stage(steps: list, expe
 ])
 def test_recipe_sparsity_and_nm_are_checked_when_read(raw: dict, expect: str) -> None:
     from importance.errors import ImpruneError
-    from pruning.recipes import parse_recipe
+    from pruning.run.recipes import parse_recipe
 
     with pytest.raises(ImpruneError, match=expect):
         parse_recipe({"steps": [raw]})
 
 
 def test_nm_takes_its_sparsity_from_the_pattern_in_prune_and_recipes(cli, tmp_path: Path, text_file: Path) -> None:
-    from pruning.recipes import load_recipe
+    from pruning.run.recipes import load_recipe
 
     assert load_recipe("nm24").steps[0].sparsity == 0.5
     out = tmp_path / "out"
@@ -181,7 +181,7 @@ CAPS = [(["--method", "heads"], 0.5), (["--method", "heads", "--gqa", "per-group
 @pytest.mark.parametrize("flags, most", CAPS)
 def test_a_structured_target_beyond_whole_units_is_refused_before_any_work(
         flags: list[str], most: float, cli, tmp_path: Path, text_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pruning.cli_prune as cp
+    import pruning.cli.prune as cp
 
     def no_data(*a, **k):
         raise AssertionError("data was read before the target was checked")

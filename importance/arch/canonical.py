@@ -1,0 +1,486 @@
+"""The canonical view of a transformer: the ONLY place in imprune that knows module names.
+
+``model_map(model)`` returns a ``ModelMap``: its blocks (layers), and in each block the canonical
+components ``attn.q attn.k attn.v attn.o mlp.gate mlp.up mlp.down``, the norms ``norm.*``, and for MoE
+layers ``mlp.router`` + the stacked expert weights ``mlp.experts.{gate,up,down}`` (and a shared expert).
+Each ``Component`` hands out a plain ``[out, in]`` weight (``[E, out, in]`` for stacked experts):
+transposed for GPT-2's Conv1D, sliced for fused modules (phi3 ``qkv_proj``/``gate_up_proj``, GPT-2
+``c_attn``, GPT-NeoX ``query_key_value`` interleaved per head), so scorers and pruners never see a quirk.
+
+Maps are registered per ``config.model_type`` with paths relative to each block. A model type with no
+entry goes through a generic discovery (repeated blocks + linear modules with well-known names), said in
+a warning; where that cannot work, ``ImpruneError`` names the model type and ``register_arch``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from importance.engine.offload import offloaded_weight, write_offloaded_
+from importance.errors import ImpruneError
+
+LINEAR_NAMES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+NORM_NAMES = ("norm.attn_in", "norm.attn_out", "norm.mlp_in", "norm.mlp_out", "norm.q", "norm.k")
+MOE_NAMES = ("mlp.router", "mlp.experts.gate", "mlp.experts.up", "mlp.experts.down",
+             "mlp.shared.gate", "mlp.shared.up", "mlp.shared.down", "mlp.shared.router")
+CANONICAL_ORDER = LINEAR_NAMES + MOE_NAMES + NORM_NAMES
+# how rows / columns of a component map onto the structural groups of its block
+GROUPS = ("head", "kv_group", "mlp_channel", "expert")
+_OUT_GROUP = {"attn.q": "head", "attn.k": "kv_group", "attn.v": "kv_group", "mlp.gate": "mlp_channel",
+              "mlp.up": "mlp_channel"}
+_IN_GROUP = {"attn.o": "head", "mlp.down": "mlp_channel"}
+
+
+@dataclass(frozen=True)
+class Fused:
+    """A component that is a row slice of a fused module's output.
+
+    ``layout``: 'qkv' = rows [q (H*d) | k (Hkv*d) | v (Hkv*d)]; 'qkv_heads' = per head [q_h | k_h | v_h]
+    (GPT-NeoX); 'halves' = rows [gate | up]. ``part`` is the index of this component's piece.
+    """
+
+    path: str
+    layout: str
+    part: int
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Paths relative to one block; a value in ``linears`` is a path or a ``Fused`` slice."""
+
+    blocks: str
+    linears: dict[str, str | Fused]
+    norms: dict[str, str] = field(default_factory=dict)
+    experts: str | None = None  # module with 3-D ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I]
+    router: str | None = None
+    shared: dict[str, str] = field(default_factory=dict)  # canonical mlp.shared.* -> path
+    gqa: bool = True  # False: the config's num_key_value_heads is ignored by the model (all MHA)
+    attn: str = "self_attn"  # attention and MLP module paths, for structural surgery
+    mlp: str = "mlp"
+    final_norm: str | None = "model.norm"
+    # structural surgery: config fields holding the geometry (None: the field also fixes head_dim = hidden /
+    # heads, as in GPT-2, OPT, BERT and GPT-NeoX, so a changed head count cannot be written into the config)
+    config_heads: str | None = "num_attention_heads"
+    config_kv_heads: str | None = "num_key_value_heads"
+    config_intermediate: str | None = "intermediate_size"
+    attn_config_heads: bool = False  # the attention forward reads config.num_attention_heads (phi3's fused split)
+    attn_bias_flag: str | None = "attention_bias"  # config flags that add biases (used by bias compensation)
+    mlp_bias_flag: str | None = "mlp_bias"
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register_arch(*model_types: str) -> Callable[[ArchSpec], ArchSpec]:
+    """Register ``spec`` for ``model_types``: ``register_arch('llama', 'mistral')(ArchSpec(...))``."""
+
+    def add(spec: ArchSpec) -> ArchSpec:
+        for t in model_types:
+            _REGISTRY[t] = spec
+        return spec
+
+    return add
+
+
+def registered_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+_LLAMA_LIN = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+              "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
+              "mlp.down": "mlp.down_proj"}
+_LLAMA_NORMS = {"norm.attn_in": "input_layernorm", "norm.mlp_in": "post_attention_layernorm"}
+_QK_NORMS = {"norm.q": "self_attn.q_norm", "norm.k": "self_attn.k_norm"}
+_GEMMA2_NORMS = {"norm.attn_in": "input_layernorm", "norm.attn_out": "post_attention_layernorm",
+                 "norm.mlp_in": "pre_feedforward_layernorm", "norm.mlp_out": "post_feedforward_layernorm"}
+_ATTN_ONLY = {k: v for k, v in _LLAMA_LIN.items() if k.startswith("attn.")}
+
+register_arch("llama", "mistral", "qwen2", "gemma", "granite", "cohere", "olmo")(
+    ArchSpec("model.layers", _LLAMA_LIN, _LLAMA_NORMS))
+register_arch("qwen3")(ArchSpec("model.layers", _LLAMA_LIN, {**_LLAMA_NORMS, **_QK_NORMS}))
+register_arch("gemma2")(ArchSpec("model.layers", _LLAMA_LIN, _GEMMA2_NORMS))
+register_arch("gemma3_text")(ArchSpec("model.layers", _LLAMA_LIN, {**_GEMMA2_NORMS, **_QK_NORMS}))
+register_arch("olmo2")(ArchSpec("model.layers", _LLAMA_LIN, {
+    "norm.attn_out": "post_attention_layernorm", "norm.mlp_out": "post_feedforward_layernorm", **_QK_NORMS}))
+register_arch("phi3")(ArchSpec("model.layers", {
+    "attn.q": Fused("self_attn.qkv_proj", "qkv", 0), "attn.k": Fused("self_attn.qkv_proj", "qkv", 1),
+    "attn.v": Fused("self_attn.qkv_proj", "qkv", 2), "attn.o": "self_attn.o_proj",
+    "mlp.gate": Fused("mlp.gate_up_proj", "halves", 0), "mlp.up": Fused("mlp.gate_up_proj", "halves", 1),
+    "mlp.down": "mlp.down_proj"}, _LLAMA_NORMS, attn_config_heads=True))
+register_arch("gpt2")(ArchSpec("transformer.h", {
+    "attn.q": Fused("attn.c_attn", "qkv", 0), "attn.k": Fused("attn.c_attn", "qkv", 1),
+    "attn.v": Fused("attn.c_attn", "qkv", 2), "attn.o": "attn.c_proj", "mlp.up": "mlp.c_fc",
+    "mlp.down": "mlp.c_proj"}, {"norm.attn_in": "ln_1", "norm.mlp_in": "ln_2"}, gqa=False, attn="attn",
+    final_norm="transformer.ln_f", config_heads=None, config_kv_heads=None, config_intermediate="n_inner"))
+register_arch("gpt_neox")(ArchSpec("gpt_neox.layers", {
+    "attn.q": Fused("attention.query_key_value", "qkv_heads", 0),
+    "attn.k": Fused("attention.query_key_value", "qkv_heads", 1),
+    "attn.v": Fused("attention.query_key_value", "qkv_heads", 2), "attn.o": "attention.dense",
+    "mlp.up": "mlp.dense_h_to_4h", "mlp.down": "mlp.dense_4h_to_h"}, _LLAMA_NORMS, gqa=False, attn="attention",
+    final_norm="gpt_neox.final_layer_norm", config_heads=None, config_kv_heads=None))
+register_arch("opt")(ArchSpec("model.decoder.layers", {
+    "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+    "attn.o": "self_attn.out_proj", "mlp.up": "fc1", "mlp.down": "fc2"},
+    {"norm.attn_in": "self_attn_layer_norm", "norm.mlp_in": "final_layer_norm"}, gqa=False, mlp="",
+    final_norm="model.decoder.final_layer_norm", config_heads=None, config_kv_heads=None,
+    config_intermediate="ffn_dim"))
+register_arch("bert", "roberta")(ArchSpec("encoder.layer", {
+    "attn.q": "attention.self.query", "attn.k": "attention.self.key", "attn.v": "attention.self.value",
+    "attn.o": "attention.output.dense", "mlp.up": "intermediate.dense", "mlp.down": "output.dense"},
+    {"norm.attn_out": "attention.output.LayerNorm", "norm.mlp_out": "output.LayerNorm"}, gqa=False,
+    attn="attention", mlp="", final_norm=None, config_heads=None, config_kv_heads=None))
+register_arch("mixtral")(ArchSpec("model.layers", _ATTN_ONLY, _LLAMA_NORMS, experts="mlp.experts",
+                                  router="mlp.gate", config_intermediate=None))  # experts read intermediate_size
+register_arch("qwen3_moe")(ArchSpec("model.layers", _LLAMA_LIN, {**_LLAMA_NORMS, **_QK_NORMS},
+                                    experts="mlp.experts", router="mlp.gate"))
+register_arch("qwen2_moe")(ArchSpec("model.layers", _LLAMA_LIN, _LLAMA_NORMS, experts="mlp.experts",
+                                    router="mlp.gate", shared={
+                                        "mlp.shared.gate": "mlp.shared_expert.gate_proj",
+                                        "mlp.shared.up": "mlp.shared_expert.up_proj",
+                                        "mlp.shared.down": "mlp.shared_expert.down_proj",
+                                        "mlp.shared.router": "mlp.shared_expert_gate"}))
+
+
+# ----------------------------------------------------------------------------------------- views
+
+@dataclass(eq=False)
+class Component:
+    """One canonical component of one block, as a plain weight view.
+
+    ``kind``: 'linear' (weight [out, in]), 'experts' (stacked [E, out, in]) or 'norm' (weight [d]).
+    ``rows`` selects this component's output rows in the module (slice or index tensor; None = all);
+    ``transposed`` marks Conv1D (stored [in, out]); ``param`` names the module parameter.
+    """
+
+    name: str
+    layer: int
+    path: str
+    module: nn.Module
+    kind: str
+    param: str = "weight"
+    rows: slice | torch.Tensor | None = None
+    transposed: bool = False
+    head_dim: int = 0
+    out_group: str | None = None  # 'head' | 'kv_group' | 'mlp_channel' | 'expert' along rows
+    in_group: str | None = None  # ... along columns
+
+    def _stored(self, name: str | None = None) -> tuple[torch.Tensor, bool]:
+        """The module's parameter ``name`` (default: this component's) as stored, and whether it is
+        accelerate's offloaded copy."""
+        name = name or self.param
+        w = getattr(self.module, name)
+        if w.device.type == "meta" and hasattr(self.module, "_hf_hook"):  # offloaded by accelerate: its copy
+            return offloaded_weight(self.module, name, self.path), True
+        return w, False
+
+    def _oriented(self, w: torch.Tensor) -> torch.Tensor:
+        """The stored parameter as ``[..., out, in]`` (GPT-2's Conv1D stores ``[in, out]``)."""
+        return w.transpose(-1, -2) if self.transposed else w
+
+    def _full(self) -> torch.Tensor:
+        return self._oriented(self._stored()[0])
+
+    def _view(self, full: torch.Tensor) -> torch.Tensor:
+        if self.rows is None:
+            return full
+        return full[..., self.rows, :] if self.kind == "experts" else full[self.rows]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``[out, in]`` (``[E, out, in]`` for experts, ``[d]`` for norms): a view where the layout allows.
+
+        On an offloaded module this reads accelerate's CPU / disk copy (a disk copy afresh on every access)."""
+        return self._view(self._full())
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        b = getattr(self.module, "bias", None) if self.param == "weight" else None
+        if not isinstance(b, torch.Tensor) or self.kind == "experts":
+            return None
+        b = self._stored("bias")[0]
+        return b if self.rows is None else b[self.rows]
+
+    def select_out(self, y: torch.Tensor) -> torch.Tensor:
+        """This component's slice of the module's output ``[..., out_total] -> [..., out]``."""
+        return y if self.rows is None else y[..., self.rows]
+
+    @torch.no_grad()
+    def update_weight_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace the weight view by ``fn(weight)`` in place (writes through slices and transposes, and into
+        accelerate's offloaded copy when the module is offloaded)."""
+        stored, offloaded = self._stored()
+        full = self._oriented(stored)
+        new = fn(self._view(full))
+        if self.rows is None:
+            full.copy_(new)
+        elif self.kind == "experts":
+            full[..., self.rows, :] = new
+        else:
+            full[self.rows] = new
+        if offloaded:
+            write_offloaded_(self.module, self.param, stored, self.path)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Read from the module's parameter itself (a meta tensor when offloaded): no weights are loaded."""
+        return tuple(self._view(self._oriented(getattr(self.module, self.param))).shape)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(eq=False)
+class Block:
+    """One transformer block with its components and its attention / MLP geometry."""
+
+    index: int
+    path: str
+    module: nn.Module
+    components: dict[str, Component]
+    n_heads: int = 0
+    n_kv_heads: int = 0
+    head_dim: int = 0
+    n_experts: int = 0
+    intermediate: int = 0
+
+    def group_size(self, group: str) -> int:
+        return {"head": self.n_heads, "kv_group": self.n_kv_heads, "mlp_channel": self.intermediate,
+                "expert": self.n_experts}[group]
+
+
+@dataclass(eq=False)
+class ModelMap:
+    """The canonical view of a whole model; rebuild it after structural changes (it is cheap)."""
+
+    model: nn.Module
+    model_type: str
+    spec: ArchSpec
+    blocks_path: str
+    blocks: list[Block]
+    discovered: bool = False
+
+    def components(self) -> Iterator[Component]:
+        for block in self.blocks:
+            yield from block.components.values()
+
+    def component_names(self) -> list[str]:
+        present = {c.name for c in self.components()}
+        return [n for n in CANONICAL_ORDER if n in present]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    def max_size(self, group: str) -> int:
+        return max((b.group_size(group) for b in self.blocks), default=0)
+
+    def summary(self) -> list[dict[str, object]]:
+        """One row per canonical component: path pattern, shape in the first block that has it, layers, params."""
+        rows = []
+        for name in self.component_names():
+            comps = [b.components[name] for b in self.blocks if name in b.components]
+            first = comps[0]
+            pattern = first.path.replace(f"{self.blocks_path}.{first.layer}.", f"{self.blocks_path}.*.", 1)
+            if first.rows is not None:
+                pattern += " (slice)" if isinstance(first.rows, slice) else " (interleaved rows)"
+            if first.transposed:
+                pattern += " (Conv1D, transposed)"
+            rows.append({"component": name, "path": pattern, "shape": list(first.shape), "layers": len(comps),
+                         "params": sum(c.numel for c in comps)})
+        return rows
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    mod: nn.Module | None = root
+    for part in path.split("."):
+        mod = getattr(mod, part, None) if mod is not None else None
+    return mod
+
+
+def _find_blocks(model: nn.Module, blocks: str) -> tuple[str, nn.ModuleList]:
+    hits = [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.ModuleList) and (n == blocks or n.endswith("." + blocks))]
+    if len(hits) != 1:
+        raise ImpruneError(f"expected one block list '{blocks}' in {type(model).__name__}, found {len(hits)}; "
+                           "register a mapping with importance.arch.canonical.register_arch")
+    return hits[0]
+
+
+def _geometry(model: nn.Module) -> tuple[int, int]:
+    """(num_attention_heads, head_dim) from the config; head_dim from hidden size where not given."""
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    if not heads:
+        raise ImpruneError(f"config of model type '{cfg.model_type}' names no attention head count")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return int(heads), int(head_dim)
+
+
+def _is_linear(m: nn.Module | None) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def _fused_rows(layout: str, part: int, out_total: int, head_dim: int, n_heads: int) -> slice | torch.Tensor:
+    if layout == "halves":
+        half = out_total // 2
+        return slice(part * half, (part + 1) * half)
+    if layout == "qkv":
+        q = n_heads * head_dim
+        kv = (out_total - q) // 2
+        return [slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)][part]
+    if layout == "qkv_heads":
+        n = out_total // (3 * head_dim)
+        return (torch.arange(n).view(n, 1) * 3 * head_dim + part * head_dim + torch.arange(head_dim)).flatten()
+    raise ImpruneError(f"unknown fused layout '{layout}'")
+
+
+def _layer_heads(block: nn.Module, spec: ArchSpec, n_heads_cfg: int, out_total: int, head_dim: int) -> int:
+    """Query heads of one block with a fused [q | k | v] projection (may differ per layer after pruning)."""
+    if not spec.gqa:  # q, k and v are equally wide
+        return out_total // (3 * head_dim)
+    own = getattr(_get(block, spec.attn), "config", None) if spec.attn_config_heads else None
+    return int(getattr(own, spec.config_heads or "", None) or n_heads_cfg)
+
+
+def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_heads_cfg: int,
+                 head_dim: int) -> Block:
+    comps: dict[str, Component] = {}
+    # q / k / v / o / MLP linears (plain or fused)
+    q_entry = spec.linears.get("attn.q")
+    for name, entry in spec.linears.items():
+        path = entry.path if isinstance(entry, Fused) else entry
+        mod = _get(block, path)
+        if mod is None and name.startswith("mlp.") and spec.experts:  # MoE layer without a dense MLP
+            continue
+        if not _is_linear(mod):
+            raise ImpruneError(f"block {index}: '{path}' for {name} is missing or not a linear layer; "
+                               "fix the mapping with importance.arch.canonical.register_arch")
+        transposed = type(mod).__name__ == "Conv1D"
+        rows = None
+        if isinstance(entry, Fused):
+            out_total = mod.weight.shape[1 if transposed else 0]
+            n_heads = _layer_heads(block, spec, n_heads_cfg, out_total, head_dim) if entry.layout == "qkv" else 0
+            rows = _fused_rows(entry.layout, entry.part, out_total, head_dim, n_heads)
+        comps[name] = Component(name, index, f"{bpath}.{path}", mod, "linear", rows=rows, transposed=transposed,
+                                head_dim=head_dim, out_group=_OUT_GROUP.get(name), in_group=_IN_GROUP.get(name))
+    for name, path in spec.shared.items():
+        mod = _get(block, path)
+        if _is_linear(mod):
+            comps[name] = Component(name, index, f"{bpath}.{path}", mod, "linear")
+    experts = _get(block, spec.experts) if spec.experts else None
+    n_experts = 0
+    if experts is not None and hasattr(experts, "gate_up_proj"):
+        e, two_i, _ = experts.gate_up_proj.shape
+        n_experts, half = int(e), int(two_i) // 2
+        epath = f"{bpath}.{spec.experts}"
+        for part, name in enumerate(("mlp.experts.gate", "mlp.experts.up")):
+            comps[name] = Component(name, index, epath, experts, "experts", param="gate_up_proj",
+                                    rows=slice(part * half, (part + 1) * half), out_group="expert")
+        comps["mlp.experts.down"] = Component("mlp.experts.down", index, epath, experts, "experts",
+                                              param="down_proj", out_group="expert")
+        router = _get(block, spec.router) if spec.router else None
+        if router is not None and isinstance(getattr(router, "weight", None), torch.Tensor):
+            comps["mlp.router"] = Component("mlp.router", index, f"{bpath}.{spec.router}", router, "linear",
+                                            out_group="expert")
+    for name, path in spec.norms.items():
+        mod = _get(block, path)
+        if mod is None or getattr(mod, "weight", None) is None:
+            raise ImpruneError(f"block {index}: norm '{path}' for {name} is missing or has no weight; "
+                               "fix the mapping with importance.arch.canonical.register_arch")
+        comps[name] = Component(name, index, f"{bpath}.{path}", mod, "norm")
+    # geometry from the actual shapes (pruned models may differ per layer)
+    n_heads = comps["attn.q"].shape[0] // head_dim if "attn.q" in comps else 0
+    n_kv = comps["attn.k"].shape[0] // head_dim if "attn.k" in comps else 0
+    if q_entry is not None and not spec.gqa:
+        n_kv = n_heads
+    inter = comps["mlp.up"].shape[0] if "mlp.up" in comps else 0
+    return Block(index, bpath, block, comps, n_heads, n_kv, head_dim, n_experts, inter)
+
+
+def model_map(model: nn.Module) -> ModelMap:
+    """The canonical map of ``model`` (registered by ``config.model_type``, else discovered)."""
+    model_type = str(getattr(model.config, "model_type", type(model).__name__))
+    spec = _REGISTRY.get(model_type)
+    discovered = spec is None
+    if spec is None:
+        spec = discover(model)
+        warnings.warn(f"imprune: model type '{model_type}' has no registered map; discovered blocks "
+                      f"'{spec.blocks}' and components {sorted(spec.linears)} by name. Check `imprune info`, "
+                      "and register a mapping with importance.arch.register_arch if it is wrong.", stacklevel=2)
+    bpath, blist = _find_blocks(model, spec.blocks)
+    n_heads, head_dim = _geometry(model)
+    blocks = [_build_block(i, f"{bpath}.{i}", b, spec, n_heads, head_dim) for i, b in enumerate(blist)]
+    mm = ModelMap(model, model_type, spec, bpath, blocks, discovered)
+    if discovered:
+        check_views(mm.blocks[0])
+    return mm
+
+
+# ----------------------------------------------------------------------------------------- discovery
+
+_PATTERNS = {  # canonical -> module-name regex (last two path parts), for unregistered model types
+    "attn.q": r"(q_proj|query|wq|to_q)$", "attn.k": r"(k_proj|key|wk|to_k)$",
+    "attn.v": r"(v_proj|value|wv|to_v)$",
+    "attn.o": r"(attn|attention|self_attn|mixer)\.(o_proj|out_proj|dense|c_proj|wo|to_out)$|output\.dense$",
+    "mlp.gate": r"(gate_proj|w1)$", "mlp.up": r"(up_proj|w3|fc1|c_fc|dense_h_to_4h|fc_in|intermediate\.dense)$",
+    "mlp.down": r"(down_proj|w2|fc2|dense_4h_to_h|fc_out|mlp\.c_proj)$",
+}
+_FUSED = r"(qkv_proj|query_key_value|c_attn|wqkv|qkv|Wqkv)$"
+_NORM_PATTERNS = {"norm.attn_in": r"^(input_layernorm|ln_1|attention_norm|self_attn_layer_norm)$",
+                  "norm.mlp_in": r"^(post_attention_layernorm|ln_2|ffn_norm|final_layer_norm)$"}
+
+
+def discover(model: nn.Module) -> ArchSpec:
+    """Find the repeated blocks and their linears by well-known names, or raise a one-line error."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+             and len({type(c) for c in m}) == 1]
+    lists = [x for x in lists if n_layers is None or len(x[1]) == n_layers] or lists
+    how = f"register a mapping for '{model_type}' with importance.arch.canonical.register_arch(...)(ArchSpec(...))"
+    if not lists:
+        raise ImpruneError(f"model type '{model_type}' has no registered map and no repeated blocks were found; "
+                           + how)
+    bname, blist = max(lists, key=lambda x: sum(p.numel() for p in x[1].parameters()))
+    linears = {n: m for n, m in blist[0].named_modules() if _is_linear(m)}
+    found: dict[str, str | Fused] = {}
+    for canon, pat in _PATTERNS.items():
+        hits = [n for n in linears if re.search(pat, ".".join(n.split(".")[-2:]))]
+        if len(hits) == 1:
+            found[canon] = hits[0]
+    if any(re.search(_FUSED, n) for n in linears) and "attn.q" not in found:
+        raise ImpruneError(f"model type '{model_type}' has a fused attention projection of unknown layout; " + how)
+    if not {"attn.q", "attn.k", "attn.v", "attn.o"} <= set(found) or "mlp.down" not in found:
+        raise ImpruneError(f"model type '{model_type}': could not recognise attention and MLP linears among "
+                           f"{sorted(linears)}; " + how)
+    norms = {}
+    for canon, pat in _NORM_PATTERNS.items():
+        hits = [n for n, m in blist[0].named_children() if re.search(pat, n) and hasattr(m, "weight")]
+        if len(hits) == 1:
+            norms[canon] = hits[0]
+    prefix = bname.split(".")[-1] if "." not in bname else ".".join(bname.split(".")[-2:])
+    return ArchSpec(prefix, found, norms, gqa=True)
+
+
+@torch.no_grad()
+def check_views(block: Block, tokens: int = 3) -> None:
+    """Prove the block's linear views: ``x @ view.weight.T + view.bias`` equals the module's output slice."""
+    for comp in block.components.values():
+        if comp.kind != "linear":
+            continue
+        w = comp.weight
+        x = torch.randn(tokens, w.shape[1], dtype=w.dtype, device=w.device)
+        out = comp.module(x)
+        ref = comp.select_out(out[0] if isinstance(out, tuple) else out)  # routers return (logits, ...)
+        got = x @ w.T + (comp.bias if comp.bias is not None else 0)
+        if not torch.allclose(got, ref, rtol=1e-4, atol=1e-5):
+            raise ImpruneError(f"the view of {comp.name} ({comp.path}) does not reproduce the module's output; "
+                               "register a correct mapping with importance.arch.canonical.register_arch")

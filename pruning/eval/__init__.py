@@ -1,0 +1,3 @@
+"""The evaluation room: token-level perplexity as ``shared/protocol.md`` defines it (``perplexity``). May
+import: ``importance``.
+"""

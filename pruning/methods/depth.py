@@ -1,0 +1,70 @@
+"""Depth pruning: remove whole blocks with the lowest layer score (``imprune prune --method layers``).
+
+Criteria: block_influence (lowest 1 - cos), residual_fisher (the per-token Fisher of the block's update; the
+default), removal (the measured calibration loss increase when the block alone is bypassed), taylor / fisher
+(the mask score of the block's parameters). The config's layer count and per-layer lists follow the cut.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from importance.arch.canonical import model_map
+from importance.data.sources import Windows
+from importance.errors import ImpruneError
+from importance.models.load import LoadedModel
+from importance.table import ImportanceTable
+from pruning.methods.checks import layers_count
+from pruning.methods.registry import PruneContext, PruneResult, register_method, table_for
+from pruning.methods.structured import STRUCTURED_FLAGS, check_in_memory, component_sparsity
+from pruning.methods.surgery import drop_blocks, param_count
+
+
+def layers_to_remove(table: ImportanceTable, criterion: str, n: int) -> list[int]:
+    """The ``n`` layers with the lowest layer score (ties: lower index first)."""
+    scores = table.layer_scores(criterion)
+    if n >= table.n_layers:
+        raise ImpruneError(f"removing {n} of {table.n_layers} layers would remove every layer; keep at least one")
+    return sorted(sorted(range(table.n_layers), key=lambda i: (float(scores[i]), i))[:n])
+
+
+def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "residual_fisher",
+                 table: ImportanceTable | None = None, windows: Windows | None = None, batch_size: int = 4,
+                 progress: bool = False) -> PruneResult:
+    """Remove round(sparsity x layers) whole blocks with the lowest ``criterion`` layer score."""
+    check_in_memory(lm)
+    mm = model_map(lm.model)
+    n = layers_count(mm.n_layers, sparsity, criterion)
+    table = table_for(lm, table, criterion, windows, batch_size, progress)
+    removed = layers_to_remove(table, criterion, n)
+    keep = [i for i in range(mm.n_layers) if i not in removed]
+    before = {(c.layer, c.name): c.numel for c in mm.components()}
+    params_before = param_count(lm.model)
+    planned = sum(p.numel() for i in removed for p in mm.blocks[i].module.parameters())
+    changed = drop_blocks(mm, keep)
+    after = model_map(lm.model)
+    scores = table.layer_scores(criterion).tolist()
+    record = {"shapes_changed": True,
+              "structured": {"criterion": criterion, "layers_removed": removed, "layers_kept": keep,
+                             "layer_scores": scores, "config_fields_changed": changed,
+                             "achieved": len(removed) / len(scores)},
+              "params_plan": {"before": params_before, "removed": planned, "after": params_before - planned}}
+    return PruneResult(record, component_sparsity(before, after, dict(enumerate(keep))), shapes_changed=True,
+                       uniform=True)
+
+
+def layers_criterion(a: Any) -> str:
+    """The ``--method layers`` criterion (default residual_fisher); head / bias flags do not apply."""
+    for flag, value, default in (("--heads", a.heads, None), ("--bias-compensation", a.bias_compensation, False)):
+        if value != default:
+            raise ImpruneError(f"{flag} does not apply to --method layers; drop it")
+    return getattr(a, "criterion", None) or "residual_fisher"
+
+
+@register_method("layers", "remove whole layers by their layer scores (block_influence, residual_fisher, removal, "
+                 "taylor, fisher ...)", args=STRUCTURED_FLAGS)
+def layers_method(ctx: PruneContext) -> PruneResult:
+    a = ctx.args
+    criterion = layers_criterion(a)
+    windows = ctx.calibration() if ctx.table is None else None
+    return prune_layers(ctx.lm, a.sparsity, criterion, ctx.table, windows, a.batch_size, progress=not a.quiet)

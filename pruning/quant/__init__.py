@@ -1,0 +1,3 @@
+"""The quantization room: bit plans under a budget (``bits``) and applying them, packed with optimum-quanto
+(``quantize``). May import: ``importance``, ``pruning.second_order``, ``pruning.methods.allocate``.
+"""

@@ -1,0 +1,157 @@
+"""The compressed-tensors writer: a quantized model in the format llm-compressor writes and vLLM serves.
+
+``save_compressed_tensors`` takes the model whose planned weights already hold their dequantized values
+(``pruning.quant.gptq_model``) and the codes / scales / zero points of every unit, and writes a folder that plain
+``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads (decompressing on the first forward, on
+CPU or GPU) with the same logits:
+
+  config.json          the model config with ``quantization_config``: one config group per width
+                       (``pack-quantized``, int, symmetric or not, ``group`` or ``channel`` strategy), exact
+                       module names as targets; ``format`` mixed-precision when several groups exist
+  model.safetensors    ``<module>.weight_packed`` (int32, 32 / b codes per word), ``weight_scale`` [out, groups],
+                       ``weight_zero_point`` (asymmetric), ``weight_shape``; every other tensor as is
+  imprune.json, bits.png, README.md, tokenizer files
+
+The library's own ``ModelCompressor`` packs the weights (it re-encodes the dequantized weights with our scales
+and zero points; the writer checks that it recovers our codes exactly).
+
+One workaround (compressed-tensors 0.20.1 with transformers 5): the loader builds an asymmetric module's
+``weight_zero_point`` with the unpacked shape [out, groups] while the compressor writes it packed along the
+rows ([ceil(out * b / 32), groups]), so the load fails on the size. The writer stores the packed rows at the
+top of an int32 [out, groups] tensor padded with zeros: it fits the loader's shape and the decompressor reads
+only the packed rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from importance.errors import ImpruneError
+from importance.models.load import LoadedModel
+from importance.store.cache import atomic_dir
+from importance.store.meta import versions, write_json
+from pruning.quant.bits import BitPlan
+from pruning.second_order.gptq import Quantized, QuantSpec
+
+
+def _config(plan: BitPlan, quantized: dict[str, Quantized]) -> Any:
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+    )
+
+    groups: dict[QuantSpec, list[str]] = {}
+    for u in plan.units:
+        groups.setdefault(quantized[u.name].spec, []).append(u.name)
+    config_groups = {}
+    for i, (spec, names) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0].bits, kv[0].group_size or 0))):
+        args = QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.sym,
+                                strategy="channel" if spec.group_size is None else "group",
+                                group_size=spec.group_size)
+        config_groups[f"group_{i}"] = QuantizationScheme(targets=names, weights=args, format="pack-quantized")
+    return QuantizationConfig(config_groups=config_groups, quantization_status=QuantizationStatus.FROZEN)
+
+
+@torch.no_grad()
+def compress_copy(model: Any, plan: BitPlan, quantized: dict[str, Quantized]) -> tuple[Any, Any]:
+    """A compressed copy of ``model`` (``model`` is left as it is) and its ModelCompressor."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import apply_quantization_config
+
+    bad = [u.name for u in plan.units if not u.linear or u.transposed]
+    if bad:
+        raise ImpruneError(f"{bad[0]} is not a torch.nn.Linear, which compressed-tensors cannot store; --keep it "
+                           "or use --fake")
+    missing = [u.name for u in plan.units if u.name not in quantized]
+    if missing:
+        raise ImpruneError(f"no quantized weights for {missing[0]}; quantize the whole plan before writing it")
+    model = copy.deepcopy(model)
+    apply_quantization_config(model, _config(plan, quantized), run_compressed=False, show_progress=False)
+    for u in plan.units:
+        mod, q = model.get_submodule(u.name), quantized[u.name]
+        mod.weight_scale.data.copy_(q.scale.to(mod.weight_scale.dtype))
+        if not q.spec.sym:
+            mod.weight_zero_point.data.copy_(q.zero.to(mod.weight_zero_point.dtype))
+    comp = ModelCompressor.from_pretrained_model(model)
+    comp.compress_model(model)
+    for u in plan.units:
+        q = quantized[u.name]
+        packed = model.get_submodule(u.name).weight_packed
+        if not torch.equal(packed.cpu(), pack_to_int32(q.codes, q.spec.bits)):
+            raise ImpruneError(f"compressed-tensors re-encoded {u.name} differently from the quantizer's codes; "
+                               "this is a bug, please report it")
+    return model, comp
+
+
+def packed_bytes(model: Any, plan: BitPlan, quantized: dict[str, Quantized]) -> int:
+    """Bytes of the weights as stored: b / 8 per planned weight plus float32 scales and b-bit zero points,
+    every other parameter as it is (tied tensors once)."""
+    planned = {f"{u.name}.weight" for u in plan.units}
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        if name not in planned and p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    for u in plan.units:
+        q = quantized[u.name]
+        total += (u.numel * q.spec.bits + 31) // 32 * 4 + q.scale.numel() * 4
+        total += 0 if q.spec.sym else (q.zero.numel() * q.spec.bits + 31) // 32 * 4
+    return total
+
+
+def _pad_zero_points(path: Path, plan: BitPlan, quantized: dict[str, Quantized]) -> None:
+    """The loader-shaped zero points (module docstring)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    for u in plan.units:
+        key = f"{u.name}.weight_zero_point"
+        if key in state:
+            packed = state[key]  # [ceil(out * b / 32), groups] int32
+            pad = torch.zeros(tuple(quantized[u.name].scale.shape), dtype=torch.int32)
+            pad[: packed.shape[0]] = packed
+            state[key] = pad
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def save_compressed_tensors(lm: LoadedModel, out: str | Path, plan: BitPlan, quantized: dict[str, Quantized],
+                            record: dict[str, Any], card: str = "", overwrite: bool = False,
+                            files: dict[str, bytes] | None = None) -> Path:
+    """Write the compressed-tensors folder of ``lm`` (module docstring), atomically."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ImpruneError(f"output '{out}' already exists; choose another path or pass --overwrite")
+    model, comp = compress_copy(lm.model, plan, quantized)
+    if out.exists():
+        shutil.rmtree(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, max_shard_size="1000GB")
+        comp.update_config(str(tmp))
+        _pad_zero_points(tmp / "model.safetensors", plan, quantized)
+        lm.tokenizer.save_pretrained(tmp)
+        write_json(tmp / "imprune.json", {**record, **plan.to_json(), "format": "compressed-tensors",
+                                          "reload": "transformers.AutoModelForCausalLM.from_pretrained",
+                                          "source_model": lm.describe(), "versions": versions()})
+        (tmp / "README.md").write_text(card or _card(lm, plan))
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
+    return out
+
+
+def _card(lm: LoadedModel, plan: BitPlan) -> str:
+    counts = {b: sum(1 for v in plan.bits.values() if v == b) for b in plan.choices}
+    return "\n".join([
+        f"# {lm.spec}, quantized by imprune (compressed-tensors pack-quantized)", "",
+        f"{', '.join(f'{n} modules at {b} bits' for b, n in counts.items())}: average {plan.average_bits():.3f} "
+        f"bits over {len(plan.units)} block linear modules (budget {plan.budget}); widths chosen by "
+        f"{plan.sensitivity}. Other weights (embeddings, norms, lm_head) stay in full precision.", "",
+        "Load with `transformers.AutoModelForCausalLM.from_pretrained(folder)` (compressed-tensors installed); "
+        "the bit map is in `imprune.json` (`bits`, `modules`).", ""])

@@ -1,0 +1,492 @@
+"""The HTML report of a run or of one importance table: a single self-contained page.
+
+Everything is inside the one file: PNG figures base64-embedded, inline CSS, no external URL, so it opens in
+any browser, offline, and can be mailed or attached as a CI artifact. All text from files is HTML-escaped.
+
+Run directory layout it reads (what ``imprune run`` writes; see ``pruning.run.pipeline``)::
+
+    RUN_DIR/metrics.json        optional: {"perplexity": {"before": {Perplexity.to_dict()}, "after": {...}},
+                                "params": {"before": n, "after": n}, "memory": {...}, "timings": {...},
+                                "settings": {...}} (other keys are listed as they are)
+    RUN_DIR/scores_before/      ImportanceTable folder (of the dense model)
+    RUN_DIR/scores_after/       optional ImportanceTable folder (of the pruned / quantized model)
+    RUN_DIR/model/imprune.json  optional: a pruning record ("sparsity": LayerMap with string layer keys,
+                                "layers_kept" when layers were removed) or a quantization record ("bits": LayerMap)
+    RUN_DIR/figures/            where ``write_run_outputs`` puts the PNGs it embeds
+    RUN_DIR/scores_before/validation/
+                                optional: what ``imprune validate --scores RUN_DIR/scores_before`` writes
+                                (validation.json, schema ``imprune.validation/1`` in ``pruning.cli.validate``,
+                                and its PNGs)
+
+RUN_DIR may also be a single table folder (table.json + table.safetensors): the page then shows that table
+alone, and its validation from TABLE/validation/ when there is one. ``compare`` (``--compare TABLE``) replaces
+scores_after as the second table of before / after / delta.
+
+Page: settings, metrics (perplexity, parameters, memory, timings) when present, the layer x component and layer x
+head heatmaps, every scorer's layer ranking side by side, before / after / difference when there is a second
+table, the sparsity or bits map beside the importance it came from, and the top and bottom components and heads
+as tables. With a validation folder, a section "Does the importance predict removal?": one row per scorer with
+its Spearman, Kendall and bottom-fraction overlap against the measured loss increase at the validated granularity
+and its layer-level Spearman, the best scorer highlighted, the held-out data and the measurement's noise ceiling,
+and the validation's own scatter and ablation heatmap PNGs (embedded as written, not redrawn). A validation.json
+that is not valid JSON, has another schema, lacks the agreement numbers or names a figure outside its folder
+stops the report with a one-line ``ImpruneError``; a figure file that is missing is noted on the page. A small
+inline script records script errors and whether every image decoded on ``<body>`` (``data-images``,
+``data-decoded``, ``data-errors``): the browser test reads them, and anyone can check a page the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from importance.errors import ImpruneError
+from importance.store.cache import atomic_file
+from importance.store.outputs import publish
+from importance.table import ImportanceTable
+from importance.viz import heatmap as H
+from importance.viz.validate import layer_scores_figure
+
+FIGURE_DPI = 110
+TOP_K = 10
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a report shows: one or two tables, and whatever metrics and plan the run folder holds."""
+
+    root: Path
+    before: ImportanceTable
+    after: ImportanceTable | None = None
+    after_label: str = "after"
+    metrics: dict[str, Any] | None = None
+    record: dict[str, Any] | None = None
+    is_run: bool = True
+    validation: Validation | None = None
+    layers_kept: tuple[int, ...] | None = None  # the original layer of each row of ``after`` (layers removed)
+
+
+def _is_table(folder: Path) -> bool:
+    return (folder / "table.json").is_file() and (folder / "table.safetensors").is_file()
+
+
+def _looks_like_table(folder: Path) -> bool:
+    """Either table file is there (a missing other one is then named by ``ImportanceTable.load``)."""
+    return (folder / "table.json").is_file() or (folder / "table.safetensors").is_file()
+
+
+def _read_json(path: Path, fix: str = "rewrite or remove it") -> dict[str, Any] | None:
+    from importance.models.identity import read_json_object
+
+    return read_json_object(path, fix) if path.is_file() else None
+
+
+_RERUN = "rerun `imprune run` on the folder (it redoes what is damaged) or remove the file"
+_COMPARE_FIX = "compare two tables of one model (before `imprune prune` and after it)"
+
+
+def _check_run(run: Run, compare: str | Path | None, after_record: dict[str, Any] | None) -> Run:
+    """The tables and the plan of a report describe one model (``importance.models.identity``); returns ``run`` with
+    the after table's layers_kept."""
+    from dataclasses import replace
+
+    from importance.models.identity import check_plan, check_plan_map, check_same_model, table_facts
+
+    first = table_facts(run.before, f"table '{run.root / 'scores_before' if run.is_run else run.root}'")
+    plan = f"'{run.root / 'model' / 'imprune.json'}'"
+    if run.record is not None:
+        check_plan_map(run.record, plan, _RERUN)
+    kept = None
+    if run.after is not None:
+        where = f"--compare '{compare}'" if compare is not None else f"table '{run.root / 'scores_after'}'"
+        kept = check_same_model(first, table_facts(run.after, where, after_record), _COMPARE_FIX, derived=True)
+    if run.record is not None:
+        check_plan(run.record, plan, first, _RERUN)
+    return replace(run, layers_kept=kept)
+
+
+def load_run(path: str | Path, compare: str | Path | None = None) -> Run:
+    """A run folder (see the module docstring) or a single table folder, plus an optional second table."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ImpruneError(f"'{root}' is not a folder; pass an `imprune run` folder or an importance table folder")
+    other = ImportanceTable.load(Path(compare).expanduser()) if compare is not None else None
+    other_label = Path(compare).name if compare is not None else "after"
+    if _looks_like_table(root):
+        return _check_run(Run(root, ImportanceTable.load(root), other, other_label, is_run=False,
+                              validation=load_validation(root)), compare, None)
+    if not (root / "scores_before").is_dir():
+        raise ImpruneError(f"'{root}' holds neither a table nor scores_before/; pass an `imprune run` folder or a "
+                           "folder written by `imprune score`")
+    before = ImportanceTable.load(root / "scores_before")
+    record = _read_json(root / "model" / "imprune.json", _RERUN)
+    metrics = _read_json(root / "metrics.json", _RERUN)
+    after = other
+    if after is None and (root / "scores_after").is_dir():
+        after = ImportanceTable.load(root / "scores_after")
+    run = Run(root, before, after, other_label, metrics, record, validation=load_validation(root / "scores_before"))
+    return _check_run(run, compare, record if compare is None else None)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+_STATS = ("spearman", "kendall", "bottom_overlap")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class Validation:
+    """An ``imprune validate`` folder as the page shows it: validation.json (checked) and its figures."""
+
+    folder: Path
+    doc: dict[str, Any]
+    granularity: str  # the validated one ("layer" only when that was the one asked for)
+    figures: dict[str, tuple[str, str, bytes | None]]  # stem: (caption, file name, PNG or None when unreadable)
+
+
+def _number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def load_validation(table_dir: Path) -> Validation | None:
+    """TABLE_DIR/validation/validation.json (where ``imprune validate`` writes by default) and the PNGs it
+    names, or None without one; a malformed file is an ImpruneError."""
+    from importance.validate.folder import SCHEMA, VALIDATION_DIR
+
+    folder = table_dir / VALIDATION_DIR
+    path = folder / "validation.json"
+    doc = _read_json(path, "rerun `imprune validate` with --overwrite, or remove the folder")
+    if doc is None:
+        return None
+
+    def bad(what: str) -> ImpruneError:
+        return ImpruneError(f"'{path}' is not a usable validation file ({what}); rerun `imprune validate` with "
+                            "--overwrite, or remove the folder")
+
+    if doc.get("schema") != SCHEMA:
+        raise bad(f"schema {doc.get('schema')!r}, expected {SCHEMA!r}")
+    grans = doc.get("granularities")
+    if not isinstance(grans, dict) or not grans:
+        raise bad("no 'granularities'")
+    for gran, res in grans.items():
+        stats = res.get("scorers") if isinstance(res, dict) else None
+        if not isinstance(stats, dict) or not stats or not all(
+                isinstance(st, dict) and all(_number(st.get(k)) for k in _STATS) for st in stats.values()):
+            raise bad(f"granularities.{gran} needs 'scorers' with numbers {', '.join(_STATS)} for each")
+    for key in ("model", "scores", "ground_truth", "figures"):
+        if not isinstance(doc.get(key, {}), dict):
+            raise bad(f"'{key}' is not an object")
+    figures = {}
+    for stem, name in doc.get("figures", {}).items():
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".png"):
+            raise bad(f"figure '{stem}' is not the name of a .png file in the folder")
+        png = (folder / name).read_bytes() if (folder / name).is_file() else b""
+        figures[str(stem)] = (_validation_caption(str(stem)), name, png if png.startswith(_PNG_MAGIC) else None)
+    return Validation(folder, doc, next((g for g in grans if g != "layer"), "layer"), figures)
+
+
+def _validation_caption(stem: str) -> str:
+    if stem.startswith("scatter_"):
+        return (f"{stem[len('scatter_'):]} ablation: each scorer's prediction (sum over the group) against the "
+                "measured loss increase, log scales")
+    if stem == "ablation_heatmap":
+        return "The measured ablation beside every scorer, same layout, as rank percentiles (1 = most important)"
+    return stem
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+def run_figures(run: Run, scorer: str | None = None) -> dict[str, tuple[str, Any]]:
+    """{file stem: (caption, Figure)} in page order. Importance is drawn as the mean per weight on a log scale
+    (it spans decades across layers and components); the difference is log10(after / before)."""
+    figs: dict[str, tuple[str, Any]] = {}
+    t = run.before
+    comp_scorer = H.pick_scorer(t, scorer, "component")
+    figs["components"] = ("Layer x component importance (mean per weight, log scale; grey: absent)",
+                          H.component_figure(t, comp_scorer, "mean", "none", log=True))
+    if any(t.has(s, "head") for s in t.scorers):
+        head_scorer = H.pick_scorer(t, scorer, "head")
+        tables = [t] + ([run.after] if run.after is not None and run.after.has(head_scorer, "head") else [])
+        titles = ["before", run.after_label][: len(tables)]
+        figs["heads"] = ("Layer x head importance" + (", before and after on one scale" if len(tables) > 1 else ""),
+                         H.heads_figure(tables, titles, head_scorer, "mean", "none", log=True, cols=2))
+    figs["layers"] = ("Every scorer's layer ranking side by side (rank percentile within each column, 1 = most "
+                      "important): the layers a depth pruner would drop are the darkest",
+                      layer_scores_figure(t))
+    if run.after is not None:
+        kept = run.layers_kept
+        figs["delta"] = ("Before / after on one scale, and log10(after / before) centred at zero",
+                         H.delta_figure(t, run.after, comp_scorer, "component", "mean", "none", log=True,
+                                        titles=("before", run.after_label), layers_kept=kept))
+    if run.record is not None:
+        try:
+            kind, values = H.plan_map(run.record)
+        except ImpruneError:
+            kind = None
+        if kind is not None:
+            basis = H.plan_scorer(run.record, t) or comp_scorer
+            figs["plan"] = (f"The {kind} map beside the importance it came from ({basis})",
+                            H.layer_map_figure(values, kind, t, basis, "mean", "layer"))
+    return figs
+
+
+def _png(fig: Any) -> bytes:
+    return H.figure_bytes(fig, "png", FIGURE_DPI)
+
+
+# ------------------------------------------------------------------------------------------------ HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1200px;color:#222;
+padding:0 1rem;line-height:1.4}
+h1{font-size:1.5rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
+table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}
+td,th{border:1px solid #ddd;padding:.25rem .6rem;text-align:left;vertical-align:top}
+th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.9rem;color:#555}.pair{display:flex;gap:2rem;flex-wrap:wrap}
+.muted{color:#777;font-size:.85rem}code{background:#f4f4f4;padding:0 .2rem}
+tr.best td,tr.best th{background:#fff1b8;font-weight:600}td.lead{font-weight:700}tr.muted td,tr.muted th{color:#777}
+"""
+
+# on load, records script errors and how many images decoded (complete, with a width) as attributes of <body>
+_CHECK = """
+window.__impruneErrors=[];
+window.addEventListener('error',function(e){window.__impruneErrors.push(String(e.message||e));});
+window.addEventListener('load',function(){
+  var imgs=Array.prototype.slice.call(document.images);
+  var ok=imgs.filter(function(i){return i.complete&&i.naturalWidth>0;}).length;
+  var b=document.body;b.setAttribute('data-images',String(imgs.length));
+  b.setAttribute('data-decoded',String(ok));b.setAttribute('data-errors',String(window.__impruneErrors.length));
+});
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def _kv_table(rows: list[tuple[str, Any]]) -> str:
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(_fmt(v))}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _settings(run: Run) -> list[tuple[str, Any]]:
+    settings = (run.metrics or {}).get("settings")
+    if isinstance(settings, dict) and settings:
+        return list(settings.items())
+    meta = run.before.meta
+    model, data = H.describe(run.before)
+    rows = [("model", model), ("data", data), ("scorers", ", ".join(run.before.scorers)),
+            ("layers", run.before.n_layers), ("seed", meta.get("seed")), ("batch size", meta.get("batch_size")),
+            ("tokens counted", meta.get("counts", {}).get("targets", meta.get("counts", {}).get("tokens"))),
+            ("scoring seconds", meta.get("seconds"))]
+    if run.after is not None:
+        rows.append((f"second table ({run.after_label})", " ".join(H.describe(run.after))))
+    return [(k, v) for k, v in rows if v is not None]
+
+
+def _metrics_section(metrics: dict[str, Any]) -> str:
+    parts = []
+    ppl = metrics.get("perplexity") or {}
+    if isinstance(ppl, dict) and ppl:
+        keys = ["ppl", "nll", "predicted", "windows", "seq_len", "data"]
+        head = "".join(f"<th>{_e(k)}</th>" for k in ["", *keys])
+        rows = "".join("<tr><th>" + _e(when) + "</th>" + "".join(
+            f"<td class='num'>{_e(_fmt(v.get(k)))}</td>" for k in keys) + "</tr>"
+            for when, v in ppl.items() if isinstance(v, dict))
+        parts.append(f"<h3>Perplexity</h3><table><tr>{head}</tr>{rows}</table>")
+    for key, title in (("params", "Parameters"), ("nonzero_params", "Non-zero parameters"), ("memory", "Memory"),
+                       ("timings", "Timings (seconds)")):
+        block = metrics.get(key)
+        if isinstance(block, dict) and block:
+            rows = list(block.items())
+            if {"before", "after"} <= block.keys() and all(isinstance(block[k], (int, float))
+                                                           for k in ("before", "after")) and block["before"]:
+                rows.append(("after / before", block["after"] / block["before"]))
+            parts.append(f"<h3>{_e(title)}</h3>" + _kv_table(rows))
+    return "".join(parts)
+
+
+def _ranking_tables(table: ImportanceTable, scorer: str, label: str) -> str:
+    out = []
+    for gran in ("component", "head"):
+        if not table.has(scorer, gran):
+            continue
+        top, bottom = table.ranking(scorer, gran, "mean", TOP_K, skip_norms=True)
+        cells = []
+        for name, items in (("most important", top), ("least important", bottom)):
+            rows = "".join(f"<tr><td>{i}</td><td>{_e(lab)}</td><td class='num'>{_e(f'{v:.4g}')}</td></tr>"
+                           for i, (lab, v) in enumerate(items, 1))
+            cells.append(f"<div><h4>{_e(label)}: {gran}s, {name}</h4><table><tr><th>#</th><th>{gran}</th>"
+                         f"<th>{_e(scorer)} (mean per weight)</th></tr>{rows}</table></div>")
+        out.append(f"<div class='pair'>{''.join(cells)}</div>")
+    return "".join(out)
+
+
+def _figure_html(stem: str, caption: str, png: bytes) -> str:
+    src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return (f"<figure id='{_e(stem)}'><img src='{src}' alt='{_e(caption)}'>"
+            f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+
+def _stat(value: Any) -> str:
+    """A correlation or overlap as three decimals ('nan' when undefined, '–' when absent)."""
+    if value is None:
+        return "–"
+    return _fmt(value) if not _number(value) or math.isnan(value) else f"{value:.3f}"
+
+
+def _obj(doc: dict[str, Any], key: str) -> dict[str, Any]:
+    value = doc.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _ceiling(rel: Any) -> float | None:
+    value = rel.get("ceiling") if isinstance(rel, dict) else None
+    return value if _number(value) and value is not None and not math.isnan(value) else None
+
+
+def _noise(rel: Any) -> str:
+    if not isinstance(rel, dict):
+        return "not measured (fewer than two held-out windows)"
+    text = f"split-half Spearman {_stat(rel.get('split_half'))} over {_fmt(rel.get('windows'))} windows"
+    if _ceiling(rel) is None:
+        return text + "; too noisy for a ceiling"
+    return text + f"; a perfect scorer would reach about {_stat(rel['ceiling'])}"
+
+
+def _validation_facts(v: Validation) -> list[tuple[str, Any]]:
+    truth, grans = _obj(v.doc, "ground_truth"), v.doc["granularities"]
+    ev, groups, rel = _obj(truth, "eval"), _obj(truth, "groups"), _obj(truth, "reliability")
+    rows: list[tuple[str, Any]] = [
+        ("granularity", v.granularity + "".join(f"; {_fmt(groups.get(g, grans[g].get('n')))} {g} groups"
+                                               for g in grans)),
+        ("held-out data", ev.get("data")),
+        ("held-out tokens", None if ev.get("tokens") is None else
+         f"{_fmt(ev.get('tokens'))} ({_fmt(ev.get('windows'))} windows of {_fmt(ev.get('seq_len'))}), "
+         f"{_fmt(truth.get('predicted_tokens'))} predicted"),
+        ("base loss (mean token NLL)", truth.get("base_nll"))]
+    rows += [(f"measurement noise ({g})", _noise(rel.get(g))) for g in grans if g in rel]
+    if truth.get("shortcut") is False:
+        rows.append(("measured with", f"full forwards ({_fmt(truth.get('shortcut_reason'))})"))
+    rows += [("ground truth", truth.get("definition")), ("validated model", _obj(v.doc, "model").get("spec")),
+             ("score table", _obj(v.doc, "scores").get("path"))]
+    return [(k, val) for k, val in rows if val is not None]
+
+
+def _validation_section(v: Validation) -> str:
+    """Agreement of each scorer with the measured loss increase, the facts behind it, and the figures."""
+    grans, gran = v.doc["granularities"], v.granularity
+    res = grans[gran]
+    layer = grans.get("layer") if gran != "layer" else None
+    frac = res.get("bottom_fraction")
+    cols = ["Spearman", "Kendall", f"bottom {frac:.0%} overlap" if _number(frac) and frac else "bottom overlap"]
+    cols += ["layer Spearman"] if layer else []
+    names = list(dict.fromkeys([*res["scorers"], *(layer["scorers"] if layer else [])]))
+    rows = []
+    for name in names:
+        s, ls = res["scorers"].get(name, {}), (layer or {}).get("scorers", {}).get(name, {})
+        cells = [f"<td class='num'>{_stat(s.get(k))}</td>" for k in _STATS]
+        if layer:
+            lead = " lead" if name == layer.get("best") else ""
+            cells.append(f"<td class='num{lead}'>{_stat(ls.get('spearman'))}</td>")
+        best = name == res.get("best")
+        rows.append(("<tr class='best'>" if best else "<tr>") + f"<th>{_e(name)}{' (best)' if best else ''}</th>"
+                    + "".join(cells) + "</tr>")
+    rel = _obj(_obj(v.doc, "ground_truth"), "reliability")
+    ceilings = [_ceiling(rel.get(gran)), None, None] + ([_ceiling(rel.get("layer"))] if layer else [])
+    if any(c is not None for c in ceilings):
+        rows.append("<tr class='muted'><th>noise ceiling</th>" + "".join(
+            f"<td class='num'>{_stat(c)}</td>" for c in ceilings) + "</tr>")
+    head = "<tr><th>scorer</th>" + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>"
+    frac_words = f"{frac:.0%} of" if _number(frac) and frac else "bottom fraction of"
+    word = gran.replace("_", " ")
+    out = ["<h2 id='validation'>Does the importance predict removal?</h2>",
+           f"<p>Each {_e(word)} was removed alone and the increase of the mean token loss on held-out text "
+           f"measured (the ground truth). Spearman and Kendall: rank agreement of each scorer's {_e(word)} values "
+           f"(summed over the {_e(word)}) with it, 1 = the same order; bottom overlap: the share of the "
+           f"{_e(frac_words)} {_e(word)}s the scorer ranks least important that are also among the least harmful "
+           "to remove"
+           + ("; layer Spearman: the same for whole layers" if layer else "")
+           + ". Best scorer (highest Spearman) highlighted; the noise ceiling is about the best Spearman any scorer "
+           "can reach against a measurement this noisy.</p>",
+           f"<table>{head}{''.join(rows)}</table>", _kv_table(_validation_facts(v))]
+    for stem, (caption, name, png) in v.figures.items():
+        out.append(_figure_html(f"validation-{stem}", caption, png) if png is not None else
+                   f"<p class='muted'>{_e(name)} is missing or not a PNG in <code>{_e(v.folder)}</code></p>")
+    out.append(f"<p class='muted'>from <code>{_e(v.folder / 'validation.json')}</code></p>")
+    return "".join(out)
+
+
+def render(run: Run, figures: dict[str, tuple[str, bytes]], scorer: str | None = None) -> str:
+    """The page as a string, from a loaded run and its figures rendered to PNG bytes ({stem: (caption, png)})."""
+    model, data = H.describe(run.before)
+    title = f"imprune report: {model}"
+    body = [f"<h1>{_e(title)}</h1>",
+            f"<p class='muted'>{_e('run folder' if run.is_run else 'table')}: <code>{_e(run.root)}</code>; "
+            f"scored on <code>{_e(data)}</code></p>", "<h2>Settings</h2>", _kv_table(_settings(run))]
+    if run.metrics:
+        body += ["<h2>Metrics</h2>", _metrics_section(run.metrics)]
+    body.append("<h2>Figures</h2>")
+    body += [_figure_html(stem, caption, png) for stem, (caption, png) in figures.items()]
+    rank_scorer = H.pick_scorer(run.before, scorer, "component")
+    body += ["<h2>Top and bottom</h2>", _ranking_tables(run.before, rank_scorer, "before" if run.after else "table")]
+    if run.after is not None and rank_scorer in run.after.scorers:
+        body.append(_ranking_tables(run.after, rank_scorer, run.after_label))
+    if run.validation is not None:
+        body.append(_validation_section(run.validation))
+    versions = run.before.meta.get("versions") or {}
+    if versions:
+        body.append("<p class='muted'>" + _e(", ".join(f"{k} {v}" for k, v in versions.items())) + "</p>")
+    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{_e(title)}</title><style>{_CSS}</style><script>{_CHECK}</script></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def build_report(path: str | Path, compare: str | Path | None = None, scorer: str | None = None,
+                 figures_dir: Path | None = None) -> str:
+    """Load, draw and render; with ``figures_dir``, also write each PNG there (atomically)."""
+    run = load_run(path, compare)
+    pngs = {stem: (caption, _png(fig)) for stem, (caption, fig) in run_figures(run, scorer).items()}
+    if figures_dir is not None:
+        for stem, (_, png) in pngs.items():
+            with atomic_file(Path(figures_dir) / f"{stem}.png") as tmp:
+                tmp.write_bytes(png)
+    return render(run, pngs, scorer)
+
+
+def write_report(path: str | Path, out: str | Path, compare: str | Path | None = None, scorer: str | None = None,
+                 overwrite: bool = False, figures_dir: Path | None = None) -> Path:
+    """Build the whole page first, then write ``out`` atomically."""
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise ImpruneError(f"output '{out}' already exists; choose another path or pass --overwrite")
+    page = build_report(path, compare, scorer, figures_dir)
+    with publish(out, kind="file", overwrite=overwrite) as tmp:  # a regular file only, replaced atomically
+        tmp.write_text(page, encoding="utf-8")
+    return out
+
+
+def write_run_outputs(run_dir: str | Path) -> Path:
+    """What ``imprune run`` ends with: RUN_DIR/figures/*.png and RUN_DIR/report.html (replaced if present)."""
+    run_dir = Path(run_dir)
+    return write_report(run_dir, run_dir / "report.html", overwrite=True, figures_dir=run_dir / "figures")
