@@ -369,6 +369,8 @@ _TINY_EXTRA: dict[str, dict[str, Any]] = {
     "bert": dict(num_key_value_heads=4),
     "gemma2": dict(sliding_window=64),
     "gemma3_text": dict(sliding_window=64),
+    "gptj": dict(rotary_dim=16),  # rotary dimensions within the tiny head_dim
+    "codegen": dict(rotary_dim=16),
 }
 _OVERRIDE_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
                   "kv_heads": "num_key_value_heads", "head_dim": "head_dim", "intermediate": "intermediate_size",

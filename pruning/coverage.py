@@ -2,10 +2,11 @@
 
 ``run_stages('llama')`` builds ``random:llama`` and runs, in order: the canonical map (registered /
 discovered), one scoring pass (taylor, fisher, activation, magnitude), 50% unstructured Wanda pruning, head
-pruning (half of the KV groups with their query heads) and evaluation (perplexity of the dense and of both
-pruned models). Each stage ends as ``ok``, ``refused`` (an ``ImpruneError``: one line meant for the user) or
-``crash`` (anything else: a bug); a stage whose input failed is ``skipped``. ``scripts/bench_archs.py`` runs
-this for every causal-LM type transformers ships, one type per worker process; a test runs it on a few.
+pruning (half of the KV groups with their query heads; with one KV group, half of its query heads) and
+evaluation (perplexity of the dense and of both pruned models). Each stage ends as ``ok``, ``refused``
+(an ``ImpruneError``: one line meant for the user) or ``crash`` (anything else: a bug); a stage whose input
+failed is ``skipped``. ``scripts/bench_archs.py`` runs this for every causal-LM type transformers ships, one
+type per worker process; a test runs it on a few.
 
 "ok" asks for more than "no exception": pruned models must run a finite forward, the unstructured stage must
 reach its target sparsity on the selected weights, and head pruning must really remove heads.
@@ -181,7 +182,9 @@ def run_stages(model_type: str, progress: Callable[[str], None] | None = None) -
             raise ImpruneError("no importance table (the scoring stage failed)")
         pruned = copy.deepcopy(lm)
         before = sum(b.n_heads for b in model_map(pruned.model).blocks)
-        prune_structured(pruned, StructuredConfig(HEAD_SPARSITY, part="heads"), table, windows, batch_size=2)
+        single = min(b.n_kv_heads for b in model_map(pruned.model).blocks) == 1  # one KV group: heads within it
+        cfg = StructuredConfig(HEAD_SPARSITY, part="heads", gqa="per-group" if single else "groups")
+        prune_structured(pruned, cfg, table, windows, batch_size=2)
         after = sum(b.n_heads for b in model_map(pruned.model).blocks)
         if not after < before:
             raise RuntimeError(f"head pruning removed no heads ({before} -> {after})")

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from importance.arch import Block, ModelMap, model_map
-from importance.arch_edit import set_attention_heads, set_config_geometry
+from importance.arch_edit import check_cuttable, set_attention_heads, set_config_geometry
 from importance.data import Windows
 from importance.errors import ImpruneError
 from importance.models import LoadedModel
@@ -60,6 +60,7 @@ from .surgery import (
     head_params,
     input_means,
     param_count,
+    trial_cut,
 )
 
 CRITERIA = ("taylor", "fisher", "activation", "magnitude")  # heads, channels, width
@@ -377,6 +378,10 @@ def prune_structured(lm: LoadedModel, cfg: StructuredConfig, table: ImportanceTa
     cfg.validate()
     _check_in_memory(lm)
     mm = model_map(lm.model)
+    heads, channels = cfg.part in ("heads", "width"), cfg.part in ("channels", "width")
+    check_cuttable(mm.spec, lm.model.config, heads, channels)
+    if mm.discovered:
+        trial_cut(mm, heads, channels)
     if cfg.keep_heads is not None:  # a bad head count fails before any scoring
         for b in mm.blocks:
             if b.n_heads:

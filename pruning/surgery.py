@@ -322,3 +322,44 @@ def input_means(model: Any, modules: dict[str, nn.Module], windows: Windows,
         for h in handles:
             h.remove()
     return {k: (v / max(count, 1)).float() for k, v in sums.items()}
+
+
+def trial_cut(mm: ModelMap, heads: bool, channels: bool) -> None:
+    """For a discovered map: cut one KV group / one channel from a copy of block 0 and run its attention / MLP
+    on the inputs of a real forward; raise one line where the module cannot run narrower (it keeps its own
+    head count somewhere imprune does not know), before the model itself is touched."""
+    from importance.arch import _build_block
+    from importance.arch_check import capture_calls
+
+    b0 = mm.blocks[0]
+    parts = [(p, path) for p, want, path in (("attention", heads and b0.n_kv_heads > 0, mm.spec.attn),
+                                             ("MLP", channels and b0.intermediate > 1, mm.spec.mlp)) if want and path]
+    if not parts:
+        return
+    calls = capture_calls(mm, {p: b0.module.get_submodule(path) for p, path in parts})
+    clone = copy.deepcopy(b0.module)
+    block = _build_block(0, b0.path, clone, mm.spec, b0.n_heads, b0.head_dim, mm.model.config)
+    trial = ModelMap(mm.model, mm.model_type, mm.spec, mm.blocks_path, [block], mm.discovered)
+    g = b0.n_heads // max(b0.n_kv_heads, 1)
+    kv_cut = [0] if b0.n_kv_heads > 1 else []
+    head_cut = list(range(g)) if kv_cut else ([0] if b0.n_heads > 1 else [])
+    try:
+        cut_block(trial, 0, heads=head_cut if heads else (), kv_heads=kv_cut if heads else (),
+                  channels=[0] if channels and b0.intermediate > 1 else ())
+    except ImpruneError:
+        return  # the real cut raises the same line
+    for part, path in parts:
+        if part not in calls:
+            continue
+        args, kwargs = calls[part]
+        try:
+            with torch.no_grad():
+                y = clone.get_submodule(path)(*args, **kwargs)
+            y = y[0] if isinstance(y, tuple) else y
+            if y.shape != args[0].shape if args else False:
+                raise RuntimeError(f"output shape {tuple(y.shape)}")
+        except Exception as err:
+            msg = (str(err).strip().splitlines() or [""])[0][:160]
+            raise ImpruneError(f"the {part} of discovered model type '{mm.model_type}' does not run after a cut "
+                               f"({type(err).__name__}: {msg}): it keeps its width somewhere imprune does not know; "
+                               "register a mapping, or prune unstructured") from None

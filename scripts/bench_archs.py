@@ -110,18 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     if a.types and a.out.is_file():
         done = {r["model_type"]: r for r in json.loads(a.out.read_text())["types"]}
     t_all = time.perf_counter()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
     for i, t in enumerate(types):
         cov = run_one(t, a.timeout)
         done[t] = cov.to_dict()
         print(f"[{i + 1}/{len(types)}] " + table_lines([done[t]], header=False)[0], flush=True)
-    rows = [done[t] for t in sorted(done)]
-    doc = {"transformers": transformers.__version__, "torch": torch.__version__, "timeout_s": a.timeout,
-           "registry_size": len(all_types()), "stages": list(STAGES), "counts": counts(rows), "types": rows,
-           "seconds": round(time.perf_counter() - t_all, 1) if not a.types else None}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(a.out)
+        rows = [done[t] for t in sorted(done)]
+        doc = {"transformers": transformers.__version__, "torch": torch.__version__, "timeout_s": a.timeout,
+               "registry_size": len(all_types()), "stages": list(STAGES), "counts": counts(rows), "types": rows,
+               "seconds": round(time.perf_counter() - t_all, 1) if not a.types else None}
+        tmp = a.out.with_suffix(".tmp")  # written after every type: an interrupted run keeps what it measured
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(a.out)
     print()
     print("\n".join(table_lines(rows)))
     print()
