@@ -490,6 +490,11 @@ def discover(model: nn.Module) -> ArchSpec:
     gate_up = [n for n in linears if re.search(_FUSED_GATE_UP, n)]
     if len(gate_up) == 1 and not {"mlp.gate", "mlp.up"} & set(found):
         found.update({"mlp.gate": Fused(gate_up[0], "halves", 0), "mlp.up": Fused(gate_up[0], "halves", 1)})
+    kinds = {type(m).__name__ for m in blist[0].modules()}
+    if not any(re.search(r"attention|attn", k, re.IGNORECASE) and "Rwkv" not in k for k in kinds):
+        raise ImpruneError(f"model type '{model_type}' has no attention layers (its blocks mix tokens with "
+                           f"{', '.join(sorted({n.split('.')[0] for n in linears})) or 'no linear'} modules); "
+                           "imprune maps attention + MLP blocks only: " + how)
     if not {"attn.q", "attn.k", "attn.v", "attn.o"} <= set(found) or "mlp.down" not in found:
         raise ImpruneError(f"model type '{model_type}': could not recognise attention and MLP linears among "
                            f"{sorted(linears)}; " + how)

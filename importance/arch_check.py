@@ -10,11 +10,12 @@
    ``down(act(gate x) * up x)`` when the down view is zeroed (``down(act(up x))`` without a gate): gate and
    up are the right rows, in the right order, and nothing else happens between them;
 4. every mapped linear runs in a real forward (a decoder's unused cross-attention does not);
-5. with the value view zeroed, the attention output changes by what ``attn.o`` adds alone: the rows mapped
-   as v are the values the attention mixes (an interleaved fused q|k|v read as blocks fails here).
+5. with the value view zeroed, the attention hands ``attn.o`` exactly zeros: the rows mapped as v are the
+   values the heads mix (an interleaved fused q|k|v read as blocks fails here).
 
-(3) and (5) compare a module's output with one of its own outputs, so a residual added inside the module
-(BLOOM) cancels. The real inputs come from one forward over a few tokens that stops after block 0.
+(3) compares the MLP module's output with one of its own outputs, so a residual added inside the module
+(BLOOM) cancels; (5) looks at the input of ``attn.o``, before any residual or post-norm. The real inputs
+come from one forward over a few tokens that stops after block 0.
 Discovered maps are checked before anything uses them; the test grid checks every registered map.
 """
 
@@ -50,8 +51,9 @@ def _out(y: Any) -> torch.Tensor:
 
 def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
     """Equal up to float rounding, relative to the reference's own scale (random models have tiny outputs)."""
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    return got.shape == ref.shape and torch.allclose(got.float(), ref.float(), rtol=1e-3, atol=1e-4 * scale + 1e-9)
+    scale = float(ref.detach().abs().max()) if ref.numel() else 0.0
+    return got.shape == ref.shape and torch.allclose(got.detach().float(), ref.detach().float(), rtol=1e-3,
+                                                     atol=1e-4 * scale + 1e-9)
 
 
 def check_shapes(mm: ModelMap, block: Block) -> None:
@@ -181,15 +183,23 @@ def check_mlp(mm: ModelMap, block: Block, call: tuple[tuple, dict], mlp: nn.Modu
 
 
 def check_attention(mm: ModelMap, block: Block, call: tuple[tuple, dict], attn: nn.Module) -> None:
+    """With the v view zeroed, the attention hands attn.o exactly zeros (whatever the residuals, norms or biases
+    around it): the rows mapped as v are the values the heads mix."""
     c = block.components
     args, kwargs = call
-    with torch.no_grad(), zeroed(c["attn.v"]):
-        y = _out(attn(*args, **kwargs))
-        with zeroed(c["attn.o"]):
-            y0 = _out(attn(*args, **kwargs))
-    o_bias = c["attn.o"].bias
-    expect = torch.zeros_like(y) if o_bias is None else o_bias.to(y.dtype).expand_as(y)
-    if not _close(y - y0, expect):
+    seen: list[torch.Tensor] = []
+    hook = c["attn.o"].module.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach()))
+    try:
+        with torch.no_grad():
+            attn(*args, **kwargs)
+            with zeroed(c["attn.v"]):
+                attn(*args, **kwargs)
+    finally:
+        hook.remove()
+    if len(seen) != 2:
+        raise _fail(mm, f"attn.o ({c['attn.o'].path}) does not run once per call of {block.path}.{mm.spec.attn}")
+    if not _close(seen[1], torch.zeros_like(seen[1])) or not float(seen[1].abs().max()) <= 1e-6 * max(
+            float(seen[0].abs().max()), 1e-30):
         raise _fail(mm, f"with the attn.v view zeroed the attention ({block.path}.{mm.spec.attn}) still mixes "
                     "values: the rows mapped as v are not the values (a fused q|k|v layout imprune does not know)")
 
