@@ -238,14 +238,13 @@ def load_data(spec: str, tokenizer: Any, seq_len: int = 256, tokens: int | None 
 
 
 def bos_token_id(tokenizer: Any) -> int | None:
-    """The BOS id windows start with: the tokenizer's own, where it adds one to what it encodes, else None."""
+    """The BOS id windows start with: the tokenizer's own, where it puts one before what it encodes (its
+    post-processor: Gemma's says so while its ``add_bos_token`` attribute reads False) or says it does."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return None
-    flag = getattr(tokenizer, "add_bos_token", None)
-    if isinstance(flag, bool):
-        return int(bos) if flag else None
-    return int(bos) if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else None
+    adds = tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+    return int(bos) if adds or getattr(tokenizer, "add_bos_token", False) is True else None
 
 
 def _text_windows(source: Source, tokenizer: Any, seq_len: int, bos: int | None = None) -> Windows:
