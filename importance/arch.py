@@ -8,14 +8,14 @@ transposed for GPT-2's Conv1D, sliced for fused modules (phi3 ``qkv_proj``/``gat
 ``c_attn``, GPT-NeoX ``query_key_value`` interleaved per head), so scorers and pruners never see a quirk.
 
 Maps are registered per ``config.model_type`` with paths relative to each block. A model type with no
-entry goes through a generic discovery (repeated blocks + linear modules with well-known names), said in
-a warning; where that cannot work, ``ImpruneError`` names the model type and ``register_arch``.
+entry goes through the generic discovery of ``importance.arch_discover`` (repeated blocks + linear modules
+with well-known names), said in a warning and proven by ``importance.arch_check``; where that cannot work,
+``ImpruneError`` names the model type and ``register_arch``.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -75,6 +75,7 @@ class ArchSpec:
     attn_bias_flag: str | None = "attention_bias"  # config flags that add biases (used by bias compensation)
     mlp_bias_flag: str | None = "mlp_bias"
     optional_norms: tuple[str, ...] = ()  # canonical norms a block may lack (parallel attention + MLP)
+    optional_mlp: bool = False  # blocks may lack the dense MLP (discovered models with MoE layers after dense ones)
     heads_fixed: str | None = None  # why heads cannot be removed structurally (None: they can)
     channels_fixed: str | None = None  # why MLP channels cannot be removed structurally
     layout_of: Callable[[object], str] | None = None  # fused attention layout chosen from the config (falcon)
@@ -373,7 +374,7 @@ def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_hea
     for name, entry in spec.linears.items():
         path = entry.path if isinstance(entry, Fused) else entry
         mod = _get(block, path)
-        if mod is None and name.startswith("mlp.") and spec.experts:  # MoE layer without a dense MLP
+        if mod is None and name.startswith("mlp.") and (spec.experts or spec.optional_mlp):  # an MoE layer
             continue
         if not _is_linear(mod):
             raise ImpruneError(f"block {index}: '{path}' for {name} is missing or not a linear layer; "
@@ -431,6 +432,8 @@ def model_map(model: nn.Module) -> ModelMap:
     spec = _REGISTRY.get(model_type)
     discovered = spec is None
     if spec is None:
+        from importance.arch_discover import discover
+
         spec = discover(model)
         warnings.warn(f"imprune: model type '{model_type}' has no registered map; discovered blocks "
                       f"'{spec.blocks}' and components {sorted(spec.linears)} by name. Check `imprune info`, "
@@ -444,90 +447,6 @@ def model_map(model: nn.Module) -> ModelMap:
 
         check_map(mm)
     return mm
-
-
-# ----------------------------------------------------------------------------------------- discovery
-
-_PATTERNS = {  # canonical -> module-name regex (last two path parts), for unregistered model types
-    "attn.q": r"(q_proj|query|wq|to_q)$", "attn.k": r"(k_proj|key|wk|to_k)$",
-    "attn.v": r"(v_proj|value|wv|to_v)$",
-    "attn.o": r"(attn|attention|self_attn|mixer)\.(o_proj|out_proj|dense|c_proj|wo|to_out)$|output\.dense$",
-    "mlp.gate": r"(^|\.)(gate_proj|w1)$",
-    "mlp.up": r"(^|\.)(up_proj|w3|fc1|c_fc|dense_h_to_4h|fc_in|intermediate\.dense)$",
-    "mlp.down": r"(down_proj|w2|fc2|dense_4h_to_h|fc_out|mlp\.c_proj)$",
-}
-_FUSED = r"(qkv_proj|query_key_value|c_attn|wqkv|qkv|Wqkv)$"
-_FUSED_GATE_UP = r"(^|\.)(gate_up_proj|gate_up|w13)$"  # rows [gate | up], proven by the functional check
-_NORM_PATTERNS = {"norm.attn_in": r"^(input_layernorm|ln_1|attention_norm|self_attn_layer_norm)$",
-                  "norm.mlp_in": r"^(post_attention_layernorm|ln_2|ffn_norm|final_layer_norm)$"}
-
-
-def discover(model: nn.Module) -> ArchSpec:
-    """Find the repeated blocks and their linears by well-known names, or raise a one-line error."""
-    model_type = getattr(model.config, "model_type", type(model).__name__)
-    n_layers = getattr(model.config, "num_hidden_layers", None)
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0
-             and len({type(c) for c in m}) == 1]
-    lists = [x for x in lists if n_layers is None or len(x[1]) == n_layers] or lists
-    how = f"register a mapping for '{model_type}' with importance.arch.register_arch(...)(ArchSpec(...))"
-    if not lists:
-        raise ImpruneError(f"model type '{model_type}' has no registered map and no repeated blocks were found; "
-                           + how)
-    bname, blist = max(lists, key=lambda x: sum(p.numel() for p in x[1].parameters()))
-    linears = {n: m for n, m in blist[0].named_modules() if _is_linear(m)}
-    found: dict[str, str | Fused] = {}
-    for canon, pat in _PATTERNS.items():
-        hits = [n for n in linears if re.search(pat, ".".join(n.split(".")[-2:]))]
-        if len(hits) > 1:  # decoders with cross-attention (unused in a causal LM): the self-attention's
-            hits = [n for n in hits if not re.search(r"encoder_attn|cross", n, re.IGNORECASE)]
-        if len(hits) == 1:
-            found[canon] = hits[0]
-    fused = [n for n in linears if re.search(_FUSED, n)]
-    if len(fused) == 1 and not {"attn.q", "attn.k", "attn.v"} & set(found):  # try [q | k | v]; the check decides
-        found.update({name: Fused(fused[0], "qkv", i) for i, name in enumerate(("attn.q", "attn.k", "attn.v"))})
-    elif fused and "attn.q" not in found:
-        raise ImpruneError(f"model type '{model_type}' has a fused attention projection of unknown layout; " + how)
-    gate_up = [n for n in linears if re.search(_FUSED_GATE_UP, n)]
-    if len(gate_up) == 1 and not {"mlp.gate", "mlp.up"} & set(found):
-        found.update({"mlp.gate": Fused(gate_up[0], "halves", 0), "mlp.up": Fused(gate_up[0], "halves", 1)})
-    kinds = {type(m).__name__ for m in blist[0].modules()}
-    if not any(re.search(r"attention|attn", k, re.IGNORECASE) and "Rwkv" not in k for k in kinds):
-        raise ImpruneError(f"model type '{model_type}' has no attention layers (its blocks mix tokens with "
-                           f"{', '.join(sorted({n.split('.')[0] for n in linears})) or 'no linear'} modules); "
-                           "imprune maps attention + MLP blocks only: " + how)
-    if not {"attn.q", "attn.k", "attn.v", "attn.o"} <= set(found) or "mlp.down" not in found:
-        raise ImpruneError(f"model type '{model_type}': could not recognise attention and MLP linears among "
-                           f"{sorted(linears)}; " + how)
-    norms = {}
-    for canon, pat in _NORM_PATTERNS.items():
-        hits = [n for n, m in blist[0].named_children() if re.search(pat, n) and hasattr(m, "weight")]
-        if len(hits) == 1:
-            norms[canon] = hits[0]
-    prefix = bname.split(".")[-1] if "." not in bname else ".".join(bname.split(".")[-2:])
-
-    def parent(canon: str) -> str:
-        entry = found[canon]
-        return (entry.path if isinstance(entry, Fused) else entry).rpartition(".")[0]
-
-    attn, mlp = parent("attn.o"), parent("mlp.down")
-    return ArchSpec(prefix, found, norms, gqa=True, attn=attn, mlp=mlp, optional_norms=tuple(norms),
-                    heads_fixed=_unmapped(blist[0], attn, found, "attention", model_type),
-                    channels_fixed=_unmapped(blist[0], mlp, found, "MLP", model_type) if mlp else None)
-
-
-def _unmapped(block: nn.Module, path: str, found: dict[str, str | Fused], what: str, model_type: str) -> str | None:
-    """Why a discovered module's rows cannot be cut: parameters in it that the map does not know (a norm over
-    the heads, learned per-head scalars) would keep the old width."""
-    mod = _get(block, path) if path else None
-    if mod is None:
-        return None
-    known = {(e.path if isinstance(e, Fused) else e) for e in found.values()}
-    extra = [f"{path}.{n}".strip(".") for n, p in mod.named_parameters()
-             if f"{path}.{n}".strip(".").rpartition(".")[0] not in known]
-    if not extra:
-        return None
-    return (f"the {what} of discovered model type '{model_type}' holds parameters the map does not know "
-            f"({', '.join(extra[:3])}), so its rows cannot be cut; register a mapping, or prune unstructured")
 
 
 from importance import arch_families as _families  # noqa: E402,F401  (registers the fused / grouped families)

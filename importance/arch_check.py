@@ -11,7 +11,8 @@
    up are the right rows, in the right order, and nothing else happens between them;
 4. every mapped linear runs in a real forward (a decoder's unused cross-attention does not);
 5. with the value view zeroed, the attention hands ``attn.o`` exactly zeros: the rows mapped as v are the
-   values the heads mix (an interleaved fused q|k|v read as blocks fails here).
+   values the heads mix (an interleaved fused q|k|v read as blocks fails here);
+6. expert 0 of stacked experts equals ``down_0(act(gate_0 x) * up_0 x)`` of its views.
 
 (3) compares the MLP module's output with one of its own outputs, so a residual added inside the module
 (BLOOM) cancels; (5) looks at the input of ``attn.o``, before any residual or post-norm. The real inputs
@@ -204,12 +205,44 @@ def check_attention(mm: ModelMap, block: Block, call: tuple[tuple, dict], attn: 
                     "values: the rows mapped as v are not the values (a fused q|k|v layout imprune does not know)")
 
 
+def check_experts(mm: ModelMap, block: Block) -> None:
+    """Expert 0 of the stacked experts module, called with every token routed to it alone (weight 1), equals
+    ``down_0(act(gate_0 x) * up_0 x)`` from the expert views."""
+    c = block.components
+    gate, up, down = (c[f"mlp.experts.{n}"] for n in ("gate", "up", "down"))
+    mod = down.module
+    act = getattr(mod, "act_fn", None)
+    w = gate.weight
+    x = torch.randn(5, w.shape[-1], generator=torch.Generator().manual_seed(0)).to(w)
+    try:
+        with torch.no_grad():
+            y = _out(mod(x, torch.zeros(5, 1, dtype=torch.long, device=w.device), torch.ones(5, 1).to(w)))
+    except Exception as err:
+        raise _fail(mm, f"the stacked experts {type(mod).__name__} do not run as experts(hidden, top_k_index, "
+                    f"top_k_weights) ({type(err).__name__})") from None
+    with torch.no_grad():
+        ref = (act(x @ gate.weight[0].T) * (x @ up.weight[0].T)) @ down.weight[0].T if callable(act) else None
+    if ref is None or not _close(y, ref):
+        raise _fail(mm, f"expert 0 of {type(mod).__name__} is not down(act(gate x) * up x) of its views (a "
+                    "transposed, interleaved or biased expert layout imprune does not know)")
+
+
 def _signature(mm: ModelMap) -> tuple:
     return (mm.model_type, repr(mm.spec), tuple((c.name, c.shape) for c in mm.blocks[0].components.values()))
 
 
 def check_map(mm: ModelMap) -> None:
     """Run every check on block 0 (once per model and shape; see the module docstring)."""
+    try:
+        _check_map(mm)
+    except ImpruneError:
+        raise
+    except Exception as err:  # a view that does not even fit its module
+        msg = (str(err).strip().splitlines() or [""])[0][:200]
+        raise _fail(mm, f"the functional check cannot run the views ({type(err).__name__}: {msg})") from None
+
+
+def _check_map(mm: ModelMap) -> None:
     if not mm.blocks:
         raise _fail(mm, "no blocks")
     sig = _signature(mm)
@@ -233,4 +266,6 @@ def check_map(mm: ModelMap) -> None:
         check_mlp(mm, block, calls["mlp"], mlp)
     if attn is not None and "attn" in calls:
         check_attention(mm, block, calls["attn"], attn)
+    if "mlp.experts.down" in c:
+        check_experts(mm, block)
     _CHECKED[mm.model] = sig
