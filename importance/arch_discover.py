@@ -3,7 +3,7 @@
 ``discover(model)`` returns an ``ArchSpec`` (fused [q|k|v] and gate|up modules read as plain blocks of rows,
 stacked experts with their router, the attention / MLP module paths) or raises one line naming
 ``register_arch``. Nothing here is trusted: ``importance.arch_check`` proves the map against the model before
-anything uses it, and ``_unmapped`` records why heads / channels of a module with unknown parameters stay.
+anything uses it, and ``pruning.surgery.trial_cut`` before any head or channel of it is cut.
 """
 
 from __future__ import annotations
@@ -85,10 +85,9 @@ def discover(model: nn.Module) -> ArchSpec:
 
     attn = parent("attn.q", "attn.o")
     mlp = parent("mlp.up", "mlp.down") if {"mlp.up", "mlp.down"} <= set(found) else ""
+    # heads / channels are cut only where pruning.surgery.trial_cut proves a cut on a copy of block 0
     return ArchSpec(prefix, found, norms, gqa=True, attn=attn, mlp=mlp, optional_norms=tuple(norms),
-                    optional_mlp=True, experts=experts, router=router,
-                    heads_fixed=_unmapped(blist[0], attn, found, "attention", model_type),
-                    channels_fixed=_unmapped(blist[0], mlp, found, "MLP", model_type) if mlp else None)
+                    optional_mlp=True, experts=experts, router=router)
 
 
 def _stacked_experts(block: nn.Module) -> tuple[str | None, str | None]:
@@ -104,18 +103,3 @@ def _stacked_experts(block: nn.Module) -> tuple[str | None, str | None]:
                     return name, f"{parent}.{r}" if parent else r
             return name, None
     return None, None
-
-
-def _unmapped(block: nn.Module, path: str, found: dict[str, str | Fused], what: str, model_type: str) -> str | None:
-    """Why a discovered module's rows cannot be cut: parameters in it that the map does not know (a norm over
-    the heads, learned per-head scalars) would keep the old width."""
-    mod = _get(block, path) if path else None
-    if mod is None:
-        return None
-    known = {(e.path if isinstance(e, Fused) else e) for e in found.values()}
-    extra = [f"{path}.{n}".strip(".") for n, p in mod.named_parameters()
-             if f"{path}.{n}".strip(".").rpartition(".")[0] not in known]
-    if not extra:
-        return None
-    return (f"the {what} of discovered model type '{model_type}' holds parameters the map does not know "
-            f"({', '.join(extra[:3])}), so its rows cannot be cut; register a mapping, or prune unstructured")

@@ -116,7 +116,7 @@ def coverage_windows(vocab: int, n: int = 4, t: int = 24, seed: int = 0) -> Any:
 
 def _finite_forward(model: torch.nn.Module, windows: Any) -> None:
     with torch.no_grad():
-        out = model(input_ids=windows.input_ids[:1], attention_mask=windows.attention_mask[:1])
+        out = model(input_ids=windows.input_ids[:1], attention_mask=windows.attention_mask[:1], use_cache=False)
     logits = out.logits if hasattr(out, "logits") else out[0]
     if not torch.isfinite(logits).all():
         raise RuntimeError("the pruned model's logits are not finite")

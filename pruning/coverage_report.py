@@ -85,10 +85,10 @@ def readme_block(doc: dict[str, Any]) -> str:
     out += ["", f"Every stage ({len(reg)} registered maps): {', '.join(reg)}.", "",
             f"Every stage, discovered map ({len(disc)}): {', '.join(disc)}.", ""]
     if partial:
-        out += [f"Scored, pruned and evaluated, one stage refused ({len(partial)}):", ""]
+        out += [f"Evaluated, with a stage that refused or failed ({len(partial)}):", ""]
         out += [f"- `{r['model_type']}`: {first_problem(r)}" for r in partial]
         out.append("")
-    out += [f"Refused ({len(refused)}), with the reason:", ""]
+    out += [f"Not evaluated ({len(refused)}), with the first stage that refused or failed:", ""]
     out += [f"- `{r['model_type']}`: {first_problem(r)}" for r in refused]
     out += ["", END]
     return "\n".join(out)

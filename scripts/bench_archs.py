@@ -4,7 +4,7 @@ For each type in ``transformers``' causal-LM registry (``MODEL_FOR_CAUSAL_LM_MAP
 model (``random:<type>``) goes through the canonical map, one scoring pass, 50% unstructured Wanda, head
 pruning and evaluation (``pruning.coverage.run_stages``). Each type runs in its own worker process, forked
 from this one after the imports, ONE at a time, with a time limit (``--timeout``); a worker that runs past it
-is killed and its current stage is recorded as ``timeout``.
+is killed and its current stage is recorded as ``timeout``; a worker's address space is capped at 8 GiB.
 
 Prints the table (type, map kind, each stage ok / one-line refusal / crash) and the counts, and writes
 ``scripts/results/bench_archs.json``. ``--types a,b`` reruns only those types and merges them into the
@@ -45,7 +45,13 @@ def all_types() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+MEMORY_LIMIT = 8 * 2**30  # address space of one worker: a default config too large for a tiny model fails alone
+
+
 def _worker(model_type: str, conn: Any) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     torch.set_num_threads(1)
     cov = run_stages(model_type, progress=lambda stage: conn.send(("stage", stage)))
     conn.send(("done", cov.to_dict()))
