@@ -23,13 +23,16 @@ from importance.models.load import LoadedModel, load_model
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # every model type with a registered map (importance.arch.canonical), in the order the issue lists them
-ARCH_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite", "olmo2",
-              "gpt2", "gpt_neox", "opt", "bert", "mixtral", "qwen3_moe", "qwen2_moe"]
+ARCH_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite", "olmo",
+              "olmo2", "cohere", "gpt2", "gpt_neox", "opt", "bert", "roberta", "mixtral", "qwen3_moe", "qwen2_moe"]
 MOE_TYPES = ["mixtral", "qwen3_moe", "qwen2_moe"]
-# unregistered types that the generic discovery maps (with a warning)
-DISCOVERED_TYPES = ["phi", "stablelm", "starcoder2"]
+# registered families whose modules take more than the hidden states (BLOOM's residual, ALiBi) or whose config
+# fields differ from the Llama names (Falcon): checked by importance.arch.check and the view tests
+FUSED_TYPES = ["falcon", "bloom"]
+# unregistered types that the generic discovery maps (with a warning); glm4 through its fused gate_up
+DISCOVERED_TYPES = ["phi", "stablelm", "starcoder2", "glm4", "gptj"]
 # unregistered types with a fused attention layout discovery cannot know
-UNKNOWN_FUSED_TYPES = ["falcon", "bloom"]
+UNKNOWN_FUSED_TYPES = ["codegen", "persimmon"]
 
 BYTE_OFFSET = 5  # the byte tokenizer: ids 0-4 are <pad> <s> </s> <unk> <mask>, byte b is id 5 + b
 

@@ -12,7 +12,16 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCH_TYPES, DISCOVERED_TYPES, MOE_TYPES, UNKNOWN_FUSED_TYPES, fresh, random_windows, tiny
+from conftest import (
+    ARCH_TYPES,
+    DISCOVERED_TYPES,
+    FUSED_TYPES,
+    MOE_TYPES,
+    UNKNOWN_FUSED_TYPES,
+    fresh,
+    random_windows,
+    tiny,
+)
 from torch import nn
 
 from importance.arch.canonical import model_map
@@ -61,7 +70,7 @@ def _out_total(comp) -> int:
 
 # ----------------------------------------------------------------------------------------- linear views
 
-@pytest.mark.parametrize("model_type", ARCH_TYPES + DISCOVERED_TYPES, ids=str)
+@pytest.mark.parametrize("model_type", ARCH_TYPES + FUSED_TYPES + DISCOVERED_TYPES, ids=str)
 def test_linear_views_reproduce_module_outputs_in_a_real_forward(model_type: str) -> None:
     lm = fresh(model_type, scale=0.1)
     mm = _map(lm.model)
@@ -77,7 +86,7 @@ def test_linear_views_reproduce_module_outputs_in_a_real_forward(model_type: str
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, msg=f"{model_type} {c.name} ({c.path})")
 
 
-@pytest.mark.parametrize("model_type", ARCH_TYPES, ids=str)
+@pytest.mark.parametrize("model_type", ARCH_TYPES + FUSED_TYPES, ids=str)
 def test_fused_row_slices_partition_the_module_output(model_type: str) -> None:
     mm = _map(tiny(model_type).model)
     by_module: dict[int, list] = {}
@@ -133,7 +142,8 @@ def test_geometry_matches_the_config(model_type: str) -> None:
 
 # ----------------------------------------------------------------------------------------- MLP / attention semantics
 
-_PLAIN_MLP = [t for t in ARCH_TYPES if t not in MOE_TYPES and t not in ("opt", "bert")]  # an MLP module of its own
+_POST_NORM = ("bert", "roberta")  # the attention module ends in LayerNorm(o(...) + residual)
+_PLAIN_MLP = [t for t in ARCH_TYPES if t not in MOE_TYPES and t not in ("opt", *_POST_NORM)]  # own MLP module
 
 
 @pytest.mark.parametrize("model_type", _PLAIN_MLP, ids=str)
@@ -160,7 +170,7 @@ def test_mlp_module_equals_down_of_gated_views(model_type: str) -> None:
     torch.testing.assert_close(lin("mlp.down", hidden), y, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", [t for t in ARCH_TYPES if t != "bert"], ids=str)
+@pytest.mark.parametrize("model_type", [t for t in ARCH_TYPES if t not in _POST_NORM], ids=str)
 def test_zeroing_the_value_view_leaves_only_the_output_bias(model_type: str) -> None:
     """With v (weights and bias) zeroed through its view, attention mixes zeros: the attention module returns
     exactly attn.o's bias, whatever q and k are."""
@@ -220,7 +230,7 @@ def test_zeroing_one_query_head_or_kv_group_makes_exactly_those_heads_uniform(mo
 
 # ----------------------------------------------------------------------------------------- writing through views
 
-@pytest.mark.parametrize("model_type", ARCH_TYPES, ids=str)
+@pytest.mark.parametrize("model_type", ARCH_TYPES + FUSED_TYPES, ids=str)
 def test_update_weight_writes_exactly_the_view(model_type: str) -> None:
     """Zero each linear view: its output columns become the bias, every other column and parameter is untouched;
     then write the old values back through the view and get the original parameters bit for bit."""
@@ -309,7 +319,7 @@ def test_unknown_fused_layout_raises_naming_register_arch(model_type: str) -> No
 
 # ----------------------------------------------------------------------------------------- imprune info
 
-@pytest.mark.parametrize("model_type", ARCH_TYPES + DISCOVERED_TYPES, ids=str)
+@pytest.mark.parametrize("model_type", ARCH_TYPES + FUSED_TYPES + DISCOVERED_TYPES, ids=str)
 def test_info_prints_the_map_for_every_type(model_type: str, capsys: pytest.CaptureFixture[str]) -> None:
     spec = f"random:{model_type}"
     with warnings.catch_warnings():

@@ -82,7 +82,7 @@ def test_eval_writes_metrics_json(text_file: Path, tmp_path: Path, capsys: pytes
     stdout = capsys.readouterr().out
     doc = json.loads(out.read_text())
     assert doc["model"]["spec"] == "random:llama" and doc["model"]["model_type"] == "llama"
-    assert doc["window"] == {"seq_len": 64, "windows": 4, "tokens": 256, "sampling": "sequential"}
+    assert doc["window"] == {"seq_len": 64, "windows": 4, "tokens": 256, "sampling": "sequential", "bos": False}
     ppl = doc["perplexity"]
     assert ppl["data"] == f"file:{text_file}" and ppl["predicted"] == 4 * 63
     assert {"torch", "transformers", "python"} <= set(doc["versions"])

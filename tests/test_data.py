@@ -12,7 +12,7 @@ from conftest import SAMPLE_TEXT, byte_ids
 from importance.data.sources import load_data
 from importance.data.tasks import generate, task_names
 from importance.errors import ImpruneError
-from importance.models.load import byte_tokenizer
+from importance.models.tiny import byte_tokenizer
 
 EOS = 2
 PAD = 0
@@ -258,3 +258,24 @@ def test_missing_answer_cells_are_not_the_text_none(tok, tmp_path: Path) -> None
         return  # refusing the file is fine too
     answers = [row[mask].tolist() for row, mask in zip(w.input_ids, w.loss_mask)]
     assert byte_ids("None") not in answers
+
+
+def test_windows_start_with_bos_where_the_tokenizer_adds_one(text_file) -> None:
+    """A tokenizer that adds BOS gets [BOS, t_1 .. t_T] windows with exactly the targets of the plain windows;
+    one that does not (the byte tokenizer, SmolLM2's) gets the plain windows, and meta says which."""
+    from importance.data.sources import bos_token_id
+
+    plain_tok, bos_tok = byte_tokenizer(), byte_tokenizer()
+    bos_tok.add_bos_token = True
+    assert bos_token_id(plain_tok) is None and bos_token_id(bos_tok) == bos_tok.bos_token_id == 1
+    plain = load_data(f"file:{text_file}", plain_tok, seq_len=32, tokens=96, sampling="sequential")
+    with_bos = load_data(f"file:{text_file}", bos_tok, seq_len=32, tokens=96, sampling="sequential")
+    assert (plain.meta["bos"], with_bos.meta["bos"]) == (False, True)
+    assert len(with_bos) == len(plain) == 3 and with_bos.meta["seq_len"] == plain.meta["seq_len"] == 32
+    assert torch.equal(with_bos.input_ids[:, 0], torch.ones(3, dtype=torch.long))
+    assert torch.equal(with_bos.input_ids[:, 1:], plain.input_ids)
+    # token_nll never counts position 0; the targets are the same tokens t_2 .. t_T in both
+    assert not with_bos.loss_mask[:, :2].any() and with_bos.loss_mask[:, 2:].all()
+    assert int(with_bos.loss_mask.sum()) == int(plain.loss_mask[:, 1:].sum())
+    with pytest.raises(ImpruneError, match="longer than the model's 32 positions"):
+        load_data(f"file:{text_file}", bos_tok, seq_len=32, max_positions=32)

@@ -13,7 +13,8 @@ import importance.models.load as models
 from importance.arch.canonical import model_map
 from importance.engine.objective import has_loss, token_nll
 from importance.errors import ImpruneError
-from importance.models.load import BYTE_SPECIALS, byte_tokenizer, load_model, parse_random_spec
+from importance.models.load import load_model
+from importance.models.tiny import BYTE_SPECIALS, byte_tokenizer, parse_random_spec
 from pruning.eval.perplexity import perplexity
 
 # ----------------------------------------------------------------------------------------- random specs
@@ -58,7 +59,7 @@ def test_bad_random_spec_raises(spec: str) -> None:
 @pytest.mark.parametrize("model_type", ARCH_TYPES, ids=str)
 def test_random_model_task_and_vocab(model_type: str) -> None:
     lm = tiny(model_type)
-    expected = "masked-lm" if model_type == "bert" else "causal-lm"
+    expected = "masked-lm" if model_type in ("bert", "roberta") else "causal-lm"  # the two encoders of the grid
     assert lm.task == expected and has_loss(lm.task)
     emb = lm.model.get_input_embeddings().weight
     assert emb.shape[0] == len(lm.tokenizer) == 256 + len(BYTE_SPECIALS)

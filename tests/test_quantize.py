@@ -258,7 +258,8 @@ def test_save_reload_gives_the_same_logits(tmp_path, scored):
 def test_tied_embeddings_reload(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from importance.models.load import LoadedModel, byte_tokenizer, random_config
+    from importance.models.load import LoadedModel
+    from importance.models.tiny import byte_tokenizer, random_config
 
     torch.manual_seed(0)
     config = random_config("llama", hidden_size=128, intermediate_size=256, tie_word_embeddings=True)

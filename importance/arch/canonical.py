@@ -8,14 +8,14 @@ transposed for GPT-2's Conv1D, sliced for fused modules (phi3 ``qkv_proj``/``gat
 ``c_attn``, GPT-NeoX ``query_key_value`` interleaved per head), so scorers and pruners never see a quirk.
 
 Maps are registered per ``config.model_type`` with paths relative to each block. A model type with no
-entry goes through a generic discovery (repeated blocks + linear modules with well-known names), said in
-a warning; where that cannot work, ``ImpruneError`` names the model type and ``register_arch``.
+entry goes through the generic discovery of ``importance.arch.discover`` (repeated blocks + linear modules
+with well-known names), said in a warning and proven by ``importance.arch.check``; where that cannot work,
+``ImpruneError`` names the model type and ``register_arch``.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,7 +43,8 @@ class Fused:
     """A component that is a row slice of a fused module's output.
 
     ``layout``: 'qkv' = rows [q (H*d) | k (Hkv*d) | v (Hkv*d)]; 'qkv_heads' = per head [q_h | k_h | v_h]
-    (GPT-NeoX); 'halves' = rows [gate | up]. ``part`` is the index of this component's piece.
+    (GPT-NeoX, BLOOM); 'qkv_grouped' = per KV group [q_1 .. q_g | k | v] (Falcon-40B's new decoder
+    architecture; with g = 1 it is 'qkv_heads'); 'halves' = rows [gate | up]. ``part`` is this piece's index.
     """
 
     path: str
@@ -57,7 +58,7 @@ class ArchSpec:
 
     blocks: str
     linears: dict[str, str | Fused]
-    norms: dict[str, str] = field(default_factory=dict)
+    norms: dict[str, str | tuple[str, ...]] = field(default_factory=dict)  # a tuple: alternative paths
     experts: str | None = None  # module with 3-D ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I]
     router: str | None = None
     shared: dict[str, str] = field(default_factory=dict)  # canonical mlp.shared.* -> path
@@ -73,6 +74,11 @@ class ArchSpec:
     attn_config_heads: bool = False  # the attention forward reads config.num_attention_heads (phi3's fused split)
     attn_bias_flag: str | None = "attention_bias"  # config flags that add biases (used by bias compensation)
     mlp_bias_flag: str | None = "mlp_bias"
+    optional_norms: tuple[str, ...] = ()  # canonical norms a block may lack (parallel attention + MLP)
+    optional_mlp: bool = False  # blocks may lack the dense MLP (discovered models with MoE layers after dense ones)
+    heads_fixed: str | None = None  # why heads cannot be removed structurally (None: they can)
+    channels_fixed: str | None = None  # why MLP channels cannot be removed structurally
+    layout_of: Callable[[object], str] | None = None  # fused attention layout chosen from the config (falcon)
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -102,8 +108,9 @@ _GEMMA2_NORMS = {"norm.attn_in": "input_layernorm", "norm.attn_out": "post_atten
                  "norm.mlp_in": "pre_feedforward_layernorm", "norm.mlp_out": "post_feedforward_layernorm"}
 _ATTN_ONLY = {k: v for k, v in _LLAMA_LIN.items() if k.startswith("attn.")}
 
-register_arch("llama", "mistral", "qwen2", "gemma", "granite", "cohere", "olmo")(
+register_arch("llama", "mistral", "qwen2", "gemma", "granite", "olmo")(  # OLMo-1's norms have no parameters
     ArchSpec("model.layers", _LLAMA_LIN, _LLAMA_NORMS))
+register_arch("cohere")(ArchSpec("model.layers", _LLAMA_LIN, {"norm.attn_in": "input_layernorm"}))  # parallel
 register_arch("qwen3")(ArchSpec("model.layers", _LLAMA_LIN, {**_LLAMA_NORMS, **_QK_NORMS}))
 register_arch("gemma2")(ArchSpec("model.layers", _LLAMA_LIN, _GEMMA2_NORMS))
 register_arch("gemma3_text")(ArchSpec("model.layers", _LLAMA_LIN, {**_GEMMA2_NORMS, **_QK_NORMS}))
@@ -310,7 +317,7 @@ def _find_blocks(model: nn.Module, blocks: str) -> tuple[str, nn.ModuleList]:
             if isinstance(m, nn.ModuleList) and (n == blocks or n.endswith("." + blocks))]
     if len(hits) != 1:
         raise ImpruneError(f"expected one block list '{blocks}' in {type(model).__name__}, found {len(hits)}; "
-                           "register a mapping with importance.arch.canonical.register_arch")
+                           "register a mapping with importance.arch.register_arch")
     return hits[0]
 
 
@@ -339,6 +346,12 @@ def _fused_rows(layout: str, part: int, out_total: int, head_dim: int, n_heads: 
     if layout == "qkv_heads":
         n = out_total // (3 * head_dim)
         return (torch.arange(n).view(n, 1) * 3 * head_dim + part * head_dim + torch.arange(head_dim)).flatten()
+    if layout == "qkv_grouped":  # per KV group: g query heads, then its k and its v head
+        kv = (out_total // head_dim - n_heads) // 2
+        g = n_heads // max(kv, 1)
+        start = torch.arange(kv).view(kv, 1) * (g + 2)
+        heads = start + (torch.arange(g) if part == 0 else torch.tensor([g + part - 1]))  # [kv, g or 1]
+        return (heads.reshape(-1, 1) * head_dim + torch.arange(head_dim)).flatten()
     raise ImpruneError(f"unknown fused layout '{layout}'")
 
 
@@ -346,29 +359,33 @@ def _layer_heads(block: nn.Module, spec: ArchSpec, n_heads_cfg: int, out_total: 
     """Query heads of one block with a fused [q | k | v] projection (may differ per layer after pruning)."""
     if not spec.gqa:  # q, k and v are equally wide
         return out_total // (3 * head_dim)
-    own = getattr(_get(block, spec.attn), "config", None) if spec.attn_config_heads else None
+    attn = _get(block, spec.attn)
+    own = getattr(attn, "config", None) if spec.attn_config_heads else None
+    if own is None and isinstance(getattr(attn, "num_heads", None), int):  # kept per layer by head surgery
+        return int(attn.num_heads)
     return int(getattr(own, spec.config_heads or "", None) or n_heads_cfg)
 
 
 def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_heads_cfg: int,
-                 head_dim: int) -> Block:
+                 head_dim: int, config: object = None) -> Block:
     comps: dict[str, Component] = {}
     # q / k / v / o / MLP linears (plain or fused)
     q_entry = spec.linears.get("attn.q")
     for name, entry in spec.linears.items():
         path = entry.path if isinstance(entry, Fused) else entry
         mod = _get(block, path)
-        if mod is None and name.startswith("mlp.") and spec.experts:  # MoE layer without a dense MLP
+        if mod is None and name.startswith("mlp.") and (spec.experts or spec.optional_mlp):  # an MoE layer
             continue
         if not _is_linear(mod):
             raise ImpruneError(f"block {index}: '{path}' for {name} is missing or not a linear layer; "
-                               "fix the mapping with importance.arch.canonical.register_arch")
+                               "fix the mapping with importance.arch.register_arch")
         transposed = type(mod).__name__ == "Conv1D"
         rows = None
         if isinstance(entry, Fused):
             out_total = mod.weight.shape[1 if transposed else 0]
-            n_heads = _layer_heads(block, spec, n_heads_cfg, out_total, head_dim) if entry.layout == "qkv" else 0
-            rows = _fused_rows(entry.layout, entry.part, out_total, head_dim, n_heads)
+            layout = spec.layout_of(config) if spec.layout_of and entry.layout == "qkv" else entry.layout
+            n_heads = _layer_heads(block, spec, n_heads_cfg, out_total, head_dim) if layout != "halves" else 0
+            rows = _fused_rows(layout, entry.part, out_total, head_dim, n_heads)
         comps[name] = Component(name, index, f"{bpath}.{path}", mod, "linear", rows=rows, transposed=transposed,
                                 head_dim=head_dim, out_group=_OUT_GROUP.get(name), in_group=_IN_GROUP.get(name))
     for name, path in spec.shared.items():
@@ -390,12 +407,16 @@ def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_hea
         if router is not None and isinstance(getattr(router, "weight", None), torch.Tensor):
             comps["mlp.router"] = Component("mlp.router", index, f"{bpath}.{spec.router}", router, "linear",
                                             out_group="expert")
-    for name, path in spec.norms.items():
-        mod = _get(block, path)
-        if mod is None or getattr(mod, "weight", None) is None:
-            raise ImpruneError(f"block {index}: norm '{path}' for {name} is missing or has no weight; "
-                               "fix the mapping with importance.arch.canonical.register_arch")
-        comps[name] = Component(name, index, f"{bpath}.{path}", mod, "norm")
+    for name, paths in spec.norms.items():
+        path = next((p for p in ((paths,) if isinstance(paths, str) else paths) if _get(block, p) is not None), None)
+        mod = _get(block, path) if path else None
+        if mod is None:
+            if name in spec.optional_norms:
+                continue
+            raise ImpruneError(f"block {index}: norm '{paths}' for {name} is missing; "
+                               "fix the mapping with importance.arch.register_arch")
+        if isinstance(getattr(mod, "weight", None), torch.Tensor):  # parameter-free norms (OLMo-1) have nothing
+            comps[name] = Component(name, index, f"{bpath}.{path}", mod, "norm")
     # geometry from the actual shapes (pruned models may differ per layer)
     n_heads = comps["attn.q"].shape[0] // head_dim if "attn.q" in comps else 0
     n_kv = comps["attn.k"].shape[0] // head_dim if "attn.k" in comps else 0
@@ -411,76 +432,21 @@ def model_map(model: nn.Module) -> ModelMap:
     spec = _REGISTRY.get(model_type)
     discovered = spec is None
     if spec is None:
+        from importance.arch.discover import discover
+
         spec = discover(model)
         warnings.warn(f"imprune: model type '{model_type}' has no registered map; discovered blocks "
                       f"'{spec.blocks}' and components {sorted(spec.linears)} by name. Check `imprune info`, "
                       "and register a mapping with importance.arch.register_arch if it is wrong.", stacklevel=2)
     bpath, blist = _find_blocks(model, spec.blocks)
     n_heads, head_dim = _geometry(model)
-    blocks = [_build_block(i, f"{bpath}.{i}", b, spec, n_heads, head_dim) for i, b in enumerate(blist)]
+    blocks = [_build_block(i, f"{bpath}.{i}", b, spec, n_heads, head_dim, model.config) for i, b in enumerate(blist)]
     mm = ModelMap(model, model_type, spec, bpath, blocks, discovered)
-    if discovered:
-        check_views(mm.blocks[0])
+    if discovered:  # proven against the model before anything uses it
+        from importance.arch.check import check_map
+
+        check_map(mm)
     return mm
 
 
-# ----------------------------------------------------------------------------------------- discovery
-
-_PATTERNS = {  # canonical -> module-name regex (last two path parts), for unregistered model types
-    "attn.q": r"(q_proj|query|wq|to_q)$", "attn.k": r"(k_proj|key|wk|to_k)$",
-    "attn.v": r"(v_proj|value|wv|to_v)$",
-    "attn.o": r"(attn|attention|self_attn|mixer)\.(o_proj|out_proj|dense|c_proj|wo|to_out)$|output\.dense$",
-    "mlp.gate": r"(gate_proj|w1)$", "mlp.up": r"(up_proj|w3|fc1|c_fc|dense_h_to_4h|fc_in|intermediate\.dense)$",
-    "mlp.down": r"(down_proj|w2|fc2|dense_4h_to_h|fc_out|mlp\.c_proj)$",
-}
-_FUSED = r"(qkv_proj|query_key_value|c_attn|wqkv|qkv|Wqkv)$"
-_NORM_PATTERNS = {"norm.attn_in": r"^(input_layernorm|ln_1|attention_norm|self_attn_layer_norm)$",
-                  "norm.mlp_in": r"^(post_attention_layernorm|ln_2|ffn_norm|final_layer_norm)$"}
-
-
-def discover(model: nn.Module) -> ArchSpec:
-    """Find the repeated blocks and their linears by well-known names, or raise a one-line error."""
-    model_type = getattr(model.config, "model_type", type(model).__name__)
-    n_layers = getattr(model.config, "num_hidden_layers", None)
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0
-             and len({type(c) for c in m}) == 1]
-    lists = [x for x in lists if n_layers is None or len(x[1]) == n_layers] or lists
-    how = f"register a mapping for '{model_type}' with importance.arch.canonical.register_arch(...)(ArchSpec(...))"
-    if not lists:
-        raise ImpruneError(f"model type '{model_type}' has no registered map and no repeated blocks were found; "
-                           + how)
-    bname, blist = max(lists, key=lambda x: sum(p.numel() for p in x[1].parameters()))
-    linears = {n: m for n, m in blist[0].named_modules() if _is_linear(m)}
-    found: dict[str, str | Fused] = {}
-    for canon, pat in _PATTERNS.items():
-        hits = [n for n in linears if re.search(pat, ".".join(n.split(".")[-2:]))]
-        if len(hits) == 1:
-            found[canon] = hits[0]
-    if any(re.search(_FUSED, n) for n in linears) and "attn.q" not in found:
-        raise ImpruneError(f"model type '{model_type}' has a fused attention projection of unknown layout; " + how)
-    if not {"attn.q", "attn.k", "attn.v", "attn.o"} <= set(found) or "mlp.down" not in found:
-        raise ImpruneError(f"model type '{model_type}': could not recognise attention and MLP linears among "
-                           f"{sorted(linears)}; " + how)
-    norms = {}
-    for canon, pat in _NORM_PATTERNS.items():
-        hits = [n for n, m in blist[0].named_children() if re.search(pat, n) and hasattr(m, "weight")]
-        if len(hits) == 1:
-            norms[canon] = hits[0]
-    prefix = bname.split(".")[-1] if "." not in bname else ".".join(bname.split(".")[-2:])
-    return ArchSpec(prefix, found, norms, gqa=True)
-
-
-@torch.no_grad()
-def check_views(block: Block, tokens: int = 3) -> None:
-    """Prove the block's linear views: ``x @ view.weight.T + view.bias`` equals the module's output slice."""
-    for comp in block.components.values():
-        if comp.kind != "linear":
-            continue
-        w = comp.weight
-        x = torch.randn(tokens, w.shape[1], dtype=w.dtype, device=w.device)
-        out = comp.module(x)
-        ref = comp.select_out(out[0] if isinstance(out, tuple) else out)  # routers return (logits, ...)
-        got = x @ w.T + (comp.bias if comp.bias is not None else 0)
-        if not torch.allclose(got, ref, rtol=1e-4, atol=1e-5):
-            raise ImpruneError(f"the view of {comp.name} ({comp.path}) does not reproduce the module's output; "
-                               "register a correct mapping with importance.arch.canonical.register_arch")
+from importance.arch import families as _families  # noqa: E402,F401  (registers the fused / grouped families)

@@ -21,9 +21,22 @@ from importance.errors import ImpruneError
 # attributes and config fields hold head counts, widths and layer indices. Attribute names are the ones
 # transformers' attention classes use; only those present on a module are written.
 _HEAD_ATTRS = ("num_heads", "num_attention_heads")  # GPT-2, OPT (view by num_heads), BERT
-_KV_ATTRS = ("num_key_value_heads",)  # phi3
+_KV_ATTRS = ("num_key_value_heads", "num_kv_heads")  # phi3, falcon
 _WIDTH_ATTRS = ("all_head_size", "split_size")  # BERT's q/k/v width, GPT-2's split of the fused c_attn
 _LAYER_INDEX_LISTS = ("mlp_only_layers",)  # config lists of layer indices (the rest: per-layer lists)
+
+
+def check_cuttable(spec: ArchSpec, config: Any, heads: bool, channels: bool) -> None:
+    """Raise the one-line reason why this architecture's heads / MLP channels cannot be removed structurally."""
+    why = None
+    if heads:
+        why = spec.heads_fixed or ("ALiBi slopes are built from the model's one head count, so heads cannot leave "
+                                   "single layers; prune unstructured, N:M, channels or layers"
+                                   if getattr(config, "alibi", False) else None)
+    if why is None and channels:
+        why = spec.channels_fixed
+    if why:
+        raise ImpruneError(why)
 
 
 def attention_module(block: Block, spec: ArchSpec) -> nn.Module:

@@ -8,10 +8,13 @@ Specs:
   ``hub:NAME[:CONFIG][:SPLIT]``              ``datasets.load_dataset`` (needs network or a local HF cache)
   a ``save_to_disk`` folder, or an existing file path (as ``file:``)
 
-Text is tokenized without special tokens (no BOS: see the protocol), documents are joined with the EOS
-token into one stream and cut into non-overlapping windows of ``seq_len`` tokens; ``sampling='random'``
-draws windows with a seeded generator, ``'sequential'`` takes the first ones in order. Task items are one
-row each, right-padded to the longest item (at most ``seq_len``).
+Text is tokenized without special tokens, documents are joined with the EOS token into one stream and cut
+into non-overlapping windows of ``seq_len`` tokens; where the tokenizer itself adds a BOS token (its
+``add_bos_token``, which transformers sets from a GGUF file's ``tokenizer.ggml.add_bos_token``: Gemma, Llama)
+every window and item starts with it, and neither BOS nor the token right after it is a target, so the
+targets are those of the same windows without BOS (``meta['bos']`` says which; SmolLM2 asks for none);
+``sampling='random'`` draws windows with a seeded generator, ``'sequential'`` takes the first ones in order.
+Task items are one row each, right-padded to the longest item (at most ``seq_len``, plus the BOS).
 """
 
 from __future__ import annotations
@@ -203,9 +206,10 @@ def load_data(spec: str, tokenizer: Any, seq_len: int = 256, tokens: int | None 
     tok_flag, len_flag = flags
     if seq_len < 2:
         raise ImpruneError(f"{len_flag} {seq_len} is too short; use at least 2 tokens")
-    if max_positions is not None and seq_len > max_positions:
+    bos = bos_token_id(tokenizer)
+    if max_positions is not None and seq_len + (bos is not None) > max_positions:
         raise ImpruneError(f"{len_flag} {seq_len} is longer than the model's {max_positions} positions; "
-                           f"use {len_flag} {max_positions} or less")
+                           f"use {len_flag} {max_positions - (bos is not None)} or less")
     if tokens is not None and tokens < seq_len:
         raise ImpruneError(f"{tok_flag} {tokens} is fewer than one window of {seq_len} tokens; pass {tok_flag} "
                            f"{seq_len} or more, or lower {len_flag}")
@@ -213,14 +217,14 @@ def load_data(spec: str, tokenizer: Any, seq_len: int = 256, tokens: int | None 
         raise ImpruneError(f"unknown sampling '{sampling}'; use random or sequential")
     source = read_source(spec)
     if source.items:
-        windows = _item_windows(source, tokenizer, seq_len)
+        windows = _item_windows(source, tokenizer, seq_len, bos)
     elif any(t.strip() for t in source.texts):
-        windows = _text_windows(source, tokenizer, seq_len, len_flag)
+        windows = _text_windows(source, tokenizer, seq_len, bos, len_flag)
     else:
         raise ImpruneError(f"data '{spec}' is empty; give it some text")
     n = len(windows)
     if tokens is not None:
-        n = min(n, max(1, tokens // windows.seq_len))
+        n = min(n, max(1, tokens // (windows.seq_len - (bos is not None))))  # text tokens, BOS apart
     if samples is not None:
         if samples < 1:
             raise ImpruneError(f"--samples {samples} must be at least 1")
@@ -231,12 +235,23 @@ def load_data(spec: str, tokenizer: Any, seq_len: int = 256, tokens: int | None 
         windows = windows.subset(pick.tolist())
     else:
         windows = windows.subset(slice(0, n))
-    windows.meta.update(data=spec, seq_len=windows.seq_len, windows=len(windows), tokens=windows.n_tokens,
-                        seed=seed, sampling=sampling)
+    windows.meta.update(data=spec, seq_len=windows.seq_len - (bos is not None), windows=len(windows),
+                        tokens=windows.n_tokens, seed=seed, sampling=sampling, bos=bos is not None)
     return windows
 
 
-def _text_windows(source: Source, tokenizer: Any, seq_len: int, len_flag: str = "--seq-len") -> Windows:
+def bos_token_id(tokenizer: Any) -> int | None:
+    """The BOS id windows start with: the tokenizer's own, where it puts one before what it encodes (its
+    post-processor: Gemma's says so while its ``add_bos_token`` attribute reads False) or says it does."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    adds = tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+    return int(bos) if adds or getattr(tokenizer, "add_bos_token", False) is True else None
+
+
+def _text_windows(source: Source, tokenizer: Any, seq_len: int, bos: int | None = None,
+                  len_flag: str = "--seq-len") -> Windows:
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for text in source.texts:
@@ -249,10 +264,16 @@ def _text_windows(source: Source, tokenizer: Any, seq_len: int, len_flag: str = 
                            f"lower {len_flag} or give more text")
     ids = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
     ones = torch.ones_like(ids)
-    return Windows(ids, ones, ones.bool(), {"source_tokens": len(stream)})
+    targets = ones.bool()
+    if bos is not None:  # [BOS, t_1 .. t_T]: t_1 is no target either (the same targets as without BOS)
+        ids = torch.cat([torch.full((n, 1), bos, dtype=torch.long), ids], 1)
+        ones = torch.ones_like(ids)
+        targets = ones.bool()
+        targets[:, :2] = False
+    return Windows(ids, ones, targets, {"source_tokens": len(stream)})
 
 
-def _item_windows(source: Source, tokenizer: Any, seq_len: int) -> Windows:
+def _item_windows(source: Source, tokenizer: Any, seq_len: int, bos: int | None = None) -> Windows:
     rows = []
     for prompt, answer in source.items:
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -263,7 +284,7 @@ def _item_windows(source: Source, tokenizer: Any, seq_len: int) -> Windows:
             p, a = p[-1:], a[:seq_len - min(1, len(p))]
         elif len(p) + len(a) > seq_len:  # keep the answer and the end of the prompt
             p = p[max(0, len(p) + len(a) - seq_len):]
-        rows.append((p, a))
+        rows.append(([bos, *p] if bos is not None else p, a))  # BOS on top of the seq_len budget
     if not rows:
         raise ImpruneError(f"data '{source.name}' has no usable prompt/answer items")
     width = max(len(p) + len(a) for p, a in rows)

@@ -410,16 +410,18 @@ def _fold_heads(v: torch.Tensor, head_dim: int, group: str | None) -> torch.Tens
 def _frozen(model: nn.Module, grad: bool) -> Iterator[None]:
     """No parameter needs a gradient; the embedding output does, so gradients flow through activations."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    handle = None
+    handles = []
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        if grad:
+        if grad:  # the input embedding, and token embeddings like it (BART's decoder has its own copy)
             emb = model.get_input_embeddings()
-            handle = emb.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+            embs = {id(emb): emb} | {id(m): m for m in model.modules() if isinstance(m, nn.Embedding)
+                                      and m.weight.shape == emb.weight.shape}
+            handles = [m.register_forward_hook(lambda m, a, out: out.requires_grad_(True)) for m in embs.values()]
         yield
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
         for p, flag in flags:
             p.requires_grad_(flag)

@@ -159,15 +159,15 @@ def identity(spec: Any) -> str | None:
     if spec.startswith("builtin:"):
         return spec
     if spec.startswith("random:"):
-        from importance.models import load as models
+        from importance.models import tiny as models
 
         try:
             model_type, overrides = models.parse_random_spec(spec)
         except ImpruneError:
             return None
-        defaults = {**getattr(models, "_TINY", {}), **getattr(models, "_TINY_EXTRA", {}).get(model_type, {}),
+        defaults = {**models.TINY, **models.TINY_EXTRA.get(model_type, {}),
                     "seed": 0}
-        short = {v: k for k, v in getattr(models, "_OVERRIDE_KEYS", {}).items()}
+        short = {v: k for k, v in models.OVERRIDE_KEYS.items()}
         given = {short.get(k, k): v for k, v in overrides.items() if k != "seed" and v != defaults.get(k)}
         given["seed"] = overrides.get("seed", 0)
         return f"random:{model_type}:" + ",".join(f"{k}={v}" for k, v in sorted(given.items()))

@@ -87,11 +87,12 @@ def evaluate(args: argparse.Namespace) -> int:
     windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, tokens=args.tokens, seed=args.seed,
                         sampling="sequential", max_positions=_max_positions(lm.model))
     result = perplexity(lm.model, windows, lm.task, batch_size=args.batch_size, progress=not args.quiet)
-    print(result.line())
+    bos = bool(windows.meta.get("bos"))
+    print(result.line() + ("; each window starts with the tokenizer's BOS (not a target)" if bos else ""))
     if out is not None:
         write_json(out, {"model": lm.describe(), "perplexity": result.to_dict(),
                          "window": {"seq_len": windows.seq_len, "windows": len(windows),
-                                    "tokens": windows.n_tokens, "sampling": "sequential"},
+                                    "tokens": windows.n_tokens, "sampling": "sequential", "bos": bos},
                          "versions": versions()})
         print(f"wrote {out}")
     return 0

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from importance.arch.canonical import Block, ModelMap, model_map
-from importance.arch.edit import set_attention_heads, set_config_geometry
+from importance.arch.edit import check_cuttable, set_attention_heads, set_config_geometry
 from importance.data.sources import Windows
 from importance.engine.offload import is_offloaded
 from importance.errors import ImpruneError
@@ -69,6 +69,7 @@ from pruning.methods.surgery import (
     head_params,
     input_means,
     param_count,
+    trial_cut,
 )
 
 CRITERIA = ("taylor", "fisher", "activation", "magnitude")  # heads, channels, width
@@ -390,6 +391,10 @@ def prune_structured(lm: LoadedModel, cfg: StructuredConfig, table: ImportanceTa
     cfg.validate()
     check_in_memory(lm)
     mm = model_map(lm.model)
+    heads, channels = cfg.part in ("heads", "width"), cfg.part in ("channels", "width")
+    check_cuttable(mm.spec, lm.model.config, heads, channels)
+    if mm.discovered:
+        trial_cut(mm, heads, channels)
     limits = check_structured(mm, cfg)  # an unreachable target or a bad head count fails before any scoring
     table = table_for(lm, table, cfg.criterion, windows, batch_size, progress)
     before = {(c.layer, c.name): c.numel for c in mm.components()}

@@ -290,3 +290,54 @@ def input_means(model: Any, modules: dict[str, nn.Module], windows: Windows,
         for h in handles:
             h.remove()
     return {k: (v / max(count, 1)).float() for k, v in sums.items()}
+
+
+def trial_cut(mm: ModelMap, heads: bool, channels: bool) -> None:
+    """For a discovered map, before the model itself is touched: cut KV group 0 with its query heads (or query
+    head 0 of a single group) and MLP channel 0 from a copy of block 0, run its attention / MLP on the inputs
+    of a real forward, and compare with the original module whose ``attn.o`` / ``mlp.down`` input columns of
+    what was cut are zeroed: the two must agree. One line where they do not (the module keeps a width, a head
+    count or per-head parameters somewhere imprune does not know)."""
+    from importance.arch.canonical import _build_block
+    from importance.arch.check import _close, capture_calls
+
+    b0 = mm.blocks[0]
+    d = b0.head_dim
+    g = b0.n_heads // max(b0.n_kv_heads, 1)
+    kv_cut = [0] if b0.n_kv_heads > 1 else []
+    head_cut = list(range(g)) if kv_cut else ([0] if b0.n_heads > 1 else [])
+    parts = [(p, path, out, cols) for p, want, path, out, cols in (
+        ("attention", heads and bool(head_cut), mm.spec.attn, "attn.o", _head_rows(head_cut, d)),
+        ("MLP", channels and b0.intermediate > 1, mm.spec.mlp, "mlp.down", torch.tensor([0])))
+        if want and path and out in b0.components]
+    if not parts:
+        return
+    calls = capture_calls(mm, {p: b0.module.get_submodule(path) for p, path, _, _ in parts})
+    clone = copy.deepcopy(b0.module)
+    block = _build_block(0, b0.path, clone, mm.spec, b0.n_heads, d, mm.model.config)
+    trial = ModelMap(mm.model, mm.model_type, mm.spec, mm.blocks_path, [block], mm.discovered)
+    try:
+        cut_block(trial, 0, heads=head_cut if heads else (), kv_heads=kv_cut if heads else (),
+                  channels=[0] if any(p == "MLP" for p, *_ in parts) else ())
+    except ImpruneError:
+        return  # the real cut raises the same line
+    for part, path, out, cols in parts:
+        if part not in calls:
+            continue
+        args, kwargs = calls[part]
+        zero = b0.components[out].module.register_forward_pre_hook(
+            lambda _m, a, cols=cols: (a[0].index_fill(-1, cols.to(a[0].device), 0), *a[1:]))
+        try:
+            with torch.no_grad():
+                ref = b0.module.get_submodule(path)(*args, **kwargs)
+                y = clone.get_submodule(path)(*args, **kwargs)
+            y, ref = (y[0] if isinstance(y, tuple) else y), (ref[0] if isinstance(ref, tuple) else ref)
+            if not _close(y, ref):
+                raise RuntimeError("its output differs from the uncut module's with the cut part zeroed")
+        except Exception as err:
+            msg = (str(err).strip().splitlines() or [""])[0][:160]
+            raise ImpruneError(f"the {part} of discovered model type '{mm.model_type}' cannot be cut: on a copy of "
+                               f"block 0, {type(err).__name__}: {msg}; register a mapping, or prune unstructured"
+                               ) from None
+        finally:
+            zero.remove()

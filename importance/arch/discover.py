@@ -1,0 +1,105 @@
+"""Generic discovery for model types with no registered map: repeated blocks and linears by well-known names.
+
+``discover(model)`` returns an ``ArchSpec`` (fused [q|k|v] and gate|up modules read as plain blocks of rows,
+stacked experts with their router, the attention / MLP module paths) or raises one line naming
+``register_arch``. Nothing here is trusted: ``importance.arch.check`` proves the map against the model before
+anything uses it, and ``pruning.methods.surgery.trial_cut`` before any head or channel of it is cut.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from importance.arch.canonical import ArchSpec, Fused, _get, _is_linear
+from importance.errors import ImpruneError
+
+_PATTERNS = {  # canonical -> module-name regex (full path in the block), for unregistered model types
+    "attn.q": r"(q_proj|query|wq|to_q)$", "attn.k": r"(k_proj|key|wk|to_k)$",
+    "attn.v": r"(v_proj|value|wv|to_v)$",
+    "attn.o": r"(attn|attention|self_attn|mixer)\.(o_proj|out_proj|dense|c_proj|wo|to_out)$|attention\.output\.dense$",
+    "mlp.gate": r"(^|\.)(gate_proj|w1)$",
+    "mlp.up": r"(^|\.)(up_proj|w3|fc1|c_fc|dense_h_to_4h|fc_in|intermediate\.dense)$",
+    "mlp.down": r"(down_proj|w2|fc2|dense_4h_to_h|fc_out|mlp\.c_proj)$|^output\.dense$",
+}
+_FUSED = r"(qkv_proj|query_key_value|c_attn|wqkv|qkv|Wqkv)$"
+_FUSED_GATE_UP = r"(^|\.)(gate_up_proj|gate_up|w13)$"  # rows [gate | up], proven by the functional check
+_NORM_PATTERNS = {"norm.attn_in": r"^(input_layernorm|ln_1|attention_norm|self_attn_layer_norm)$",
+                  "norm.mlp_in": r"^(post_attention_layernorm|ln_2|ffn_norm|final_layer_norm)$"}
+
+
+def discover(model: nn.Module) -> ArchSpec:
+    """Find the repeated blocks and their linears by well-known names, or raise a one-line error."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+             and len({type(c) for c in m}) == 1]
+    lists = [x for x in lists if n_layers is None or len(x[1]) == n_layers] or lists
+    how = f"register a mapping for '{model_type}' with importance.arch.register_arch(...)(ArchSpec(...))"
+    if not lists:
+        raise ImpruneError(f"model type '{model_type}' has no registered map and no repeated blocks were found; "
+                           + how)
+    bname, blist = max(lists, key=lambda x: sum(p.numel() for p in x[1].parameters()))
+    linears = {n: m for n, m in blist[0].named_modules() if _is_linear(m)}
+    found: dict[str, str | Fused] = {}
+    for canon, pat in _PATTERNS.items():
+        hits = [n for n in linears if re.search(pat, n)]
+        if len(hits) > 1:  # decoders with cross-attention (unused in a causal LM): the self-attention's
+            hits = [n for n in hits if not re.search(r"encoder_attn|cross", n, re.IGNORECASE)]
+        if len(hits) == 1:
+            found[canon] = hits[0]
+    fused = [n for n in linears if re.search(_FUSED, n)]
+    if len(fused) == 1 and not {"attn.q", "attn.k", "attn.v"} & set(found):  # try [q | k | v]; the check decides
+        found.update({name: Fused(fused[0], "qkv", i) for i, name in enumerate(("attn.q", "attn.k", "attn.v"))})
+    elif fused and "attn.q" not in found:
+        raise ImpruneError(f"model type '{model_type}' has a fused attention projection of unknown layout; " + how)
+    gate_up = [n for n in linears if re.search(_FUSED_GATE_UP, n)]
+    if len(gate_up) == 1 and not {"mlp.gate", "mlp.up"} & set(found):
+        found.update({"mlp.gate": Fused(gate_up[0], "halves", 0), "mlp.up": Fused(gate_up[0], "halves", 1)})
+    kinds = {type(m).__name__ for m in blist[0].modules()}
+    if not any(re.search(r"attention|attn", k, re.IGNORECASE) and "Rwkv" not in k for k in kinds):
+        raise ImpruneError(f"model type '{model_type}' has no attention layers (its blocks mix tokens with "
+                           f"{', '.join(sorted({n.split('.')[0] for n in linears})) or 'no linear'} modules); "
+                           "imprune maps attention + MLP blocks only: " + how)
+    experts, router = _stacked_experts(blist[0])
+    if not {"attn.q", "attn.k", "attn.v", "attn.o"} <= set(found) or ("mlp.down" not in found and not experts):
+        raise ImpruneError(f"model type '{model_type}': could not recognise attention and MLP linears among "
+                           f"{sorted(linears)}; " + how)
+    norms = {}
+    for canon, pat in _NORM_PATTERNS.items():
+        hits = [n for n, m in blist[0].named_children() if re.search(pat, n) and hasattr(m, "weight")]
+        if len(hits) == 1:
+            norms[canon] = hits[0]
+    prefix = bname.split(".")[-1] if "." not in bname else ".".join(bname.split(".")[-2:])
+
+    def parent(*canon: str) -> str:  # the deepest module holding all of them ('' = the block)
+        paths = [(e.path if isinstance(e, Fused) else e).split(".")[:-1] for e in (found[c] for c in canon)]
+        common: list[str] = []
+        for parts in zip(*paths, strict=False):
+            if len(set(parts)) > 1:
+                break
+            common.append(parts[0])
+        return ".".join(common)
+
+    attn = parent("attn.q", "attn.o")
+    mlp = parent("mlp.up", "mlp.down") if {"mlp.up", "mlp.down"} <= set(found) else ""
+    # heads / channels are cut only where pruning.methods.surgery.trial_cut proves a cut on a copy of block 0
+    return ArchSpec(prefix, found, norms, gqa=True, attn=attn, mlp=mlp, optional_norms=tuple(norms),
+                    optional_mlp=True, experts=experts, router=router)
+
+
+def _stacked_experts(block: nn.Module) -> tuple[str | None, str | None]:
+    """The path of a module holding stacked 3-D ``gate_up_proj`` / ``down_proj`` experts, and of its router (a
+    sibling ``gate`` / ``router`` with an [E, H] weight); the functional check proves them."""
+    for name, mod in block.named_modules():
+        gu, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
+        if isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == down.dim() == 3:
+            parent = name.rpartition(".")[0]
+            for r in ("gate", "router"):
+                w = getattr(_get(block, f"{parent}.{r}" if parent else r), "weight", None)
+                if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == gu.shape[0]:
+                    return name, f"{parent}.{r}" if parent else r
+            return name, None
+    return None, None
