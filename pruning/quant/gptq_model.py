@@ -49,9 +49,9 @@ class GPTQConfig:
     blocksize: int = 128
     damp: float = 0.01
     act_order: bool = True  # static groups; measured better on SmolLM2 (README)
-    static_groups: bool = False  # natural order: group parameters from the initial weights (llm-compressor's way)
     sparsity: float = 0.0  # joint unstructured pruning (fraction of each row's weights)
     nm: tuple[int, int] | None = None  # joint N:M pruning
+    static_groups: bool = False  # natural order: group parameters from the initial weights (llm-compressor's way)
 
     def validate(self) -> None:
         if self.method not in METHODS:
