@@ -11,6 +11,8 @@ Rows (each a fresh copy of the model, quantized, evaluated; weights on the compr
   random <b> seed k                  random plans at the same budgets and choices, GPTQ at those widths
   joint 50% + 4-bit, 2:4 + 4-bit     GPTQ with the mask in the same column loop
   sparsegpt 50%                      the pass the quantization time is compared with (same windows)
+  gptq 4-bit natural static          natural column order, group parameters from the initial weights (the way
+                                     llm-compressor computes them)
 Columns: average bits, weight bytes as stored (packed codes + scales + zero points; embeddings float32),
 perplexity, loss vs dense, / random loss at the same budget, quantization seconds, / SparseGPT seconds.
 
@@ -33,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BUDGETS = {4.0: "3,4,8", 4.5: "3,4,8", 5.0: "4,8"}
-ROWS = ("rtn4", "gptq4", "gptq8", "guided", "random", "joint", "sparsegpt")
+ROWS = ("rtn4", "gptq4", "gptq8", "guided", "random", "joint", "sparsegpt", "static4")
 
 
 def _args() -> argparse.Namespace:
@@ -85,6 +87,26 @@ def main() -> int:
     cfg = GPTQConfig("gptq", sym=a.sym)
     results: list[dict[str, Any]] = []
 
+    plan_s, errors, how, sgpt_s = None, None, "", None
+
+    def dump(partial: bool) -> str:
+        """Ratios, markdown and JSON of the rows so far (after every row, so a cut-off run keeps its rows)."""
+        dense = results[0]["ppl"]
+        for r in results:
+            r["ppl_loss"] = r["ppl"] - dense
+            rand = [x["ppl"] - dense for x in results if x["row"].startswith("random") and x["budget"] == r["budget"]]
+            r["loss_vs_random"] = r["ppl_loss"] / (sum(rand) / len(rand)) if rand and r["budget"] else None
+            r["time_vs_sparsegpt"] = r["seconds"] / sgpt_s if sgpt_s and r["seconds"] else None
+        md = _markdown(results, st, evalw, plan_s)
+        out = Path(a.out)
+        stem = "bench_gptq_quick" if a.quick else "bench_gptq"
+        write_json(out / f"{stem}.json", {"settings": st, "complete": not partial, "eval": dict(evalw.meta),
+                                          "calibration": dict(calib.meta), "planning_seconds": plan_s,
+                                          "estimator": how, "errors": errors, "rows": results,
+                                          "versions": versions()})
+        (out / f"{stem}.md").write_text(md + "\n")
+        return md + f"\nwrote {out / (stem + '.json')} and .md"
+
     def evaluate(name: str, model: Any, plan: Any, quantized: Any, seconds: float | None, budget: float | None) -> None:
         ppl = perplexity(model, evalw, base.task, batch_size=a.batch_size, progress=False)
         nbytes = fp32 if plan is None else packed_bytes(model, plan, quantized)
@@ -95,6 +117,7 @@ def main() -> int:
                         "bits": None if plan is None else dict(plan.bits)})
         print(f"  {name}: ppl {ppl.ppl:.3f}, {nbytes / fp32:.3f}x float32"
               + ("" if seconds is None else f", {seconds:.0f} s"), flush=True)
+        dump(partial=True)
 
     def run(name: str, plan: Any, c: Any = cfg, budget: float | None = None) -> None:
         model = copy.deepcopy(base.model)
@@ -104,7 +127,6 @@ def main() -> int:
         del model
 
     evaluate("dense float32", base.model, None, None, None, None)
-    sgpt_s = None
     if "sparsegpt" in rows_wanted:
         lm = copy.copy(base)
         lm.model = copy.deepcopy(base.model)
@@ -120,10 +142,12 @@ def main() -> int:
     for b in (4, 8):
         if f"gptq{b}" in rows_wanted:
             run(f"gptq {b}-bit", uniform(b))
+    if "static4" in rows_wanted:
+        run("gptq 4-bit natural order, static groups", uniform(4), GPTQConfig("gptq", sym=a.sym, act_order=False,
+                                                                            static_groups=True))
     if "joint" in rows_wanted:
         run("joint 50% + gptq 4-bit", uniform(4), GPTQConfig("gptq", sym=a.sym, sparsity=0.5))
         run("joint 2:4 + gptq 4-bit", uniform(4), GPTQConfig("gptq", sym=a.sym, nm=(2, 4)))
-    plan_s, errors, how = None, None, ""
     if "guided" in rows_wanted:
         table = score(base, calib, ["fisher"], elements=True, batch_size=a.batch_size, progress=False)
         units, kept = _units(base.model, (), gs, True)
@@ -142,21 +166,7 @@ def main() -> int:
                 run(f"random {b:g} ({st['budgets'][b]}) seed {k}",
                     random_plan(base.model, b, st["budgets"][b], k, group_size=gs, linear_only=True,
                                 supported=GPTQ_BITS), budget=b)
-    dense = results[0]["ppl"]
-    for r in results:
-        r["ppl_loss"] = r["ppl"] - dense
-        rand = [x["ppl"] - dense for x in results if x["row"].startswith("random") and x["budget"] == r["budget"]]
-        r["loss_vs_random"] = r["ppl_loss"] / (sum(rand) / len(rand)) if rand and r["budget"] else None
-        r["time_vs_sparsegpt"] = r["seconds"] / sgpt_s if sgpt_s and r["seconds"] else None
-    md = _markdown(results, st, evalw, plan_s)
-    print(md)
-    out = Path(a.out)
-    stem = "bench_gptq_quick" if a.quick else "bench_gptq"
-    write_json(out / f"{stem}.json", {"settings": st, "eval": dict(evalw.meta), "calibration": dict(calib.meta),
-                                      "planning_seconds": plan_s, "estimator": how, "errors": errors,
-                                      "rows": results, "versions": versions()})
-    (out / f"{stem}.md").write_text(md + "\n")
-    print(f"wrote {out / (stem + '.json')} and .md")
+    print(dump(partial=False))
     return 0
 
 

@@ -128,3 +128,44 @@ def test_bad_specs_are_one_line_errors() -> None:
         rtn(w, QuantSpec(5))
     with pytest.raises(ImpruneError, match="act-order"):
         gptq(w, xtx, 512, QuantSpec(4), nm=(2, 4), act_order=True)
+
+
+def test_input_statistics_shared_inputs_equal_a_plain_sum_per_module() -> None:
+    """q / k / v (and gate / up) read one tensor: the shared X^T X computation must leave every module with its
+    own exact sum over batches, padding excluded, as a plain per-module accumulation computes it."""
+    from pruning.second_order.sequential import InputStatistics
+
+    torch.manual_seed(0)
+    a, b, c = torch.nn.Linear(8, 3), torch.nn.Linear(8, 5), torch.nn.Linear(6, 2)
+    plain: dict[str, list[torch.Tensor]] = {"a": [], "b": [], "c": []}
+    st = InputStatistics({"a": a, "b": b, "c": c}, hessian=True)
+    with st:
+        for step in range(3):
+            mask = torch.ones(2, 4, dtype=torch.bool)
+            mask[1, 4 - step:] = False  # padding grows with the batch index
+            st.mask = mask
+            x, y = torch.randn(2, 4, 8), torch.randn(2, 4, 6)
+            a(x), b(x), c(y)
+            keep = mask.reshape(-1)
+            for k, inp in (("a", x), ("b", x), ("c", y)):
+                plain[k].append(inp.reshape(-1, inp.shape[-1])[keep])
+    for k, xs in plain.items():
+        xx = torch.cat(xs).double()
+        assert st.tokens[k] == xx.shape[0] == 8 * 3 - 3
+        assert torch.allclose(st.xtx[k], xx.T @ xx, rtol=1e-5, atol=1e-5)  # float32 products
+        assert torch.allclose(st.sq[k].double(), xx.square().sum(0), atol=1e-5)
+    assert st.xtx["a"] is not st.xtx["b"]
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_static_groups_take_round_to_nearest_parameters_of_the_initial_weights(act: bool) -> None:
+    x, w = _layer(5, cols=64)
+    xtx = (x.T @ x).double()
+    spec = QuantSpec(4, group_size=16)
+    r = rtn(w, spec)
+    q = gptq(w, xtx, 512, spec, act_order=act, static_groups=True)
+    assert torch.equal(q.scale, r.scale) and torch.equal(q.zero, r.zero)
+    _on_grid(q, spec)
+    assert _plain_error(x, w, q.weight) < _plain_error(x, w, r.weight)
+    if not act:  # the default natural order re-derives each group from the updated weights: other parameters
+        assert not torch.equal(gptq(w, xtx, 512, spec).scale, r.scale)

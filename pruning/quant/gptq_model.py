@@ -51,6 +51,7 @@ class GPTQConfig:
     act_order: bool = True  # static groups; measured better on SmolLM2 (README)
     sparsity: float = 0.0  # joint unstructured pruning (fraction of each row's weights)
     nm: tuple[int, int] | None = None  # joint N:M pruning
+    static_groups: bool = False  # natural order: group parameters from the initial weights (llm-compressor's way)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -78,7 +79,8 @@ def _quantize_unit(w: torch.Tensor, st: InputStatistics | None, key: str, spec: 
     if cfg.sparsity and cfg.nm is None:
         def choose(sal: torch.Tensor, start: int) -> torch.Tensor:  # the same share of every block
             return lowest_mask(sal, round(cfg.sparsity * sal.numel()), "matrix")
-    return gptq(w, st.xtx[key], st.tokens[key], spec, choose, cfg.nm, cfg.blocksize, cfg.damp, cfg.act_order)
+    return gptq(w, st.xtx[key], st.tokens[key], spec, choose, cfg.nm, cfg.blocksize, cfg.damp, cfg.act_order,
+                error=False, static_groups=cfg.static_groups)  # the stacked callers measure what they need
 
 
 def _quantize_layer(model: Any, units: list[QuantUnit], st: InputStatistics | None, bits: dict[str, int],

@@ -108,7 +108,7 @@ def compensate(weight: torch.Tensor, xtx: torch.Tensor, n_tokens: int, projectio
             col = w1[:, j]
             q = projection.column(w1, j, i1, d)
             e = (col - q) / d[j]  # [out]
-            w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
+            w1[:, j:].addr_(e, u1[j, j:], alpha=-1.0)  # in place, no [out, b] temporary
             w1[:, j] = q
             err[:, j] = e
         w[:, i1:i2] = w1

@@ -71,24 +71,34 @@ class InputStatistics:
     tokens: dict[str, int] = field(default_factory=dict)
     mask: torch.Tensor | None = None  # [B, T] bool, True = a real token
     _handles: list[Any] = field(default_factory=list)
+    _last: tuple | None = None  # (tag, input, sums) of the last hook call
 
     def _hook(self, key: str) -> Callable[..., None]:
         def fn(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().float()  # [B, T, in]
-            x = x.reshape(-1, x.shape[-1])  # [B*T, in]
-            if self.mask is not None and self.mask.numel() == x.shape[0] and not bool(self.mask.all()):
-                x = x[self.mask.reshape(-1).to(x.device)]
-            sq = x.square().sum(0)  # [in]
+            sq, n, xtx = self._sums(args[0])
             self.sq[key] = self.sq[key] + sq if key in self.sq else sq
-            self.tokens[key] = self.tokens.get(key, 0) + x.shape[0]
+            self.tokens[key] = self.tokens.get(key, 0) + n
             if self.hessian:
-                xtx = (x.T @ x).double()  # [in, in]
                 if key in self.xtx:
                     self.xtx[key] += xtx
                 else:
-                    self.xtx[key] = xtx
+                    self.xtx[key] = xtx.clone()  # its own sum: the computed X^T X may be shared
 
         return fn
+
+    def _sums(self, inp: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """x^2 per channel [in], token count and X^T X [in, in] (float64) of one call's input; modules fed the
+        very same tensor (q / k / v, gate / up) share one computation (the inputs' identity and version)."""
+        tag = (id(inp), inp._version, None if self.mask is None else id(self.mask))
+        if self._last is not None and self._last[0] == tag and self._last[1] is inp:
+            return self._last[2]
+        x = inp.detach().float()  # [B, T, in]
+        x = x.reshape(-1, x.shape[-1])  # [B*T, in]
+        if self.mask is not None and self.mask.numel() == x.shape[0] and not bool(self.mask.all()):
+            x = x[self.mask.reshape(-1).to(x.device)]
+        sums = (x.square().sum(0), x.shape[0], (x.T @ x).double() if self.hessian else None)
+        self._last = (tag, inp, sums)
+        return sums
 
     def see(self, item: BlockInput) -> None:
         """Before each batch of a block forward: its padding mask, so the hooks count real tokens only."""
@@ -102,3 +112,4 @@ class InputStatistics:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._last = None
