@@ -17,8 +17,9 @@ task path). lm-eval is an optional extra (``pip install 'imprune[eval]'``); with
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,10 +153,11 @@ def harness(lm: Any, tasks: Sequence[str], limit: int | None = None, num_fewshot
         raise ImpruneError("lm-eval tasks need a causal language model (log-likelihoods of continuations)")
     manager = manager or task_manager(tasks, include_path)
     try:
-        res = lm_eval.simple_evaluate(model=wrapper_class()(lm, batch_size=batch_size), tasks=list(tasks),
-                                      num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                                      log_samples=True, random_seed=seed, numpy_random_seed=seed,
-                                      torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
+        with _offline_when_unreachable():
+                res = lm_eval.simple_evaluate(model=wrapper_class()(lm, batch_size=batch_size), tasks=list(tasks),
+                                          num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                                          log_samples=True, random_seed=seed, numpy_random_seed=seed,
+                                          torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
     except ImpruneError:
         raise
     except Exception as err:  # a task's data that cannot be fetched offline, a broken YAML, ...
@@ -165,6 +167,26 @@ def harness(lm: Any, tasks: Sequence[str], limit: int | None = None, num_fewshot
             from None
     return [_row(name, metrics, res.get("samples", {}).get(name, []))
             for name, metrics in res["results"].items() if "acc,none" in metrics], res
+
+
+@contextlib.contextmanager
+def _offline_when_unreachable() -> Iterator[None]:
+    """Where the hub cannot be reached, put huggingface_hub and datasets in offline mode for the call: a data set
+    not in the local cache then fails at once, instead of after minutes of retries printed to stderr."""
+    from importance.models.load import _hub_reachable
+
+    if _hub_reachable():
+        yield
+        return
+    import datasets.config as dc
+    import huggingface_hub.constants as hc
+
+    old = hc.HF_HUB_OFFLINE, dc.HF_HUB_OFFLINE, dc.HF_DATASETS_OFFLINE
+    hc.HF_HUB_OFFLINE = dc.HF_HUB_OFFLINE = dc.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        hc.HF_HUB_OFFLINE, dc.HF_HUB_OFFLINE, dc.HF_DATASETS_OFFLINE = old
 
 
 def _row(name: str, m: dict[str, Any], samples: list[dict[str, Any]]) -> TaskAccuracy:
