@@ -57,3 +57,9 @@ def test_eval_tasks_bad_input(extra: list[str], expect: str, tmp_path: Path,
     out = tmp_path / "acc.json"
     assert expect in _fails([*BASE, *extra, "--out", str(out)], tmp_path, capsys)
     assert not out.exists()
+
+
+def test_run_task_limit_negative(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _fails(["run", "--model", "random:llama", "--task-limit", "-1", "--out", str(tmp_path / "run"), "--quiet"],
+                 tmp_path, capsys)
+    assert "--task-limit" in err
