@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from importance.data.tasks import TASKS
 from importance.errors import ImpruneError
 from importance.models.load import load_model
 from pruning.cli.core import main
@@ -29,7 +30,7 @@ def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(text: Path, **kw) -> RunConfig:
     return RunConfig(**{"model": "random:llama:layers=3", "data": f"file:{text}", "tokens": 512, "seq_len": 64,
-                        "eval_data": f"file:{text}", "eval_tokens": 512, **kw})
+                        "eval_data": f"file:{text}", "eval_tokens": 512, "task_limit": 3, **kw})
 
 
 def _run(text: Path, out: Path, recipe: dict = RECIPE, **kw):
@@ -65,14 +66,17 @@ def test_a_rerun_reuses_stages_and_a_new_recipe_redoes_only_what_follows(text: P
     first = _run(text, out)
     assert first.reused == []
     again = _run(text, out)
-    assert again.reused == ["eval_before", "scores_before", "prune", "eval_after", "scores_after"]
+    assert again.reused == ["eval_before", "accuracy_before", "scores_before", "prune", "eval_after",
+                            "accuracy_after", "scores_after"]
     assert again.metrics["perplexity"] == first.metrics["perplexity"]
     other = {"steps": [{"method": "layers", "sparsity": 0.6}]}
     third = _run(text, out, recipe=other)
-    assert third.reused == ["eval_before", "scores_before"]
+    assert third.reused == ["eval_before", "accuracy_before", "scores_before"]
     assert json.loads((out / "model/imprune.json").read_text())["recipe"]["steps"][0]["sparsity"] == 0.6
     fourth = _run(text, out, recipe=other, eval_tokens=256)  # new evaluation: dense eval and eval after only
-    assert fourth.reused == ["scores_before", "prune", "scores_after"]
+    assert fourth.reused == ["accuracy_before", "scores_before", "prune", "accuracy_after", "scores_after"]
+    fifth = _run(text, out, recipe=other, eval_tokens=256, task_limit=2)  # new item count: accuracy stages only
+    assert fifth.reused == ["eval_before", "scores_before", "prune", "eval_after", "scores_after"]
 
 
 def test_an_interrupted_stage_leaves_nothing_that_looks_finished(text: Path, tmp_path: Path,
@@ -96,7 +100,8 @@ def test_an_interrupted_stage_leaves_nothing_that_looks_finished(text: Path, tmp
     assert not list(out.glob(".scores_after*"))  # no temporary folder left either
     assert (out / "stages/prune.json").is_file()
     monkeypatch.setattr(Pipeline, "_score", real)
-    assert _run(text, out).reused == ["eval_before", "scores_before", "prune", "eval_after"]
+    assert _run(text, out).reused == ["eval_before", "accuracy_before", "scores_before", "prune", "eval_after",
+                                      "accuracy_after"]
 
 
 @pytest.mark.parametrize("recipe,match", [
@@ -152,3 +157,21 @@ def test_a_first_step_by_a_scorer_the_run_table_lacks_scores_it_itself(text: Pat
     assert step["criterion"] == "removal"
     assert step["layers_removed"] == [int(cost.argmin())]
     assert step["layer_scores"] == pytest.approx(cost.tolist(), rel=1e-4, abs=1e-6)
+
+
+def test_probe_accuracy_before_and_after(text: Path, tmp_path: Path) -> None:
+    from pruning.cli.run import summary
+    from pruning.eval.tasks import probe_accuracy
+
+    m = _run(text, tmp_path / "run", task_limit=4).metrics
+    acc = m["accuracy"]
+    assert acc["items_per_task"] == 4 and list(acc["before"]) == list(TASKS) == list(acc["after"])
+    dense = probe_accuracy(load_model("random:llama:layers=3"), list(TASKS), 4)  # the same numbers, measured here
+    assert acc["before"] == {r.task: r.to_dict() for r in dense}
+    pruned = probe_accuracy(load_model(str(tmp_path / "run" / "model")), list(TASKS), 4)
+    assert acc["after"] == {r.task: r.to_dict() for r in pruned}
+    text_out = summary(m, tmp_path / "run")
+    assert "  accuracy  " in text_out and "chance" in text_out
+    off = _run(text, tmp_path / "off", task_limit=0)
+    assert off.metrics["accuracy"] is None and not (tmp_path / "off" / "stages" / "accuracy_before.json").exists()
+    assert "  accuracy  " not in summary(off.metrics, tmp_path / "off")

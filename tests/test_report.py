@@ -86,7 +86,10 @@ def run_dir(tmp_path: Path, tables) -> Path:
                               "after": {"ppl": 51.9034, "nll": 3.949, "predicted": 16320, "windows": 64,
                                         "seq_len": 256, "data": "austen:eval"}},
                "params": {"before": 1000, "after": 750}, "memory": {"weight_bytes_before": 4000},
-               "timings": {"prune": 1.5}, "settings": {"model": "random:llama", "note": EVIL}}
+               "timings": {"prune": 1.5}, "settings": {"model": "random:llama", "note": EVIL},
+               "accuracy": {"before": {"logic": {"acc": 0.8125, "acc_norm": 0.75, "chance": 0.5, "n": 16}},
+                            "after": {"logic": {"acc": 0.6875, "acc_norm": 0.625, "chance": 0.5, "n": 16}},
+                            "items_per_task": 16, "metric": "acc"}}
     (run / "metrics.json").write_text(json.dumps(metrics))
     return run
 
@@ -112,6 +115,7 @@ def test_run_report_has_everything(run_dir: Path, tables) -> None:
     assert len(imgs) == 5 and all(a["src"].startswith("data:image/png;base64,") and a["alt"] for a in imgs)
     text = " ".join(parsed.text)
     assert "43.22" in text and "51.9" in text and "0.75" in text  # perplexities and params after / before
+    assert "Probe accuracy" in text and "0.8125" in text and "0.6875" in text
     assert EVIL in text  # shown as text ...
     assert EVIL not in page and "&lt;script&gt;" in page  # ... because it was escaped
     # the most and least important component by mean taylor, computed here from the table's tensors

@@ -409,13 +409,14 @@ def test_semantic_lists_and_consistency() -> None:
 def test_load_jsonl_round_trip(tmp_path) -> None:
     src = generate("math", 20) + [TaskItem('Quote "x" and ünïcode:', " ✓")]
     path = tmp_path / "tasks.jsonl"
-    lines = [json.dumps({"prompt": it.prompt, "answer": it.answer, "extra": 1}) for it in src]
+    lines = [json.dumps({"prompt": it.prompt, "answer": it.answer, "distractors": list(it.distractors), "extra": 1})
+             for it in src]
     path.write_text("\n".join(lines[:5]) + "\n\n" + "\n".join(lines[5:]) + "\n", encoding="utf-8")
     assert load_jsonl(path) == src
     assert load_jsonl(str(path)) == src
     array = tmp_path / "tasks.json"
     array.write_text(json.dumps([{"prompt": it.prompt, "answer": it.answer} for it in src], indent=1))
-    assert load_jsonl(array) == src
+    assert load_jsonl(array) == [TaskItem(it.prompt, it.answer) for it in src]  # no distractors given: none
 
 
 @pytest.mark.parametrize("text, where", [
@@ -423,6 +424,7 @@ def test_load_jsonl_round_trip(tmp_path) -> None:
     ('{"prompt": "a", "answer": " b"}\n\n{"prompt": "c"}\n', "line 3"),
     ('{"answer": " b"}\n', "line 1"),
     ('{"prompt": "a", "answer": 3}\n', "line 1"),
+    ('{"prompt": "a", "answer": " b", "distractors": " c"}\n', "line 1"),
     ('{"prompt": "a", "answer": ""}\n', "line 1"),
     ('["a", " b"]\n', "item 1"),
     ('"a"\n{"prompt": "a", "answer": " b"}\n', "line 1"),
@@ -448,3 +450,54 @@ def test_load_jsonl_empty(tmp_path, text: str) -> None:
 def test_load_jsonl_missing_file(tmp_path) -> None:
     with pytest.raises(ImpruneError, match="cannot read"):
         load_jsonl(tmp_path / "nope.jsonl")
+
+
+# --- distractors (the probes as multiple-choice tasks) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_distractors_well_formed(name: str, items: dict[str, list[TaskItem]]) -> None:
+    single = 0
+    for it in items[name]:
+        assert it.choices[0] == it.answer and len(set(it.choices)) == len(it.choices), it
+        for d in it.distractors:
+            assert d.startswith(" ") and not d.startswith("  ") and d.strip(), it
+        single += not it.distractors
+    assert single <= (N // 20 if name == "syntax" else 0)  # only "one sheep ... three sheep" has no wrong form
+
+
+def test_distractors_same_kind(items: dict[str, list[TaskItem]]) -> None:
+    for it in items["math"]:
+        assert len(it.choices) == 4 and all(c.strip().isdigit() for c in it.choices)
+        assert all(abs(int(c) - int(it.answer)) in (1, 2, 10) for c in it.distractors)
+    for it in items["retrieval"]:  # the other values of the listing, all of them
+        listed = re.findall(r"(?:=| |likes )(\w+)(?:,|\.)", it.prompt.split(". ")[0] + ".")
+        assert sorted(c.strip() for c in it.choices) == sorted(listed), it
+    for it in items["decision"]:
+        labels = re.findall(r"(?:\. |, )([A-D]) ", it.prompt)
+        assert sorted(c.strip() for c in it.choices) == labels
+    for it in items["logic"]:
+        assert sorted(it.choices) == [" No", " Yes"]
+    verbs = {" is": " are", " are": " is", " was": " were", " were": " was"}
+    for it in items["syntax"]:
+        if it.answer in verbs:
+            assert it.distractors == (verbs[it.answer],)
+    capitals = {c for _, c in task_words.CAPITALS}
+    for it in generate("knowledge", 400):
+        if it.prompt.startswith("The capital of"):
+            assert {c.strip() for c in it.choices} <= capitals and len(it.choices) == 4
+
+
+def test_semantic_distractors_not_linked_words(items: dict[str, list[TaskItem]]) -> None:
+    pairs = {*task_words.SYNONYMS, *task_words.ANTONYMS, *task_words.RELATED}
+    linked = {frozenset(p) for p in pairs}
+    for it in items["semantic"]:
+        for d in it.distractors:
+            assert frozenset((it.answer.strip(), d.strip())) not in linked, it
+
+
+def test_distractors_do_not_change_the_items() -> None:
+    # the distractor rng is seeded by the prompt: prompts and answers are those a seed always drew
+    for name in NAMES:
+        a, b = generate(name, 30, 3), generate(name, 60, 3)
+        assert a == b[:30] and [it.distractors for it in a] == [it.distractors for it in b[:30]]

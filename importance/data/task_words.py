@@ -145,6 +145,30 @@ MISC_FACTS: tuple[tuple[str, str], ...] = (
     ("The closest planet to the Sun is", "Mercury"),
 )
 
+# Three wrong answers of the same kind per fact (the probes' multiple-choice distractors), by prompt.
+MISC_DISTRACTORS: dict[str, tuple[str, ...]] = {
+    "The largest planet in the Solar System is": ("Saturn", "Mars", "Venus"),
+    "The star at the center of the Solar System is called the": ("Moon", "Earth", "Comet"),
+    "Water is made of hydrogen and": ("nitrogen", "carbon", "helium"),
+    "The chemical formula for water is": ("CO2", "NaCl", "O2"),
+    "The number of days in a week is": ("five", "six", "eight"),
+    "The number of hours in a day is": ("12", "20", "36"),
+    "The number of months in a year is": ("ten", "eleven", "fourteen"),
+    "At sea level, water boils at a temperature in degrees Celsius of": ("50", "80", "200"),
+    "In degrees Celsius, pure water freezes at": ("10", "32", "100"),
+    "The number of legs on a spider is": ("six", "four", "ten"),
+    "The number of legs on an insect is": ("four", "eight", "ten"),
+    "The number of sides of a triangle is": ("four", "five", "six"),
+    "The number of sides of a hexagon is": ("five", "seven", "eight"),
+    "The tallest mountain on Earth is Mount": ("Kilimanjaro", "Fuji", "Olympus"),
+    "The largest ocean on Earth is the": ("Atlantic", "Indian", "Arctic"),
+    "The first president of the United States was George": ("Lincoln", "Jefferson", "Adams"),
+    "The Moon orbits the planet": ("Mars", "Venus", "Jupiter"),
+    "The gas that plants take in from the air to make food is carbon": ("monoxide", "oxide", "fiber"),
+    "The organ that pumps blood through the human body is the": ("liver", "lung", "brain"),
+    "The closest planet to the Sun is": ("Venus", "Mars", "Earth"),
+}
+
 # --- semantic -------------------------------------------------------------------------------------------
 
 # (word, synonym asked for)
@@ -197,6 +221,18 @@ ANTONYMS: tuple[tuple[str, str], ...] = (
     ("temporary", "permanent"), ("public", "private"), ("urban", "rural"), ("vertical", "horizontal"),
     ("artificial", "natural"),
     ("minority", "majority"), ("absent", "present"), ("boring", "interesting"),
+)
+
+# Links the synonym and antonym lists miss, so that no semantic distractor is a second right answer (the probes
+# draw distractors only from other clusters of linked words).
+RELATED: tuple[tuple[str, str], ...] = (
+    ("big", "huge"), ("large", "enormous"), ("small", "tiny"), ("little", "short"), ("short", "thin"),
+    ("narrow", "thin"), ("light", "weak"), ("happy", "glad"), ("sad", "angry"), ("fast", "rapid"),
+    ("quick", "rush"), ("end", "finish"), ("end", "last"), ("stop", "end"), ("old", "ancient"),
+    ("right", "correct"), ("close", "shut"), ("close", "near"), ("hard", "difficult"), ("cold", "chilly"),
+    ("scared", "cowardly"), ("begin", "start"), ("hurry", "fast"), ("trip", "journey"), ("quiet", "silent"),
+    ("bright", "light"), ("clever", "bright"), ("sick", "ill"), ("answer", "reply"), ("leave", "exit"),
+    ("pick", "choose"), ("get", "take"), ("under", "beneath"), ("dirty", "filthy"), ("dead", "late"),
 )
 
 # --- shared names and nouns -----------------------------------------------------------------------------

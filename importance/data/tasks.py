@@ -7,6 +7,12 @@ independently of any model: they are computed (math, retrieval, logic, decision,
 looked up in hand-written lists (knowledge, semantic; see ``importance.data.task_words``). Answers start with a
 space and are one to a few words; prompt plus answer stays well under 60 words (fits 128-token windows).
 
+Every item also carries ``distractors``: wrong answers of the same kind (other capitals, the other listed
+values or labels, Yes/No, nearby numbers, the other verb number, ...), so a probe is a multiple-choice task
+too (``pruning.eval.tasks``: accuracy = the answer has the highest log-likelihood among ``choices``).
+Distractors come from a generator of their own, seeded by the item's prompt, so adding them never changed
+which items a seed draws.
+
 Tasks (registry names): knowledge, retrieval, logic, decision, semantic, syntax, inference, math.
 ``generate(name, n, seed)`` returns the same items for the same arguments in every process; items within
 a task are distinct while the task's space allows. ``load_jsonl(path)`` reads user tasks from JSON lines.
@@ -26,10 +32,17 @@ from importance.errors import ImpruneError
 
 @dataclass(frozen=True)
 class TaskItem:
-    """One probe: the loss counts only the tokens of ``answer`` (which follows ``prompt`` directly)."""
+    """One probe: the loss counts only the tokens of ``answer`` (which follows ``prompt`` directly);
+    ``distractors`` are wrong answers in the same form (leading space), empty for user items."""
 
     prompt: str
     answer: str
+    distractors: tuple[str, ...] = ()
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The answer first, then the distractors."""
+        return (self.answer, *self.distractors)
 
 
 TaskGenerator = Callable[[random.Random, int], list[TaskItem]]
@@ -78,7 +91,8 @@ def generate(name: str, n: int = 256, seed: int = 0) -> list[TaskItem]:
 
 
 def load_jsonl(path: str | Path) -> list[TaskItem]:
-    """User task items from JSON lines, each an object with non-empty string ``prompt`` and ``answer``.
+    """User task items from JSON lines, each an object with non-empty string ``prompt`` and ``answer`` (and
+    optionally ``distractors``, a list of wrong answers, which makes the item a multiple-choice one).
 
     Blank lines are skipped and extra fields ignored; a file holding one JSON array of such objects is read
     too. Any bad line (or an empty file) raises ``ImpruneError`` naming the file and the line.
@@ -114,7 +128,10 @@ def load_jsonl(path: str | Path) -> list[TaskItem]:
             if not isinstance(value, str) or not value:
                 got = "missing" if value is None else f"not a non-empty string ({value!r})"
                 raise ImpruneError(f"{p}: {where}: '{key}' is {got}; {fix}")
-        items.append(TaskItem(obj["prompt"], obj["answer"]))
+        wrong = obj.get("distractors", [])
+        if not isinstance(wrong, list) or not all(isinstance(w, str) and w for w in wrong):
+            raise ImpruneError(f"{p}: {where}: 'distractors' must be a list of non-empty strings; {fix}")
+        items.append(TaskItem(obj["prompt"], obj["answer"], tuple(wrong)))
     if not items:
         raise ImpruneError(f"task file '{p}' holds no items; {fix}")
     return items
@@ -148,17 +165,35 @@ def _from_pool(rng: random.Random, pool: Sequence[TaskItem], n: int) -> list[Tas
     return out
 
 
-def _item(prompt: str, answer: object) -> TaskItem:
-    return TaskItem(prompt, f" {answer}")
+def _item(prompt: str, answer: object, others: Sequence[object] = ()) -> TaskItem:
+    wrong = tuple(dict.fromkeys(f" {o}" for o in others if str(o) != str(answer)))  # distinct, never the answer
+    return TaskItem(prompt, f" {answer}", wrong)
+
+
+def _others(prompt: str, answer: object, pool: Sequence[object], k: int = 3,
+            exclude: Sequence[object] = ()) -> list[str]:
+    """Up to ``k`` distinct members of ``pool`` other than ``answer`` (and ``exclude``), drawn by an rng seeded
+    with the prompt: the same item always gets the same distractors, and the item stream's rng is untouched."""
+    skip = {str(answer), *map(str, exclude)}
+    cands = sorted({str(c) for c in pool} - skip)
+    return random.Random(f"imprune-distractors:{prompt}").sample(cands, min(k, len(cands)))
 
 
 def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _pool(pairs: Sequence[tuple[str, str]], templates: Sequence[str]) -> list[TaskItem]:
-    """Every (template, pair) item; a template's ``{x}`` is the pair's first word, ``{X}`` capitalized."""
-    return [_item(t.format(x=x, X=_cap(x)), a) for t in templates for x, a in pairs]
+def _pool(pairs: Sequence[tuple[str, str]], templates: Sequence[str],
+          related: Callable[[str, str], Sequence[str]] | None = None) -> list[TaskItem]:
+    """Every (template, pair) item; a template's ``{x}`` is the pair's first word, ``{X}`` capitalized. The
+    distractors are three other answers of the same list (not those ``related(x, answer)`` names)."""
+    answers = [a for _, a in pairs]
+    out = []
+    for t in templates:
+        for x, a in pairs:
+            prompt = t.format(x=x, X=_cap(x))
+            out.append(_item(prompt, a, _others(prompt, a, answers, exclude=related(x, a) if related else ())))
+    return out
 
 
 # --- 1. knowledge ---------------------------------------------------------------------------------------
@@ -181,7 +216,7 @@ def _knowledge_pool() -> list[TaskItem]:
         *_pool(W.ANIMAL_CLASSES, ("Biologically, the {x} belongs to the class of",
                                   "Zoologists classify the {x} among the")),
         *_pool(W.CONTINENTS, ("{X} is a country in", "{X} is located on the continent of")),
-        *_pool(W.MISC_FACTS, ("{x}",)),
+        *[_item(p, a, W.MISC_DISTRACTORS[p]) for p, a in W.MISC_FACTS],
     ]
     for names, unit in ((W.MONTHS, "month"), (W.WEEKDAYS, "day")):
         k = len(names)
@@ -209,14 +244,14 @@ def _retrieval(rng: random.Random, n: int) -> list[TaskItem]:
         keys = r.sample(W.KEY_NOUNS if style == 0 else W.NAMES, k)
         vals = r.sample(W.COLORS, k) if style == 2 else [str(v) for v in r.sample(range(100, 1000), k)]
         q = r.randrange(k)
-        if style == 0:
+        if style == 0:  # distractors: the other values of the listing
             listing = ", ".join(f"{a}={b}" for a, b in zip(keys, vals))
-            return _item(f"Codes: {listing}. The code of {keys[q]} is", vals[q])
+            return _item(f"Codes: {listing}. The code of {keys[q]} is", vals[q], vals)
         if style == 1:
             listing = ", ".join(f"{a} {b}" for a, b in zip(keys, vals))
-            return _item(f"Room numbers: {listing}. {keys[q]}'s room number is", vals[q])
+            return _item(f"Room numbers: {listing}. {keys[q]}'s room number is", vals[q], vals)
         listing = ", ".join(f"{a} likes {b}" for a, b in zip(keys, vals))
-        return _item(f"Favorite colors: {listing}. The favorite color of {keys[q]} is", vals[q])
+        return _item(f"Favorite colors: {listing}. The favorite color of {keys[q]} is", vals[q], vals)
 
     return _draw(rng, n, make)
 
@@ -251,7 +286,7 @@ def _logic(rng: random.Random, n: int) -> list[TaskItem]:
         premises, conclusion, valid = r.choice(forms)
         text = " ".join(s if s.endswith(".") else s + "." for s in premises)
         ask = r.choice(("Can we conclude that", "Does it follow that"))
-        return _item(f"{text} {ask} {conclusion}? Answer:", "Yes" if valid else "No")
+        return _item(f"{text} {ask} {conclusion}? Answer:", "Yes" if valid else "No", ("Yes", "No"))
 
     return _draw(rng, n, make)
 
@@ -293,7 +328,7 @@ def _decision(rng: random.Random, n: int) -> list[TaskItem]:
         labels = "ABCD"
         options = ", ".join(f"{labels[i]} {attr.format(shown[i])}" for i in range(k))
         verb = r.choice(("Pick", "Choose", "Select"))
-        return _item(f"{verb} the {rule} {noun}. {options}. Answer:", labels[pick])
+        return _item(f"{verb} the {rule} {noun}. {options}. Answer:", labels[pick], labels[:k])
 
     return _draw(rng, n, make)
 
@@ -304,9 +339,32 @@ def _decision(rng: random.Random, n: int) -> list[TaskItem]:
 @register_task("semantic")
 def _semantic(rng: random.Random, n: int) -> list[TaskItem]:
     """Synonyms and antonyms from hand-written word pairs."""
-    pool = _pool(W.SYNONYMS, ("A synonym of {x} is", "Another word for {x} is", "{X} means the same as"))
-    pool += _pool(W.ANTONYMS, ("The opposite of {x} is", "An antonym of {x} is", "{X} is the opposite of"))
+    related = _word_clusters()
+    near = lambda x, a: sorted(related[x] | related[a])  # noqa: E731
+    pool = _pool(W.SYNONYMS, ("A synonym of {x} is", "Another word for {x} is", "{X} means the same as"), near)
+    pool += _pool(W.ANTONYMS, ("The opposite of {x} is", "An antonym of {x} is", "{X} is the opposite of"), near)
     return _from_pool(rng, pool, n)
+
+
+def _word_clusters() -> dict[str, set[str]]:
+    """Word -> every word linked to it through synonym, antonym and ``W.RELATED`` pairs (its connected
+    component): a distractor from another cluster is never a second right answer the lists know of."""
+    links: dict[str, set[str]] = {}
+    for a, b in (*W.SYNONYMS, *W.ANTONYMS, *W.RELATED):
+        links.setdefault(a, set()).add(b)
+        links.setdefault(b, set()).add(a)
+    comp: dict[str, set[str]] = {}
+    for start in links:
+        if start in comp:
+            continue
+        seen, todo = {start}, [start]
+        while todo:
+            for nxt in links[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        for w in seen:
+            comp[w] = seen
+    return comp
 
 
 # --- 6. syntax ------------------------------------------------------------------------------------------
@@ -334,24 +392,28 @@ def _syntax(rng: random.Random, n: int) -> list[TaskItem]:
             subj, other = head[plural], place[attr_plural]
             prep = r.choice(W.PLACE_PREPOSITIONS)
             if style == 0:
-                return _item(f"The {subj} {prep} the {other}", "are" if plural else "is")
+                return _item(f"The {subj} {prep} the {other}", "are" if plural else "is", ("is", "are"))
             if style == 1:
-                return _item(f"Yesterday, the {subj} {prep} the {other}", "were" if plural else "was")
+                return _item(f"Yesterday, the {subj} {prep} the {other}", "were" if plural else "was",
+                             ("was", "were"))
             other = r.choice(W.PEOPLE)[attr_plural]  # an animate subject for the relative clause
-            return _item(f"The {subj} that the {other} {r.choice(W.PAST_VERBS)}", "are" if plural else "is")
+            return _item(f"The {subj} that the {other} {r.choice(W.PAST_VERBS)}", "are" if plural else "is",
+                         ("is", "are"))
         if style == 3:  # noun number after a numeral or a plural determiner
             sing, plur = r.choice(W.PLURALS)
             num = r.choice(W.NUMBER_WORDS)
             template = r.choice((f"I have one {sing}, and my neighbor has {num}",
                                  f"On Monday we saw one {sing}, and on Tuesday we saw {num}",
                                  f"I like this {sing}, but my friend prefers those"))
-            return _item(template, plur)
+            return _item(template, plur, (sing,))  # "sheep": no distractor, so no choice (skipped in accuracy)
         subj, refl, pron = r.choice(W.SUBJECTS)
         if style == 4:  # reflexive pronoun agreeing with the subject
-            return _item(f"{subj} {r.choice(W.SOLO_ACTIONS)} all by", refl)
+            prompt = f"{subj} {r.choice(W.SOLO_ACTIONS)} all by"
+            return _item(prompt, refl, _others(prompt, refl, [s[1] for s in W.SUBJECTS]))
         kind = "I" if subj == "I" else "pl" if pron in ("they", "we") else "sg"
         aux, tag, preds = r.choice(_TAG_AUX[kind])
-        return _item(f"{subj} {aux} {r.choice(preds)}, {tag}", pron)
+        prompt = f"{subj} {aux} {r.choice(preds)}, {tag}"
+        return _item(prompt, pron, _others(prompt, pron, [s[2] for s in W.SUBJECTS]))
 
     return _draw(rng, n, make)
 
@@ -380,12 +442,12 @@ def _inference(rng: random.Random, n: int) -> list[TaskItem]:
             high = r.random() < 0.5
             if style == 0:
                 return _item(f"{text} Who is the {sup if high else opp_sup}? Answer:",
-                             chain[0] if high else chain[-1])
+                             chain[0] if high else chain[-1], chain)
             i, j = sorted(r.sample(range(len(chain)), 2))
             pair = [chain[i], chain[j]]
             r.shuffle(pair)
             return _item(f"{text} Who is {comp if high else opp}, {pair[0]} or {pair[1]}? Answer:",
-                         chain[i] if high else chain[j])
+                         chain[i] if high else chain[j], pair)
         if style == 2:  # containment: chain[0] is inside chain[1], inside chain[2], ...
             kind = r.choice(W.CONTAINER_KINDS)
             boxes = [f"{color} {kind}" for color in r.sample(W.COLORS, r.randint(2, 4))]
@@ -394,19 +456,19 @@ def _inference(rng: random.Random, n: int) -> list[TaskItem]:
             r.shuffle(sents)
             if r.random() < 0.5:
                 i, j = sorted(r.sample(range(len(chain)), 2))
-                return _item(f"{' '.join(sents)} Is the {chain[i]} in the {chain[j]}? Answer:", "Yes")
+                return _item(f"{' '.join(sents)} Is the {chain[i]} in the {chain[j]}? Answer:", "Yes", ("No",))
             j, i = sorted(r.sample(range(1, len(chain)), 2))  # outer object asked to be in an inner container
-            return _item(f"{' '.join(sents)} Is the {chain[i]} in the {chain[j]}? Answer:", "No")
+            return _item(f"{' '.join(sents)} Is the {chain[i]} in the {chain[j]}? Answer:", "No", ("Yes",))
         past, base = r.choice(W.EVENTS)  # time order: chain[0] first
         chain = r.sample(W.NAMES, r.randint(3, 5))
         text = _chain_premises(r, chain, f"{past} before", f"{past} after")
         ask = r.randrange(3)
         if ask < 2:
             return _item(f"{text} Who {past} {'first' if ask == 0 else 'last'}? Answer:",
-                         chain[0] if ask == 0 else chain[-1])
+                         chain[0] if ask == 0 else chain[-1], chain)
         a, b = r.sample(chain, 2)
         return _item(f"{text} Did {a} {base} before {b}? Answer:",
-                     "Yes" if chain.index(a) < chain.index(b) else "No")
+                     "Yes" if chain.index(a) < chain.index(b) else "No", ("Yes", "No"))
 
     return _draw(rng, n, make)
 
@@ -440,6 +502,8 @@ def _math(rng: random.Random, n: int) -> list[TaskItem]:
         sym, word = _OPS[op]
         template = r.choice(("What is {a} {s} {b}? Answer:", "{a} {s} {b} =", "Q: What is {a} {w} {b}? A:",
                              "Compute {a} {s} {b}. Answer:"))
-        return _item(template.format(a=a, b=b, s=sym, w=word), result)
+        prompt = template.format(a=a, b=b, s=sym, w=word)
+        near = [result + d for d in (-10, -2, -1, 1, 2, 10) if result + d >= 0]  # same size class, off by a slip
+        return _item(prompt, result, _others(prompt, result, near))
 
     return _draw(rng, n, make)

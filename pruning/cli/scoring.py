@@ -8,6 +8,7 @@ import os
 
 from importance.arch.canonical import model_map
 from importance.data.sources import load_data
+from importance.errors import ImpruneError
 from importance.models.load import load_model
 from importance.scorers import SCORERS, layer_only
 from importance.scoring import DEFAULT_SCORERS, REMOVAL_TOKENS
@@ -28,6 +29,8 @@ from pruning.cli.core import (
     positive,
 )
 from pruning.eval.perplexity import perplexity
+
+PROBE_LIMIT = 128  # probe items per task when --limit is not given
 
 
 def _load(args: argparse.Namespace):
@@ -72,17 +75,32 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("eval", "token-level perplexity on non-overlapping windows (shared/protocol.md)", [
+@command("eval", "perplexity on non-overlapping windows (shared/protocol.md), or accuracy with --tasks", [
     MODEL, DTYPE, DEVICE, MAX_MEMORY, TRUST, ALLOW_PICKLE,
     arg("--data", default="austen:eval", help="data spec (default: Persuasion)"),
     arg("--seq-len", type=int, default=256, help="window length"),
     arg("--tokens", type=int, default=16384, help="evaluate the first N tokens (whole windows)"),
+    arg("--tasks", default=None, help="accuracy instead of perplexity: 'probes' (the eight built-in probes), probe "
+        "names, and/or lm-eval task names (needs the eval extra), comma-separated"),
+    arg("--limit", type=int, default=None, help=f"items per task (probes default {PROBE_LIMIT}; lm-eval: all)"),
+    arg("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples (default: the task's own)"),
+    arg("--include-path", default=None, help="a folder of lm-eval task YAMLs (custom tasks)"),
     arg("--batch-size", type=int, default=8), arg("--out", default=None, help="write metrics JSON here"),
     OVERWRITE, QUIET, SEED])
 def evaluate(args: argparse.Namespace) -> int:
     positive(args.batch_size, "--batch-size")
+    if args.tasks is None:
+        for flag in ("limit", "num_fewshot", "include_path"):
+            if getattr(args, flag) is not None:
+                raise ImpruneError(f"--{flag.replace('_', '-')} applies to accuracy tasks; add --tasks")
+    else:
+        positive(args.limit, "--limit")
+        if args.num_fewshot is not None and args.num_fewshot < 0:
+            raise ImpruneError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}")
     out = check_output(args.out, args.overwrite, kind="file", protect={"--model": args.model, "--data": args.data}) \
         if args.out else None
+    if args.tasks is not None:
+        return _eval_tasks(args, out)
     lm = _load(args)
     windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, tokens=args.tokens, seed=args.seed,
                         sampling="sequential", max_positions=_max_positions(lm.model))
@@ -93,6 +111,41 @@ def evaluate(args: argparse.Namespace) -> int:
         write_json(out, {"model": lm.describe(), "perplexity": result.to_dict(),
                          "window": {"seq_len": windows.seq_len, "windows": len(windows),
                                     "tokens": windows.n_tokens, "sampling": "sequential", "bos": bos},
+                         "versions": versions()})
+        print(f"wrote {out}")
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace, out) -> int:
+    """``imprune eval --tasks``: the probes here, other names through lm-eval, one table, one JSON."""
+    from pruning.eval.tasks import probe_accuracy, probe_names, table
+
+    probes, others = probe_names(args.tasks)
+    manager = None
+    if others:  # unknown names and a missing extra fail before the model loads
+        from pruning.eval.harness import task_manager
+
+        manager = task_manager(others, args.include_path)
+    elif args.include_path is not None or args.num_fewshot is not None:
+        raise ImpruneError("--include-path and --num-fewshot apply to lm-eval tasks; the probes are zero-shot")
+    lm = _load(args)
+    rows = probe_accuracy(lm, probes, args.limit or PROBE_LIMIT, args.seed, args.batch_size,
+                          progress=not args.quiet) if probes else []
+    raw: dict = {}
+    if others:
+        from pruning.eval.harness import harness
+
+        more, res = harness(lm, others, args.limit, args.num_fewshot, args.batch_size, seed=args.seed,
+                            manager=manager)
+        rows += more
+        raw = json.loads(json.dumps({k: res.get(k) for k in ("results", "n-shot", "configs")}, default=str))
+    print(table(rows))
+    if out is not None:
+        write_json(out, {"model": lm.describe(), "tasks": [r.to_dict() for r in rows],
+                         "settings": {"tasks": args.tasks, "limit": args.limit or (PROBE_LIMIT if probes else None),
+                                      "num_fewshot": args.num_fewshot, "seed": args.seed,
+                                      "batch_size": args.batch_size},
+                         "metric": "acc: highest summed log-likelihood; acc_norm: per character", "lm_eval": raw,
                          "versions": versions()})
         print(f"wrote {out}")
     return 0

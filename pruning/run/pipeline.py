@@ -2,7 +2,7 @@
 
 Run directory (what ``pruning.run.report`` reads)::
 
-    RUN_DIR/metrics.json        perplexity before/after, parameters, weight bytes, timings per stage, settings
+    RUN_DIR/metrics.json        perplexity and probe accuracy before/after, parameters, weight bytes, timings, settings
     RUN_DIR/scores_before/      ImportanceTable of the dense model
     RUN_DIR/scores_after/       ImportanceTable of the pruned model (same data)
     RUN_DIR/model/              the pruned model (+ imprune.json with the recipe and the sparsity map)
@@ -31,6 +31,7 @@ from typing import Any
 
 from importance.arch.canonical import model_map
 from importance.data.sources import Windows, load_data
+from importance.data.tasks import TASKS
 from importance.errors import ImpruneError
 from importance.models.load import LoadedModel, load_model
 from importance.scorers import SCORERS
@@ -59,6 +60,8 @@ class RunConfig:
     scorers: tuple[str, ...] = DEFAULT_SCORERS
     eval_data: str = "austen:eval"
     eval_tokens: int = 16384
+    tasks: tuple[str, ...] = tuple(TASKS)  # built-in probes whose accuracy is measured before / after
+    task_limit: int = 16  # items per probe (0: no accuracy stages)
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
@@ -159,6 +162,9 @@ class Pipeline:
         self.log(f"[1/6] dense evaluation on {c.eval_data}")
         k_eval = self._stage("eval_before", {**model_s, **eval_s}, out / "stages" / "eval_before.out.json",
                              lambda p: self._evaluate(self.dense(), p), False)
+        acc_s = {**model_s, "tasks": list(c.tasks), "task_limit": c.task_limit, "seed": c.seed}
+        k_acc = self._stage("accuracy_before", acc_s, out / "stages" / "accuracy_before.out.json",
+                            lambda p: self._accuracy(self.dense(), p), False) if c.task_limit and c.tasks else None
         self.log(f"[2/6] scoring the dense model on {c.data} ({', '.join(c.scorers)})")
         self._stage("scores_before", {**model_s, **score_s}, out / "scores_before",
                     lambda p: self._score(self.dense(), p), True)
@@ -167,6 +173,9 @@ class Pipeline:
         self.log("[4/6] evaluating the pruned model")
         self._stage("eval_after", {"prune": k_prune, "eval": k_eval}, out / "stages" / "eval_after.out.json",
                     lambda p: self._evaluate(self.pruned(), p), False)
+        if k_acc is not None:
+            self._stage("accuracy_after", {"prune": k_prune, "accuracy": k_acc},
+                        out / "stages" / "accuracy_after.out.json", lambda p: self._accuracy(self.pruned(), p), False)
         self.log("[5/6] scoring the pruned model on the same data")
         self._stage("scores_after", {"prune": k_prune, **score_s}, out / "scores_after",
                     lambda p: self._score(self.pruned(), p), True)
@@ -214,6 +223,16 @@ class Pipeline:
     def _evaluate(self, lm: LoadedModel, path: Path) -> None:
         ppl = perplexity(lm.model, self.windows("eval", lm), lm.task, batch_size=8, progress=self.progress)
         write_json(path, {**ppl.to_dict(), **_size(lm)})
+
+    def _accuracy(self, lm: LoadedModel, path: Path) -> None:
+        from pruning.eval.tasks import probe_accuracy
+
+        if lm.task != "causal-lm":  # a masked LM has no answer continuation to score: not measured
+            write_json(path, {})
+            return
+        rows = probe_accuracy(lm, list(self.cfg.tasks), self.cfg.task_limit, self.cfg.seed, batch_size=16,
+                              progress=self.progress)
+        write_json(path, {r.task: r.to_dict() for r in rows})
 
     def _score(self, lm: LoadedModel, path: Path) -> None:
         table = score(lm, self.windows("calib", lm), list(self.cfg.scorers), seed=self.cfg.seed,
@@ -274,6 +293,12 @@ class Pipeline:
     def _metrics(self) -> dict[str, Any]:
         read = lambda name: json.loads((self.out / "stages" / f"{name}.out.json").read_text())  # noqa: E731
         before, after = read("eval_before"), read("eval_after")
+        accuracy = None
+        if self.cfg.task_limit and self.cfg.tasks:
+            accuracy = {"before": read("accuracy_before"), "after": read("accuracy_after"),
+                        "items_per_task": self.cfg.task_limit,
+                        "metric": "multiple choice over the probes' distractors: acc = highest summed "
+                                  "log-likelihood, acc_norm = per character; chance = mean 1 / choices"}
         size = ("params", "nonzero", "weight_bytes")
         timings = {}
         for marker in sorted((self.out / "stages").glob("*.json")):
@@ -282,6 +307,7 @@ class Pipeline:
         return {"schema": "imprune.metrics/1", "model": self.cfg.model, "recipe": self.recipe.to_dict(),
                 "perplexity": {"before": {k: v for k, v in before.items() if k not in size},
                                "after": {k: v for k, v in after.items() if k not in size}},
+                "accuracy": accuracy,
                 "params": {"before": before["params"], "after": after["params"]},
                 "nonzero_params": {"before": before["nonzero"], "after": after["nonzero"]},
                 "memory": {"weight_bytes_before": before["weight_bytes"], "weight_bytes_after": after["weight_bytes"]},

@@ -313,6 +313,15 @@ def _metrics_section(metrics: dict[str, Any]) -> str:
             f"<td class='num'>{_e(_fmt(v.get(k)))}</td>" for k in keys) + "</tr>"
             for when, v in ppl.items() if isinstance(v, dict))
         parts.append(f"<h3>Perplexity</h3><table><tr>{head}</tr>{rows}</table>")
+    acc = metrics.get("accuracy") or {}
+    if isinstance(acc, dict) and isinstance(acc.get("before"), dict) and isinstance(acc.get("after"), dict):
+        b, af = acc["before"], acc["after"]
+        head = "".join(f"<th>{_e(k)}</th>" for k in ("task", "acc before", "acc after", "acc_norm before",
+                                                       "acc_norm after", "chance", "items"))
+        rows = "".join(f"<tr><th>{_e(n)}</th>" + "".join(f"<td class='num'>{_e(_fmt(v))}</td>" for v in (
+            b[n].get("acc"), af[n].get("acc"), b[n].get("acc_norm"), af[n].get("acc_norm"), b[n].get("chance"),
+            b[n].get("n"))) + "</tr>" for n in b if n in af and isinstance(b[n], dict))
+        parts.append(f"<h3>Probe accuracy</h3><p>{_e(acc.get('metric', ''))}</p><table><tr>{head}</tr>{rows}</table>")
     for key, title in (("params", "Parameters"), ("nonzero_params", "Non-zero parameters"), ("memory", "Memory"),
                        ("timings", "Timings (seconds)")):
         block = metrics.get(key)

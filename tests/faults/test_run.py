@@ -22,8 +22,8 @@ from pruning.run.recipes import shipped_recipes
 
 from .conftest import assert_one_line_error, snapshot
 
-TINY = ["--tokens", "64", "--eval-tokens", "64", "--seq-len", "32", "--batch-size", "2", "--quiet"]
-STAGES = ["eval_before", "scores_before", "prune", "eval_after", "scores_after"]
+TINY = ["--tokens", "64", "--eval-tokens", "64", "--seq-len", "32", "--batch-size", "2", "--task-limit", "2", "--quiet"]
+STAGES = ["eval_before", "accuracy_before", "scores_before", "prune", "eval_after", "accuracy_after", "scores_after"]
 
 
 def _metrics(out: Path) -> dict:
@@ -62,7 +62,7 @@ def test_changed_inputs_redo_what_depends_on_them_and_only_that(cli, tmp_path: P
 
     text = calib.read_bytes()  # same size, same mtime, other words: the calibration stages redo
     _rewrite_keeping_stat(calib, text[len(text) // 2:] + text[: len(text) // 2])
-    assert cli(argv).rc == 0 and _metrics(out)["reused"] == ["eval_before"]
+    assert cli(argv).rc == 0 and _metrics(out)["reused"] == ["eval_before", "accuracy_before"]
     assert _metrics(out)["inputs"]["data"] != first["inputs"]["data"]
 
     weights = model / "model.safetensors"  # finite new weights of the same size and mtime: everything redoes
