@@ -14,7 +14,8 @@ from fractions import Fraction
 import pytest
 
 from importance.data import task_words
-from importance.data.tasks import TASKS, TaskItem, TaskSpec, generate, load_jsonl, register_task, task_names
+from importance.data.files import load_jsonl
+from importance.data.tasks import TASKS, TaskItem, TaskSpec, generate, register_task, task_names
 from importance.errors import ImpruneError
 
 NAMES = ("knowledge", "retrieval", "logic", "decision", "semantic", "syntax", "inference", "math")

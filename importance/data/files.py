@@ -6,6 +6,7 @@ characters. JSON (``.jsonl`` / ``.json``: JSON lines, one array of rows, or one 
 read here, not by ``datasets``, so that a broken line is named: every row is an object with a ``text`` field
 (null or empty rows are skipped), or with ``prompt`` and ``answer`` (task items); any other field set is
 refused, never guessed.
+``load_jsonl`` reads user task files (prompt, answer, optional distractors) with the same per-line errors.
 ``quiet_datasets`` silences the log lines ``datasets`` / pyarrow print on a broken csv or parquet file before
 the exception that imprune turns into its own line.
 """
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from importance.data.tasks import TaskItem
 from importance.errors import ImpruneError
 
 MAX_UNDECODABLE = 0.01  # share of a text file's bytes that may fail to decode as UTF-8
@@ -63,7 +65,6 @@ def read_error(err: BaseException) -> str:
 def read_json_rows(spec: str, path: Path) -> Any:
     """A ``.jsonl`` / ``.json`` file -> ``Source`` of texts or task items (see the module docstring)."""
     from importance.data.sources import Source
-    from importance.data.tasks import load_jsonl
 
     text = utf8_text(path).lstrip("\ufeff")
     whole = text.lstrip().startswith("[") or _one_document(text)
@@ -118,3 +119,50 @@ def _one_document(text: str) -> bool:
             return True
         except json.JSONDecodeError:
             return False
+
+
+def load_jsonl(path: str | Path) -> list[TaskItem]:
+    """User task items from JSON lines, each an object with non-empty string ``prompt`` and ``answer`` (and
+    optionally ``distractors``, a list of wrong answers, which makes the item a multiple-choice one).
+
+    Blank lines are skipped and extra fields ignored; a file holding one JSON array of such objects is read
+    too. Any bad line (or an empty file) raises ``ImpruneError`` naming the file and the line.
+    """
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+        raise ImpruneError(f"cannot read task file '{p}' ({why}); check the path") from None
+    fix = "each line must be a JSON object with string fields 'prompt' and 'answer'"
+    rows: list[tuple[str, object]] = []
+    if text.lstrip().startswith("["):
+        try:
+            array = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ImpruneError(f"{p}: line {err.lineno}: not valid JSON ({err.msg}); {fix}") from None
+        rows = [(f"item {i}", obj) for i, obj in enumerate(array, 1)] if isinstance(array, list) else []
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"line {lineno}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise ImpruneError(f"{p}: line {lineno}: not valid JSON ({err.msg}); {fix}") from None
+    items = []
+    for where, obj in rows:
+        if not isinstance(obj, dict):
+            raise ImpruneError(f"{p}: {where}: expected a JSON object, got {type(obj).__name__}; {fix}")
+        for key in ("prompt", "answer"):
+            value = obj.get(key)
+            if not isinstance(value, str) or not value:
+                got = "missing" if value is None else f"not a non-empty string ({value!r})"
+                raise ImpruneError(f"{p}: {where}: '{key}' is {got}; {fix}")
+        wrong = obj.get("distractors", [])
+        if not isinstance(wrong, list) or not all(isinstance(w, str) and w for w in wrong):
+            raise ImpruneError(f"{p}: {where}: 'distractors' must be a list of non-empty strings; {fix}")
+        items.append(TaskItem(obj["prompt"], obj["answer"], tuple(wrong)))
+    if not items:
+        raise ImpruneError(f"task file '{p}' holds no items; {fix}")
+    return items

@@ -15,16 +15,14 @@ which items a seed draws.
 
 Tasks (registry names): knowledge, retrieval, logic, decision, semantic, syntax, inference, math.
 ``generate(name, n, seed)`` returns the same items for the same arguments in every process; items within
-a task are distinct while the task's space allows. ``load_jsonl(path)`` reads user tasks from JSON lines.
+a task are distinct while the task's space allows. ``importance.data.files.load_jsonl`` reads user tasks.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from importance.data import task_words as W
 from importance.errors import ImpruneError
@@ -87,53 +85,6 @@ def generate(name: str, n: int = 256, seed: int = 0) -> list[TaskItem]:
     items = spec.generator(random.Random(f"imprune-task:{name}:{seed}"), n)
     if len(items) != n:  # a generator bug, not a user error
         raise RuntimeError(f"task '{name}' made {len(items)} items instead of {n}")
-    return items
-
-
-def load_jsonl(path: str | Path) -> list[TaskItem]:
-    """User task items from JSON lines, each an object with non-empty string ``prompt`` and ``answer`` (and
-    optionally ``distractors``, a list of wrong answers, which makes the item a multiple-choice one).
-
-    Blank lines are skipped and extra fields ignored; a file holding one JSON array of such objects is read
-    too. Any bad line (or an empty file) raises ``ImpruneError`` naming the file and the line.
-    """
-    p = Path(path).expanduser()
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
-        why = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
-        raise ImpruneError(f"cannot read task file '{p}' ({why}); check the path") from None
-    fix = "each line must be a JSON object with string fields 'prompt' and 'answer'"
-    rows: list[tuple[str, object]] = []
-    if text.lstrip().startswith("["):
-        try:
-            array = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ImpruneError(f"{p}: line {err.lineno}: not valid JSON ({err.msg}); {fix}") from None
-        rows = [(f"item {i}", obj) for i, obj in enumerate(array, 1)] if isinstance(array, list) else []
-    else:
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise ImpruneError(f"{p}: line {lineno}: not valid JSON ({err.msg}); {fix}") from None
-    items = []
-    for where, obj in rows:
-        if not isinstance(obj, dict):
-            raise ImpruneError(f"{p}: {where}: expected a JSON object, got {type(obj).__name__}; {fix}")
-        for key in ("prompt", "answer"):
-            value = obj.get(key)
-            if not isinstance(value, str) or not value:
-                got = "missing" if value is None else f"not a non-empty string ({value!r})"
-                raise ImpruneError(f"{p}: {where}: '{key}' is {got}; {fix}")
-        wrong = obj.get("distractors", [])
-        if not isinstance(wrong, list) or not all(isinstance(w, str) and w for w in wrong):
-            raise ImpruneError(f"{p}: {where}: 'distractors' must be a list of non-empty strings; {fix}")
-        items.append(TaskItem(obj["prompt"], obj["answer"], tuple(wrong)))
-    if not items:
-        raise ImpruneError(f"task file '{p}' holds no items; {fix}")
     return items
 
 
