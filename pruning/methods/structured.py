@@ -33,6 +33,8 @@ counts are whole units (a KV group, one head per group, one channel), so the ach
 next to the target; one that whole units cannot reach is refused first (``pruning.methods.checks``).
 ``--bias-compensation`` folds the calibration mean of what the removed heads / channels fed into o_proj /
 down_proj into its bias (Llama-style models get it through ``attention_bias``/``mlp_bias``).
+``--reconstruct`` (the CLI default unless ``--bias-compensation`` is given) instead re-fits o_proj / down_proj's
+kept columns by damped least squares on the calibration data, block by block (``pruning.methods.reconstruct``).
 """
 
 from __future__ import annotations
