@@ -93,7 +93,8 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
     calib, evals = reference_data(base, st)
     start = time.perf_counter()
     needed = {r["criterion"] for r in chosen if not r.get("iterative")}  # only what the chosen rows rank by
-    table = score(base, calib, [c for c in CRITERIA if c in needed], batch_size=st["batch_size"], progress=False)
+    table = score(base, calib, [c for c in CRITERIA if c in needed], batch_size=st["batch_size"],
+                  progress=False) if needed else None
     score_seconds = time.perf_counter() - start
     common = {"family": "structured", "calibration": dict(calib.meta), "score_seconds": round(score_seconds, 1)}
     out = []
