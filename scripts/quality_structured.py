@@ -6,9 +6,11 @@ same rows as a markdown table (with the dense figure) and writes a JSON beside i
 Rows (shared/protocol.md; one scoring pass with every criterion on the dense model feeds all of them):
   width 20% of block parameters   taylor, fisher, activation, magnitude (uniform allocation: the same
                                   widths in every layer); taylor, fisher, activation with importance-guided
-                                  allocation (when ``pruning.methods.allocate`` is present) and with bias compensation
+                                  allocation (when ``pruning.methods.allocate`` is present) and with bias compensation;
+                                  fisher uniform / importance with least-squares reconstruction (--reconstruct)
   layers 25% of the layers        block_influence, residual_fisher, removal, taylor, fisher (8 of SmolLM2's 30
-                                  layers; removal measured on the first 2,048 calibration tokens)
+                                  layers; removal measured on the first 2,048 calibration tokens); removal
+                                  iterative (re-measured after each removal), all candidates and the k = 8 best
 Reference setting: SmolLM2 float32, calibration 32 x 256 Austen windows without Persuasion (seed 0),
 evaluation on the first 16,384 tokens of Persuasion in windows of 256. ``--quick``: 8 x 256 calibration,
 4,096 evaluation tokens.
@@ -35,8 +37,12 @@ ROWS: list[dict[str, Any]] = [
       for c in ("taylor", "fisher", "activation")),
     *({"method": "width", "sparsity": 0.2, "criterion": c, "allocation": "uniform", "bias_compensation": True}
       for c in ("taylor", "fisher", "activation")),
+    *({"method": "width", "sparsity": 0.2, "criterion": "fisher", "allocation": a, "bias_compensation": False,
+       "reconstruct": True} for a in ("uniform", "importance")),
     *({"method": "layers", "sparsity": 0.25, "criterion": c}
       for c in ("block_influence", "residual_fisher", "removal", "taylor", "fisher")),
+    {"method": "layers", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": 8},
+    {"method": "layers", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": None},
 ]
 CRITERIA = ["taylor", "fisher", "activation", "magnitude", "block_influence", "residual_fisher", "removal"]
 
@@ -44,6 +50,9 @@ CRITERIA = ["taylor", "fisher", "activation", "magnitude", "block_influence", "r
 def row_name(spec: dict[str, Any]) -> str:
     extra = f" {spec['allocation']}" if spec["method"] != "layers" else ""
     extra += " +bias" if spec.get("bias_compensation") else ""
+    extra += " +reconstruct" if spec.get("reconstruct") else ""
+    if spec.get("iterative"):
+        extra += " iterative" + (f" k={spec['k']}" if spec.get("k") else "")
     return f"structured {spec['method']} {spec['criterion']}{extra} {spec['sparsity']:g}"
 
 
@@ -73,7 +82,8 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
     from importance.models.load import load_model
     from importance.scoring import score
     from pruning.eval.perplexity import perplexity
-    from pruning.methods.structured import StructuredConfig, prune_layers, prune_structured
+    from pruning.methods.depth import prune_layers
+    from pruning.methods.structured import StructuredConfig, prune_structured
 
     st = _settings(args)
     chosen = _selected(args)
@@ -82,7 +92,9 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
     base = load_model(st["model"])
     calib, evals = reference_data(base, st)
     start = time.perf_counter()
-    table = score(base, calib, CRITERIA, batch_size=st["batch_size"], progress=False)
+    needed = {r["criterion"] for r in chosen if not r.get("iterative")}  # only what the chosen rows rank by
+    table = score(base, calib, [c for c in CRITERIA if c in needed], batch_size=st["batch_size"],
+                  progress=False) if needed else None
     score_seconds = time.perf_counter() - start
     common = {"family": "structured", "calibration": dict(calib.meta), "score_seconds": round(score_seconds, 1)}
     out = []
@@ -95,10 +107,12 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
         lm = copy.deepcopy(base)
         start = time.perf_counter()
         if spec["method"] == "layers":
-            res = prune_layers(lm, spec["sparsity"], spec["criterion"], table)
+            res = prune_layers(lm, spec["sparsity"], spec["criterion"], table, calib, st["batch_size"],
+                               iterative=bool(spec.get("iterative")), k=spec.get("k"))
         else:
             cfg = StructuredConfig(spec["sparsity"], spec["method"], spec["criterion"], spec["allocation"],
-                                   bias_compensation=spec["bias_compensation"])
+                                   bias_compensation=spec["bias_compensation"],
+                                   reconstruct=spec.get("reconstruct", False))
             res = prune_structured(lm, cfg, table, calib, st["batch_size"])
         seconds = time.perf_counter() - start
         ppl = perplexity(lm.model, evals, lm.task, progress=False)
@@ -107,7 +121,8 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
                     "predicted": ppl.predicted, "windows": ppl.windows, "seq_len": ppl.seq_len,
                     "achieved": s["achieved"], "params_before": params_before,
                     "params_after": sum(p.numel() for p in lm.model.parameters()), "prune_seconds": round(seconds, 2),
-                    "removed_layers": s.get("layers_removed"), "widths": _widths(s)})
+                    "removed_layers": s.get("layers_removed"), "widths": _widths(s),
+                    "iterative": s.get("iterative"), "reconstruction_error": s.get("reconstruction_error")})
         print(f"  {row_name(spec):<45} ppl {ppl.ppl:9.2f}", flush=True)
         del lm
     return out

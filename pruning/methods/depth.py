@@ -3,6 +3,8 @@
 Criteria: block_influence (lowest 1 - cos), residual_fisher (the per-token Fisher of the block's update; the
 default), removal (the measured calibration loss increase when the block alone is bypassed), taylor / fisher
 (the mask score of the block's parameters). The config's layer count and per-layer lists follow the cut.
+``--iterative`` (with removal) re-measures after every removal (``pruning.methods.iterative``; ``--iterative-k``
+re-measures only the k best of the first round's ranking).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from importance.errors import ImpruneError
 from importance.models.load import LoadedModel
 from importance.table import ImportanceTable
 from pruning.methods.checks import layers_count
-from pruning.methods.registry import PruneContext, PruneResult, register_method, table_for
+from pruning.methods.iterative import iterative_removal
+from pruning.methods.registry import PruneContext, PruneResult, arg, register_method, table_for
 from pruning.methods.structured import STRUCTURED_FLAGS, check_in_memory, component_sparsity
 from pruning.methods.surgery import drop_blocks, param_count
 
@@ -30,24 +33,39 @@ def layers_to_remove(table: ImportanceTable, criterion: str, n: int) -> list[int
 
 def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "residual_fisher",
                  table: ImportanceTable | None = None, windows: Windows | None = None, batch_size: int = 4,
-                 progress: bool = False) -> PruneResult:
-    """Remove round(sparsity x layers) whole blocks with the lowest ``criterion`` layer score."""
+                 progress: bool = False, iterative: bool = False, k: int | None = None) -> PruneResult:
+    """Remove round(sparsity x layers) whole blocks with the lowest ``criterion`` layer score (``iterative``:
+    chosen one at a time by measured calibration loss, ``pruning.methods.iterative``)."""
     check_in_memory(lm)
     mm = model_map(lm.model)
     n = layers_count(mm.n_layers, sparsity, criterion)
-    table = table_for(lm, table, criterion, windows, batch_size, progress)
-    removed = layers_to_remove(table, criterion, n)
+    extra: dict[str, Any] = {}
+    if iterative:
+        if criterion != "removal":
+            raise ImpruneError("--iterative re-measures the calibration loss: use it with --criterion removal")
+        if windows is None:
+            raise ImpruneError("--iterative needs calibration data: pass --data (e.g. austen:train)")
+        from importance.scoring import removal_windows
+
+        it = iterative_removal(lm.model, mm, removal_windows(windows), lm.task, n, k, batch_size, progress)
+        removed = sorted(it.order)
+        scores_list = [it.first_round.get(i, float("nan")) - it.base_nll for i in range(mm.n_layers)]
+        extra = {"iterative": {"order": it.order, "nll_after_each": it.nll, "base_nll": it.base_nll, "k": k,
+                               "partial_forwards": it.partial_forwards, "block_forwards": it.block_forwards}}
+    else:
+        table = table_for(lm, table, criterion, windows, batch_size, progress)
+        removed = layers_to_remove(table, criterion, n)
+        scores_list = table.layer_scores(criterion).tolist()
     keep = [i for i in range(mm.n_layers) if i not in removed]
     before = {(c.layer, c.name): c.numel for c in mm.components()}
     params_before = param_count(lm.model)
     planned = sum(p.numel() for i in removed for p in mm.blocks[i].module.parameters())
     changed = drop_blocks(mm, keep)
     after = model_map(lm.model)
-    scores = table.layer_scores(criterion).tolist()
     record = {"shapes_changed": True,
               "structured": {"criterion": criterion, "layers_removed": removed, "layers_kept": keep,
-                             "layer_scores": scores, "config_fields_changed": changed,
-                             "achieved": len(removed) / len(scores)},
+                             "layer_scores": scores_list, "config_fields_changed": changed,
+                             "achieved": len(removed) / len(scores_list), **extra},
               "params_plan": {"before": params_before, "removed": planned, "after": params_before - planned}}
     return PruneResult(record, component_sparsity(before, after, dict(enumerate(keep))), shapes_changed=True,
                        uniform=True)
@@ -55,16 +73,28 @@ def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "residual_fi
 
 def layers_criterion(a: Any) -> str:
     """The ``--method layers`` criterion (default residual_fisher); head / bias flags do not apply."""
-    for flag, value, default in (("--heads", a.heads, None), ("--bias-compensation", a.bias_compensation, False)):
+    for flag, value, default in (("--heads", a.heads, None), ("--bias-compensation", a.bias_compensation, False),
+                                 ("--reconstruct", getattr(a, "reconstruct", None), None)):
         if value != default:
             raise ImpruneError(f"{flag} does not apply to --method layers; drop it")
     return getattr(a, "criterion", None) or "residual_fisher"
 
 
+_ITERATIVE = arg("--iterative", action="store_true",
+                 help="layers with --criterion removal: remove one block at a time, re-measuring the calibration loss "
+                      "of the remaining candidates after each removal")
+_ITERATIVE_K = arg("--iterative-k", type=int, default=None,
+                   help="--iterative: re-measure only the k best candidates of the first round's ranking")
+
+
 @register_method("layers", "remove whole layers by their layer scores (block_influence, residual_fisher, removal, "
-                 "taylor, fisher ...)", args=STRUCTURED_FLAGS)
+                 "taylor, fisher ...)", args=[*STRUCTURED_FLAGS, _ITERATIVE, _ITERATIVE_K])
 def layers_method(ctx: PruneContext) -> PruneResult:
     a = ctx.args
     criterion = layers_criterion(a)
-    windows = ctx.calibration() if ctx.table is None else None
-    return prune_layers(ctx.lm, a.sparsity, criterion, ctx.table, windows, a.batch_size, progress=not a.quiet)
+    iterative = bool(getattr(a, "iterative", False))
+    if getattr(a, "iterative_k", None) is not None and not iterative:
+        raise ImpruneError("--iterative-k applies to --iterative only; add --iterative or drop it")
+    windows = ctx.calibration() if ctx.table is None or iterative else None
+    return prune_layers(ctx.lm, a.sparsity, criterion, ctx.table, windows, a.batch_size, progress=not a.quiet,
+                        iterative=iterative, k=getattr(a, "iterative_k", None))

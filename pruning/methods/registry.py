@@ -73,6 +73,9 @@ ALLOCATION: Arg = (("--allocation",), dict(
          "global (one threshold, unstructured only)"))
 BAND: Arg = (("--band",), dict(type=float, default=0.1,
                                help="largest per-layer deviation from the target ratio (--allocation importance)"))
+DAMP: Arg = (("--damp",), dict(type=float, default=0.01,
+                               help="second-order dampening (sparsegpt; structured --reconstruct), as a fraction of "
+                                    "mean(diag H)"))
 
 
 def register_method(name: str, help: str, args: Sequence[Arg] = (), needs_table: bool = False,

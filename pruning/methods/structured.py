@@ -33,10 +33,13 @@ counts are whole units (a KV group, one head per group, one channel), so the ach
 next to the target; one that whole units cannot reach is refused first (``pruning.methods.checks``).
 ``--bias-compensation`` folds the calibration mean of what the removed heads / channels fed into o_proj /
 down_proj into its bias (Llama-style models get it through ``attention_bias``/``mlp_bias``).
+``--reconstruct`` (the CLI default unless ``--bias-compensation`` is given) instead re-fits o_proj / down_proj's
+kept columns by damped least squares on the calibration data, block by block (``pruning.methods.reconstruct``).
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,10 +54,12 @@ from importance.models.load import LoadedModel
 from importance.scorers import layer_only, layer_only_names
 from importance.table import ImportanceTable, layer_map
 from pruning.methods.checks import check_plan, check_structured
+from pruning.methods.reconstruct import cut_and_refit
 from pruning.methods.registry import (
     ALLOCATION,
     BAND,
     CRITERION,
+    DAMP,
     PruneContext,
     PruneResult,
     arg,
@@ -93,6 +98,8 @@ class StructuredConfig:
     gqa: str = "groups"
     keep_heads: int | None = None
     bias_compensation: bool = False
+    reconstruct: bool = False
+    damp: float = 0.01
 
     def validate(self) -> None:
         if self.part not in PARTS:
@@ -114,6 +121,11 @@ class StructuredConfig:
             raise ImpruneError(f"unknown --gqa '{self.gqa}'; use per-group or groups")
         if self.keep_heads is not None and self.part != "heads":
             raise ImpruneError("--heads applies to --method heads only; drop it or use --method heads")
+        if self.reconstruct and self.bias_compensation:
+            raise ImpruneError("--reconstruct already re-fits what the removed units fed; drop --bias-compensation "
+                               "or pass --no-reconstruct")
+        if self.reconstruct and not 0 < self.damp < 1:
+            raise ImpruneError(f"--damp {self.damp} is outside (0, 1); e.g. 0.01")
 
 
 @dataclass(frozen=True)
@@ -322,9 +334,12 @@ def _check_bias_flags(mm: ModelMap, plans: list[LayerPlan]) -> list[str]:
 
 
 def apply_plans(lm: LoadedModel, plans: list[LayerPlan], bias_compensation: bool = False,
-                windows: Windows | None = None, batch_size: int = 4) -> tuple[ModelMap, int]:
-    """Cut every planned layer, fold compensation biases, write uniform counts into the config; returns the
-    new ``ModelMap`` and the number of bias parameters compensation added."""
+                windows: Windows | None = None, batch_size: int = 4, reconstruct: bool = False, damp: float = 0.01,
+                report: dict | None = None, progress: bool = False) -> tuple[ModelMap, int]:
+    """Cut every planned layer (with ``reconstruct``: block by block, re-fitting o_proj / down_proj on the
+    calibration ``windows``, ``pruning.methods.reconstruct``; its output errors go into ``report``), fold
+    compensation biases, write uniform counts into the config; returns the new ``ModelMap`` and the number of
+    bias parameters compensation added."""
     model = lm.model
     mm = model_map(model)
     deltas: list[tuple[Any, Any]] = []
@@ -334,7 +349,12 @@ def apply_plans(lm: LoadedModel, plans: list[LayerPlan], bias_compensation: bool
             raise ImpruneError("bias compensation needs calibration windows")
         flags = _check_bias_flags(mm, plans)
         deltas = _bias_deltas(mm, plans, windows, batch_size)
-    for p in plans:
+    if reconstruct:
+        cuts = {p.layer: (p.heads, p.kv_heads, p.channels) for p in plans if p.heads or p.kv_heads or p.channels}
+        errors = cut_and_refit(lm, cuts, windows, batch_size, damp, progress) if cuts else {}
+        if report is not None:
+            report.update(_error_totals(errors))
+    for p in plans if not reconstruct else []:
         if p.heads or p.kv_heads or p.channels:
             cut_block(mm, p.layer, p.heads, p.kv_heads, p.channels)
     cut = param_count(model)
@@ -347,6 +367,15 @@ def apply_plans(lm: LoadedModel, plans: list[LayerPlan], bias_compensation: bool
     if flags:
         add_missing_params_(model)
     return mm, param_count(model) - cut
+
+
+def _error_totals(errors: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Summed consumer output errors ||X dW^T||^2 over the layers, before ('plain') and after the re-fit."""
+    totals: dict[str, float] = {}
+    for errs in errors.values():
+        for k, v in errs.items():
+            totals[k] = totals.get(k, 0.0) + v
+    return totals
 
 
 def _write_config(mm: ModelMap, attention: bool, mlp: bool) -> None:
@@ -390,6 +419,9 @@ def prune_structured(lm: LoadedModel, cfg: StructuredConfig, table: ImportanceTa
     """Remove heads / channels / both from ``lm.model`` in place (see module docstring); record what left."""
     cfg.validate()
     check_in_memory(lm)
+    if cfg.reconstruct and windows is None:
+        raise ImpruneError("--reconstruct needs calibration data: pass --data (e.g. austen:train), or drop it "
+                           "with --no-reconstruct")
     mm = model_map(lm.model)
     heads, channels = cfg.part in ("heads", "width"), cfg.part in ("channels", "width")
     check_cuttable(mm.spec, lm.model.config, heads, channels)
@@ -403,7 +435,9 @@ def prune_structured(lm: LoadedModel, cfg: StructuredConfig, table: ImportanceTa
     planned = sum(p.params for p in plans)
     acted_on = sum(part_params(b, cfg.part) for b in mm.blocks)
     check_plan(planned / max(acted_on, 1), cfg, limits)
-    mm, added = apply_plans(lm, plans, cfg.bias_compensation, windows, batch_size)
+    errors: dict[str, float] = {}
+    mm, added = apply_plans(lm, plans, cfg.bias_compensation, windows, batch_size, cfg.reconstruct, cfg.damp, errors,
+                            progress)
     geometry = _geometry(mm)
     layers = {str(p.layer): {"heads_removed": p.heads, "kv_heads_removed": p.kv_heads,
                              "channels_removed": p.channels, "params_removed": p.params,
@@ -412,7 +446,8 @@ def prune_structured(lm: LoadedModel, cfg: StructuredConfig, table: ImportanceTa
     selection = _SELECTION[cfg.part if cfg.part != "width" else f"width-{cfg.allocation}"]
     record = {"shapes_changed": True,
               "structured": {**asdict(cfg), "selection": selection, "achieved": planned / max(acted_on, 1),
-                             "acted_on_params": acted_on, "layers": layers},
+                             "acted_on_params": acted_on, "layers": layers,
+                             **({"reconstruction_error": errors} if cfg.reconstruct else {})},
               "params_plan": {"before": params_before, "removed": planned, "bias_added": added,
                               "after": params_before - planned + added}}
     return PruneResult(record, component_sparsity(before, mm, {i: i for i in range(mm.n_layers)}), shapes_changed=True,
@@ -432,7 +467,10 @@ _HEADS = arg("--heads", type=int, default=None,
              help="--method heads: query heads to KEEP per layer (must keep the KV grouping; overrides --sparsity)")
 _BIAS = arg("--bias-compensation", action="store_true",
             help="fold the calibration mean of removed heads / channels into the o_proj / down_proj bias")
-STRUCTURED_FLAGS = [_CRITERION, _ALLOCATION, _BAND, _GQA, _HEADS, _BIAS]
+_RECONSTRUCT = arg("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-fit o_proj / down_proj's kept columns by damped least squares on the calibration data, "
+                        "block by block (default: on, off with --bias-compensation)")
+STRUCTURED_FLAGS = [_CRITERION, _ALLOCATION, _BAND, _GQA, _HEADS, _BIAS, _RECONSTRUCT, DAMP]
 
 
 def config_from_args(a: Any, part: str) -> StructuredConfig:
@@ -440,14 +478,23 @@ def config_from_args(a: Any, part: str) -> StructuredConfig:
     cfg = StructuredConfig(sparsity=a.sparsity, part=part, criterion=getattr(a, "criterion", None) or "fisher",
                            allocation=getattr(a, "allocation", "uniform"), band=getattr(a, "band", 0.1),
                            gqa=getattr(a, "gqa", "groups"), keep_heads=getattr(a, "heads", None),
-                           bias_compensation=getattr(a, "bias_compensation", False))
+                           bias_compensation=getattr(a, "bias_compensation", False),
+                           reconstruct=_reconstruct_default(a), damp=getattr(a, "damp", 0.01))
     cfg.validate()
     return cfg
 
 
+def _reconstruct_default(a: Any) -> bool:
+    given = getattr(a, "reconstruct", None)
+    return (not getattr(a, "bias_compensation", False)) if given is None else bool(given)
+
+
 def _run(ctx: PruneContext, part: str) -> PruneResult:
     cfg = config_from_args(ctx.args, part)
-    windows = ctx.calibration() if ctx.table is None or cfg.bias_compensation else None
+    if cfg.reconstruct and not getattr(ctx.args, "data", None):
+        raise ImpruneError("--reconstruct needs calibration data: pass --data (e.g. austen:train), or drop it "
+                           "with --no-reconstruct")
+    windows = ctx.calibration() if ctx.table is None or cfg.bias_compensation or cfg.reconstruct else None
     return prune_structured(ctx.lm, cfg, ctx.table, windows, ctx.args.batch_size, progress=not ctx.args.quiet)
 
 

@@ -50,6 +50,7 @@ from pruning.methods.registry import (
     ALLOCATION,
     BAND,
     CRITERION,
+    DAMP,
     PruneContext,
     PruneResult,
     arg,
@@ -429,7 +430,7 @@ _ALLOC_GRAN = arg("--alloc-granularity", default="layer", choices=list(A.GRANULA
 _ALLOC_TRANSFORM = arg("--alloc-transform", default=None, choices=list(A.TRANSFORMS),
                        help="map the importance signal to the band linearly, on a log scale or by rank")
 _BLOCKSIZE = arg("--blocksize", type=int, default=128, help="sparsegpt: columns per lazy-update block")
-_DAMP = arg("--damp", type=float, default=0.01, help="sparsegpt: dampening, as a fraction of mean(diag H)")
+_DAMP = DAMP
 _FLAGS = [CRITERION, _SCOPE, _NM, ALLOCATION, BAND, _COMPONENTS, _SEQUENTIAL, _ALLOC_SCORER, _ALLOC_GRAN,
           _ALLOC_TRANSFORM, _BLOCKSIZE, _DAMP]
 

@@ -116,3 +116,33 @@ def compensate(weight: torch.Tensor, xtx: torch.Tensor, n_tokens: int, projectio
     if perm is not None:
         w = w[:, torch.argsort(perm)]
     return w
+
+
+@torch.no_grad()
+def solve_kept_columns(weight: torch.Tensor, xtx: torch.Tensor, n_tokens: int, keep: torch.Tensor,
+                       damp: float = 0.01) -> torch.Tensor:
+    """The structured OBS update: new values [out, k] of the kept input columns ``keep`` [k] of ``weight``
+    [out, in] once the other columns are removed, W_K' = W Hd[:, K] Hd[K, K]^-1 with Hd = H + lam I.
+
+    Undamped this is the least-squares fit argmin ||X W^T - X_K W_K'^T||^2 of the full layer's output; the
+    damping lam = ``damp`` x mean(diag H[K, K]) makes it the ridge fit pulled towards the dense W_K (for which
+    the fitted output error is never above leaving W_K as it is). x10 per retry if not positive definite."""
+    w = weight.detach().double()  # [out, in]
+    if xtx.shape != (w.shape[1], w.shape[1]):
+        raise ImpruneError(f"the Hessian {tuple(xtx.shape)} does not match the layer's {w.shape[1]} inputs")
+    h, _dead = layer_hessian(xtx, n_tokens)  # [in, in]; dead inputs: diag 1, no coupling
+    keep = keep.to(torch.long)
+    hk = h[keep][:, keep]  # [k, k]
+    mean_diag = float(torch.diagonal(hk).mean()) if keep.numel() else 0.0
+    if mean_diag <= 0 or not torch.isfinite(hk).all():
+        raise ImpruneError("the calibration inputs of a layer are all zero or not finite; use more calibration data")
+    wk = w[:, keep]  # [out, k]
+    eye = torch.eye(hk.shape[0], dtype=hk.dtype)
+    for attempt in range(6):
+        lam = damp * mean_diag * (10.0 ** attempt)
+        l_factor, info = torch.linalg.cholesky_ex(hk + lam * eye)
+        if int(info) == 0:
+            rhs = h[keep] @ w.T + lam * wk.T  # [k, out] = Hd[K, :] W^T
+            return torch.cholesky_solve(rhs, l_factor).T.float()  # [out, k]
+    raise ImpruneError("the calibration Hessian of a layer is not positive definite even with damping; "
+                       "raise --damp or use more calibration tokens")
