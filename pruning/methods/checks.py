@@ -46,7 +46,7 @@ def check_reachable(sparsity: float, most: float, unit: float, method: str, why:
 
 def structured_limits(mm: ModelMap, part: str, gqa: str) -> Limits:
     """What heads / channels / width can remove from ``mm`` (the units ``pruning.methods.structured`` would rank)."""
-    from pruning.methods.structured import attention_units, channel_units, part_params
+    from pruning.methods.units import attention_units, channel_units, part_params
 
     total = removable = 0
     fractions: list[float] = []
