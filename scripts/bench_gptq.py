@@ -34,6 +34,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchlib import add_reference_args  # noqa: E402  (scripts/ is on the path when a script runs)
+
 BUDGETS = {4.0: "3,4,8", 4.5: "3,4,8", 5.0: "4,8"}
 ROWS = ("rtn4", "gptq4", "gptq8", "guided", "random", "joint", "sparsegpt", "static4")
 
@@ -47,11 +49,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--budgets", default="4.0,4.5,5.0")
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--seeds", type=int, default=None, help="random plans per budget (default 3, quick 1)")
-    p.add_argument("--calib-windows", type=int, default=None)
-    p.add_argument("--eval-tokens", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    add_reference_args(p)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     return p.parse_args()
 

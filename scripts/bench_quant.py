@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchlib import add_reference_args  # noqa: E402  (scripts/ is on the path when a script runs)
+
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -39,11 +41,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--sensitivities", default="fisher,activation")
     p.add_argument("--seeds", type=int, default=None, help="random plans (default 3, quick 2)")
-    p.add_argument("--calib-windows", type=int, default=None)
-    p.add_argument("--eval-tokens", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    add_reference_args(p)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     return p.parse_args()
 

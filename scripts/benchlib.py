@@ -88,3 +88,11 @@ def capped_child(args: Any, cap: str) -> tuple[Any, Any, dict[str, int]]:
     windows = load_data(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.windows, seed=0)
     return lm, windows, peak
 
+
+def add_reference_args(p: Any) -> None:
+    """The reference-setting flags every quality benchmark takes (shared/protocol.md; None: the protocol's)."""
+    p.add_argument("--calib-windows", type=int, default=None)
+    p.add_argument("--eval-tokens", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
