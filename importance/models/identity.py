@@ -297,9 +297,8 @@ def check_plan(record: Mapping[str, Any], where: str, table: ModelFacts, fix: st
         return
 
 
-def check_table(table: ImportanceTable, lm: Any, where: str = "the importance table") -> None:
-    """The table must come from this model (``importance.models.identity``: same architecture and identity)."""
-    from importance.models.identity import check_same_model, model_facts, table_facts
-
-    check_same_model(model_facts(lm), table_facts(table, where),
-                     f"score --model {lm.spec} with `imprune score --out DIR` and pass that --scores")
+def check_table(table: ImportanceTable, lm: Any, where: str = "the importance table", fix: str | None = None,
+                mm: Any = None) -> None:
+    """The table must come from this model (same architecture and identity); ``fix`` is the advice of the line."""
+    check_same_model(model_facts(lm, mm), table_facts(table, where),
+                     fix or f"score --model {lm.spec} with `imprune score --out DIR` and pass that --scores")

@@ -19,7 +19,7 @@ SCHEMA = "imprune.validation/1"
 VALIDATION_DIR = "validation"  # default output: SCORES/validation, where `imprune report` looks
 
 
-def _top(result: Any, granularity: str, k: int = 5) -> list[list[Any]]:
+def top_groups(result: Any, granularity: str, k: int = 5) -> list[list[Any]]:
     pairs = sorted(zip(result.groups[granularity], result.values[granularity].tolist()), key=lambda x: -x[1])
     return [[g.label, round(v, 5)] for g, v in pairs[:k]]
 

@@ -41,11 +41,12 @@ from importance.arch.canonical import model_map
 from importance.data.sources import load_data
 from importance.engine.objective import has_loss
 from importance.errors import ImpruneError
+from importance.models.identity import check_table
 from importance.store.meta import versions
 from importance.table import ImportanceTable
 from importance.validate.ablation import DEFINITION, ablation_table, measure_ablation
 from importance.validate.faithfulness import BOTTOM_FRACTION, compare
-from importance.validate.folder import SCHEMA, VALIDATION_DIR, _top, format_agreement, write_validation
+from importance.validate.folder import SCHEMA, VALIDATION_DIR, format_agreement, top_groups, write_validation
 from pruning.cli.core import (
     ALLOW_PICKLE,
     BATCH,
@@ -101,7 +102,8 @@ def validate_cmd(args: argparse.Namespace) -> int:
                            "ablation with; validate a causal or masked language model")
     mm = model_map(lm.model)
     table = given if given is not None else _scores(args, lm, scores_dir)
-    _check_same_model(table, mm, lm, f"--scores {scores_dir}")
+    check_table(table, lm, f"--scores {scores_dir}", mm=mm,
+                fix="validate the model the table was scored on, or give --scores a new folder to score this one")
     windows = load_data(args.eval_data, lm.tokenizer, seq_len=args.eval_seq_len, tokens=args.eval_tokens,
                         seed=args.seed, sampling="random", max_positions=_max_positions(lm.model),
                         flags=("--eval-tokens", "--eval-seq-len"))
@@ -119,7 +121,7 @@ def validate_cmd(args: argparse.Namespace) -> int:
             "predicted_tokens": result.tokens, "shortcut": result.shortcut, "shortcut_reason": result.reason,
             "groups": {g: len(result.groups[g]) for g in grans},
             "seconds": {g: round(s, 2) for g, s in result.seconds.items()},
-            "top": {g: _top(result, g) for g in grans},
+            "top": {g: top_groups(result, g) for g in grans},
             "reliability": {g: result.reliability(g) for g in grans}},
         "granularities": agreement, "aggregation": "sum",
         "figures": {**{f"scatter_{g}": f"scatter_{g}.png" for g in grans}, "ablation_heatmap": "ablation_heatmap.png"},
@@ -151,12 +153,5 @@ def _scores(args: argparse.Namespace, lm: Any, scores_dir: Path) -> ImportanceTa
     table.save(scores_dir)
     print(f"scored {lm.spec} on {args.data} ({windows.n_tokens} tokens) -> {scores_dir}")
     return table
-
-
-def _check_same_model(table: ImportanceTable, mm: Any, lm: Any, where: str = "the score table") -> None:
-    from importance.models.identity import check_same_model, model_facts, table_facts
-
-    check_same_model(model_facts(lm, mm), table_facts(table, where),
-                     "validate the model the table was scored on, or give --scores a new folder to score this one")
 
 

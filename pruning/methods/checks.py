@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -123,7 +123,12 @@ def check_step(mm: ModelMap, method: str, args: argparse.Namespace) -> None:
 
         cfg = config_from_args(args, method)
         comps = select_components(mm, cfg.components)
-        bad = [c for c in comps if cfg.nm and c.shape[1] % cfg.nm[1]]
-        if bad:
-            raise ImpruneError(f"{bad[0].layer}|{bad[0].name} has {bad[0].shape[1]} inputs, not a multiple of "
-                               f"M={cfg.nm[1]}; pick another M or fewer --components")
+        check_nm_inputs(comps, cfg.nm)
+
+
+def check_nm_inputs(comps: list[Any], nm: tuple[int, int] | None) -> None:
+    """N:M groups run along each row's inputs, so every pruned linear needs a multiple of M of them."""
+    bad = [c for c in comps if nm and c.shape[1] % nm[1]]
+    if bad:
+        raise ImpruneError(f"{bad[0].layer}|{bad[0].name} has {bad[0].shape[1]} inputs, not a multiple of "
+                           f"M={nm[1]}; pick another M or fewer --components")

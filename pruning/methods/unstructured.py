@@ -45,6 +45,7 @@ from importance.errors import ImpruneError
 from importance.models.load import LoadedModel
 from importance.table import ImportanceTable, LayerMap, layer_map
 from pruning.methods import allocate as A
+from pruning.methods.checks import check_nm_inputs
 from pruning.methods.masks import lowest_mask, nm_mask, parse_nm
 from pruning.methods.registry import (
     ALLOCATION,
@@ -306,11 +307,7 @@ def prune_unstructured(lm: LoadedModel, cfg: UnstructuredConfig, table: Importan
     mm = model_map(lm.model)
     comps = select_components(mm, cfg.components)
     crit = CRITERIA[cfg.criterion]
-    if cfg.nm:
-        bad = [f"{c.layer}|{c.name}" for c in comps if c.shape[1] % cfg.nm[1]]
-        if bad:
-            raise ImpruneError(f"{bad[0]} has {comps[0].shape[1]} inputs, not a multiple of M={cfg.nm[1]}; "
-                               "pick another M or fewer --components")
+    check_nm_inputs(comps, cfg.nm)
 
     def get_windows() -> Windows:
         w = windows() if callable(windows) else windows
