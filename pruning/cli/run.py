@@ -60,7 +60,10 @@ def summary(m: dict, out: Path) -> str:
         "",
         f"imprune run: {m['model']}, recipe {m['recipe']['name']} ({m['recipe']['description']})",
         f"  perplexity   {b['ppl']:.2f} -> {a['ppl']:.2f}   ({a['windows']} x {a['seq_len']} tokens of {a['data']}, "
-        f"{a['predicted']} predicted)",
+        f"{a['predicted']} predicted)" if "pruned" not in m["perplexity"] else
+        f"  perplexity   {b['ppl']:.2f} dense -> {m['perplexity']['pruned']['ppl']:.2f} pruned -> {a['ppl']:.2f} healed"
+        f"   ({a['windows']} x {a['seq_len']} tokens of {a['data']}, {a['predicted']} predicted)",
+        *_heal_lines(m.get("heal")),
         *_accuracy_lines(m.get("accuracy")),
         f"  parameters   {pb:,} -> {pa:,} stored ({pa / pb:.1%}); non-zero {nb:,} -> {na:,} ({na / nb:.1%})",
         f"  weights      {mb / 2**20:.1f} MiB -> {ma / 2**20:.1f} MiB in memory"
@@ -69,6 +72,14 @@ def summary(m: dict, out: Path) -> str:
         f"  report       {out / 'report.html'}",
     ]
     return "\n".join(lines)
+
+
+def _heal_lines(heal: dict | None) -> list[str]:
+    if not heal:
+        return []
+    curve = heal.get("curve") or [float("nan")]
+    return [f"  healing      {heal['kind']}, {heal['steps']} steps, {heal['tokens']:,} tokens, {heal['trainable']:,} "
+            f"trainable parameters, {heal['seconds']:.0f} s; loss {curve[0]:.3f} -> {curve[-1]:.3f}"]
 
 
 def _accuracy_lines(acc: dict | None) -> list[str]:

@@ -6,6 +6,8 @@ Run directory (what ``pruning.run.report`` reads)::
     RUN_DIR/scores_before/      ImportanceTable of the dense model
     RUN_DIR/scores_after/       ImportanceTable of the pruned model (same data)
     RUN_DIR/model/              the pruned model (+ imprune.json with the recipe and the sparsity map)
+    RUN_DIR/healed/             the healed model, when the recipe ends with a ``heal`` step (``pruning.heal``);
+                                "after" (perplexity, accuracy, scores) is then this model, "pruned" the one above
     RUN_DIR/figures/            heatmaps before / after / delta, the sparsity map
     RUN_DIR/report.html         one self-contained page
     RUN_DIR/stages/NAME.json    one marker per finished stage: the key of its settings, its seconds
@@ -42,7 +44,7 @@ from importance.table import ImportanceTable
 from pruning.eval.perplexity import perplexity
 from pruning.methods.checks import check_step
 from pruning.methods.registry import METHODS, PruneContext
-from pruning.run.recipes import Recipe, Step
+from pruning.run.recipes import HEAL, Recipe, Step, heal_namespace
 
 _TABLE_CRITERIA = {"taylor", "fisher"}  # criteria that read an importance table (the rest use calibration)
 
@@ -98,6 +100,9 @@ class Pipeline:
         self.reused: list[str] = []
         self._dense: LoadedModel | None = None
         self._pruned: LoadedModel | None = None
+        self._healed: LoadedModel | None = None
+        self.prune_steps = tuple(s for s in recipe.steps if s.method != HEAL)
+        self.heal_step = next((s for s in recipe.steps if s.method == HEAL), None)
         self._windows: dict[str, Windows] = {}
         self._fingerprints: dict[str, str] = {}
 
@@ -141,9 +146,19 @@ class Pipeline:
         mm = model_map(self.dense().model)
         for i, step in enumerate(self.recipe.steps, 1):
             try:
-                check_step(mm, step.method, self._namespace(step))
+                if step.method != HEAL:  # a heal step's settings were checked by heal_config
+                    check_step(mm, step.method, self._namespace(step))
             except ImpruneError as err:
                 raise ImpruneError(f"recipe {self.recipe.name}, step {i} ({step.method}): {err}") from None
+
+    def heal_config(self) -> Any:
+        from pruning.heal.config import heal_config
+
+        assert self.heal_step is not None
+        try:
+            return heal_config(heal_namespace(self.heal_step), self.cfg.seq_len, self.cfg.seed, self.progress)
+        except ImpruneError as err:
+            raise ImpruneError(f"recipe {self.recipe.name}, step {len(self.recipe.steps)} (heal): {err}") from None
 
     def run(self) -> RunResult:
         c, out = self.cfg, self.out
@@ -155,9 +170,13 @@ class Pipeline:
         calib_s = {"data": c.data, "data_fingerprint": fp["data"], "tokens": c.tokens, "seq_len": c.seq_len,
                    "seed": c.seed}
         score_s = {**calib_s, "scorers": list(c.scorers), "batch_size": c.batch_size}
-        prune_s = {**model_s, **calib_s, "batch_size": c.batch_size, "recipe": self.recipe.to_dict(),
+        recipe_s = {**self.recipe.to_dict(), "steps": [s.to_dict() for s in self.prune_steps]}  # heal: its own key
+        prune_s = {**model_s, **calib_s, "batch_size": c.batch_size, "recipe": recipe_s,
                    "scores": _key({**model_s, **score_s})}
-        if not self._done("prune", _key(prune_s), out / "model"):
+        heal_s = {"prune": _key(prune_s), **calib_s, "heal": self.heal_config().key_settings()} \
+            if self.heal_step else None
+        if not self._done("prune", _key(prune_s), out / "model") or \
+                (heal_s and not self._done("heal", _key(heal_s), out / "healed")):
             self.validate()  # a recipe this model cannot take fails before any stage runs or writes
         self.log(f"[1/6] dense evaluation on {c.eval_data}")
         k_eval = self._stage("eval_before", {**model_s, **eval_s}, out / "stages" / "eval_before.out.json",
@@ -168,17 +187,22 @@ class Pipeline:
         self.log(f"[2/6] scoring the dense model on {c.data} ({', '.join(c.scorers)})")
         self._stage("scores_before", {**model_s, **score_s}, out / "scores_before",
                     lambda p: self._score(self.dense(), p), True)
-        self.log(f"[3/6] pruning: recipe {self.recipe.name} ({len(self.recipe.steps)} step(s))")
+        self.log(f"[3/6] pruning: recipe {self.recipe.name} ({len(self.prune_steps)} step(s))")
         k_prune = self._stage("prune", prune_s, out / "model", self._prune, True)
-        self.log("[4/6] evaluating the pruned model")
+        if heal_s is not None:
+            self.log("[3/6] evaluating the pruned model, then healing it")
+            self._stage("eval_pruned", {"prune": k_prune, "eval": k_eval}, out / "stages" / "eval_pruned.out.json",
+                        lambda p: self._evaluate(self.pruned(), p), False)
+            k_prune = self._stage("heal", heal_s, out / "healed", self._heal, True)  # "after" is the healed model
+        self.log("[4/6] evaluating the " + ("healed" if heal_s else "pruned") + " model")
         self._stage("eval_after", {"prune": k_prune, "eval": k_eval}, out / "stages" / "eval_after.out.json",
-                    lambda p: self._evaluate(self.pruned(), p), False)
+                    lambda p: self._evaluate(self.final(), p), False)
         if k_acc is not None:
             self._stage("accuracy_after", {"prune": k_prune, "accuracy": k_acc},
-                        out / "stages" / "accuracy_after.out.json", lambda p: self._accuracy(self.pruned(), p), False)
+                        out / "stages" / "accuracy_after.out.json", lambda p: self._accuracy(self.final(), p), False)
         self.log("[5/6] scoring the pruned model on the same data")
         self._stage("scores_after", {"prune": k_prune, **score_s}, out / "scores_after",
-                    lambda p: self._score(self.pruned(), p), True)
+                    lambda p: self._score(self.final(), p), True)
         self.log("[6/6] figures, metrics and report")
         metrics = self._metrics()
         write_json(out / "metrics.json", metrics)
@@ -204,6 +228,15 @@ class Pipeline:
             c = self.cfg
             self._pruned = load_model(str(self.out / "model"), dtype=c.dtype, device=c.device)
         return self._pruned
+
+    def final(self) -> LoadedModel:
+        """What "after" measures: the healed model when the recipe heals, else the pruned one."""
+        if self.heal_step is None:
+            return self.pruned()
+        if self._healed is None:  # healing was reused: reload what it wrote
+            c = self.cfg
+            self._healed = load_model(str(self.out / "healed"), dtype=c.dtype, device=c.device)
+        return self._healed
 
     def windows(self, which: str, lm: LoadedModel) -> Windows:
         if which not in self._windows:
@@ -251,7 +284,7 @@ class Pipeline:
         table: ImportanceTable | None = ImportanceTable.load(self.out / "scores_before")
         check_table(table, lm)
         steps = []
-        for i, step in enumerate(self.recipe.steps, 1):
+        for i, step in enumerate(self.prune_steps, 1):
             if i > 1:
                 table = self._table_for(step, lm)
             elif table is not None and (crit := dict(step.options).get("criterion")) in SCORERS \
@@ -273,6 +306,34 @@ class Pipeline:
                   "calibration": dict(self.windows("calib", lm).meta)}
         save_model(lm, path, record)
 
+    def _heal(self, path: Path) -> None:
+        """Heal the pruned model in place against a fresh copy of the dense one (``pruning.heal``); the
+        checkpoint under stages/heal.ckpt lets an interrupted run resume where it stopped."""
+        import shutil
+
+        from importance.models.identity import read_record
+        from pruning.heal.lineage import check_pair, check_student, healed_record
+        from pruning.heal.train import heal
+        from pruning.io import save_model
+
+        c, cfg = self.cfg, self.heal_config()
+        student = self.pruned()
+        self._pruned = None  # healed in place: the pruned copy is on disk only
+        record = read_record(self.out / "model")
+        check_student(student, record)
+        teacher = self.dense()
+        origin = check_pair(student, teacher, model_map(student.model).n_layers)
+        limit = getattr(student.model.config, "max_position_embeddings", None)
+        train = load_data(c.data, student.tokenizer, seq_len=c.seq_len, tokens=cfg.tokens, seed=c.seed,
+                          max_positions=limit)
+        ckpt = self.out / "stages" / "heal.ckpt"
+        result = heal(student, teacher, train, cfg, origin, ckpt, placement=train.subset(range(min(len(train), 4))))
+        self._dense = None  # the teacher's memory back before scoring
+        self._healed = student
+        save_model(student, path, healed_record(record, origin, {**result.record(), "data": dict(train.meta)}),
+                   source=(record or {}).get("source_model"))
+        shutil.rmtree(ckpt, ignore_errors=True)
+
     def _namespace(self, step: Step) -> Any:
         """The flags a step's method reads: its own, and the prune command's shared ones from the run."""
         c = self.cfg
@@ -293,6 +354,14 @@ class Pipeline:
     def _metrics(self) -> dict[str, Any]:
         read = lambda name: json.loads((self.out / "stages" / f"{name}.out.json").read_text())  # noqa: E731
         before, after = read("eval_before"), read("eval_after")
+        pruned = read("eval_pruned") if self.heal_step is not None else None
+        heal = None
+        if self.heal_step is not None:
+            from importance.models.identity import read_record
+
+            h = (read_record(self.out / "healed") or {}).get("heal", {})
+            heal = {k: h.get(k) for k in ("steps", "tokens", "seconds", "trainable", "kind", "ranks", "curve",
+                                          "layer_errors", "resumed_from", "settings")}
         accuracy = None
         if self.cfg.task_limit and self.cfg.tasks:
             accuracy = {"before": read("accuracy_before"), "after": read("accuracy_after"),
@@ -306,7 +375,9 @@ class Pipeline:
                 timings[marker.stem] = json.loads(marker.read_text()).get("seconds")
         return {"schema": "imprune.metrics/1", "model": self.cfg.model, "recipe": self.recipe.to_dict(),
                 "perplexity": {"before": {k: v for k, v in before.items() if k not in size},
+                               **({"pruned": {k: v for k, v in pruned.items() if k not in size}} if pruned else {}),
                                "after": {k: v for k, v in after.items() if k not in size}},
+                "heal": heal,
                 "accuracy": accuracy,
                 "params": {"before": before["params"], "after": after["params"]},
                 "nonzero_params": {"before": before["nonzero"], "after": after["nonzero"]},

@@ -12,6 +12,9 @@ Schema (``imprune.recipe/1``)::
         sparsity: 0.3
         criterion: wanda
         allocation: importance
+      - method: heal                   # optional, last: recover by distillation (``imprune heal``'s flags)
+        tokens: 65536
+        placement: importance
 
 Every key is checked against the method's declared flags before any work starts; a wrong key gives one
 line naming it, the step and the keys that method accepts. Shipped recipes live in ``pruning/recipes/``
@@ -30,6 +33,7 @@ from importance.errors import ImpruneError
 from pruning.methods.registry import METHODS, method_sparsity
 
 SHIPPED = Path(__file__).parent / "recipes"
+HEAL = "heal"  # the recipe step that recovers after pruning (``pruning.heal``), not a pruning method
 _TOP_KEYS = {"name", "description", "steps"}
 _STEP_FIXED = {"method", "sparsity"}
 
@@ -110,6 +114,10 @@ def parse_recipe(raw: Any, name: str = "recipe", source: str = "<dict>") -> Reci
     if not isinstance(steps, list) or not steps:
         raise ImpruneError(f"recipe {source}: 'steps' must be a non-empty list of {{method: ..., sparsity: ...}}")
     parsed = tuple(_step(s, i, source) for i, s in enumerate(steps, 1))
+    heals = [i for i, s in enumerate(parsed, 1) if s.method == HEAL]
+    if heals and (heals != [len(parsed)] or len(parsed) < 2):
+        raise ImpruneError(f"recipe {source}: a 'heal' step comes once, last, after at least one pruning step "
+                           f"(found at step {heals[0]} of {len(parsed)})")
     return Recipe(str(raw.get("name") or name), str(raw.get("description") or ""), parsed, source)
 
 
@@ -118,8 +126,8 @@ def _step(raw: Any, i: int, source: str) -> Step:
     if not isinstance(raw, dict) or "method" not in raw:
         raise ImpruneError(f"{where}: a step is a mapping with at least 'method' (one of {', '.join(METHODS)})")
     method = raw["method"]
-    if method not in METHODS:
-        raise ImpruneError(f"{where}: unknown method '{method}'; use one of {', '.join(METHODS)}")
+    if method not in METHODS and method != HEAL:
+        raise ImpruneError(f"{where}: unknown method '{method}'; use one of {', '.join([*METHODS, HEAL])}")
     flags = _flags(method)
     options: dict[str, Any] = {dest: kwargs.get("default", False if kwargs.get("action") == "store_true" else None)
                                for dest, kwargs in flags.items()}
@@ -128,9 +136,14 @@ def _step(raw: Any, i: int, source: str) -> Step:
             continue
         dest = key.replace("-", "_")
         if dest not in flags:
-            allowed = ", ".join(sorted({"method", "sparsity", *(d.replace("_", "-") for d in flags)}))
+            fixed = {"method"} if method == HEAL else {"method", "sparsity"}
+            allowed = ", ".join(sorted({*fixed, *(d.replace("_", "-") for d in flags)}))
             raise ImpruneError(f"{where}: unknown key '{key}' for method {method}; allowed: {allowed}")
         options[dest] = _coerce(flags[dest], value, f"{where}, '{key}'")
+    if method == HEAL:
+        if "sparsity" in raw:
+            raise ImpruneError(f"{where}: a heal step removes nothing: drop 'sparsity'")
+        return Step(method, 0.0, tuple(sorted(options.items())))
     sparsity = raw.get("sparsity")
     if sparsity is not None and (not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool)
                                  or not 0.0 <= float(sparsity) < 1.0):
@@ -143,7 +156,16 @@ def _step(raw: Any, i: int, source: str) -> Step:
 
 
 def _flags(method: str) -> dict[str, dict[str, Any]]:
+    """Recipe key (the flag's name, '-' as '_') -> the flag's declaration; a heal step's own method is
+    ``heal_method`` (``method`` is the step's key)."""
     out = {}
+    if method == HEAL:
+        from pruning.heal.config import HEAL_ARGS
+
+        for flags, kwargs in HEAL_ARGS:
+            name = flags[0][2:].replace("-", "_")
+            out["heal_method" if name == "method" else name] = {**kwargs, "dest": kwargs.get("dest", name)}
+        return out
     for flags, kwargs in METHODS[method].args:
         long = next(f for f in flags if f.startswith("--"))
         out[kwargs.get("dest", long[2:].replace("-", "_"))] = kwargs
@@ -168,3 +190,9 @@ def _coerce(kwargs: dict[str, Any], value: Any, where: str) -> Any:
     if choices is not None and value not in choices:
         raise ImpruneError(f"{where} is {value!r}; choose one of {', '.join(map(str, choices))}")
     return value
+
+
+def heal_namespace(step: Step) -> argparse.Namespace:
+    """A heal step's options under the dest names ``pruning.heal.config.heal_config`` reads."""
+    flags = _flags(HEAL)
+    return argparse.Namespace(**{flags[k]["dest"]: v for k, v in step.options})

@@ -223,6 +223,11 @@ def run_figures(run: Run, scorer: str | None = None) -> dict[str, tuple[str, Any
         figs["delta"] = ("Before / after on one scale, and log10(after / before) centred at zero",
                          H.delta_figure(t, run.after, comp_scorer, "component", "mean", "none", log=True,
                                         titles=("before", run.after_label), layers_kept=kept))
+    curve = ((run.metrics or {}).get("heal") or {}).get("curve")
+    if curve:
+        from importance.viz.curves import loss_curve_figure
+
+        figs["heal"] = ("Healing: the training loss of every step after pruning", loss_curve_figure(curve))
     if run.record is not None:
         try:
             kind, values = H.plan_map(run.record)

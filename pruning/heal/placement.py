@@ -1,0 +1,96 @@
+"""Where the trainable capacity goes: LoRA ranks per layer, uniform or where pruning hurt most.
+
+The damage of a pruned layer is measured against the teacher, locally: student block j (the teacher's block
+``origin[j]``) is fed the teacher's own residual stream at its input and must produce what the teacher has
+just before its next kept block (``origin[j + 1]``, or after its last block), so a block that sits before
+removed layers is asked to stand in for them too. ``layer_errors`` returns, per student layer,
+``||student(h_in) - h_target||^2 / ||h_target - h_in||^2`` over real tokens: 0 for an untouched layer, 1 for a
+layer that does nothing of what it should.
+
+``allocate_ranks`` shares a parameter budget (what rank r on every linear costs) across layers in proportion
+to that error, capped at ``cap`` x r, with the rest spread by largest remainder; each layer's cost per rank is
+its linears' ``in + out``, so the total never exceeds the budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from importance.arch.canonical import model_map
+from importance.data.sources import Windows
+from importance.engine.blockwise import BlockInput, capture_block_inputs, forward_block
+from importance.errors import ImpruneError
+
+
+@torch.no_grad()
+def layer_errors(student: torch.nn.Module, teacher: torch.nn.Module, windows: Windows, origin: list[int],
+                 batch_size: int = 4) -> list[float]:
+    """Relative local output error of every student layer against the teacher (module docstring)."""
+    tm, sm = model_map(teacher), model_map(student)
+    if len(origin) != sm.n_layers or any(not 0 <= o < tm.n_layers for o in origin) or origin != sorted(set(origin)):
+        raise ImpruneError("the student's layers_kept does not line up its layers with the teacher's")
+    was = teacher.training, student.training
+    teacher.eval()
+    student.eval()
+    try:
+        stream = capture_block_inputs(teacher, tm, windows, batch_size)
+        boundary = [[item.hidden for item in stream]]  # boundary[l]: the input of teacher block l, per batch
+        for block in tm.blocks:
+            outs = forward_block(block.module, stream)
+            for item, y in zip(stream, outs, strict=True):
+                item.hidden = y
+            boundary.append(outs)
+        student_in = capture_block_inputs(student, sm, windows, batch_size)  # the student's own mask / positions
+        errors = []
+        for j, block in enumerate(sm.blocks):
+            source, target = boundary[origin[j]], boundary[origin[j + 1] if j + 1 < len(origin) else tm.n_layers]
+            fed = [BlockInput(h, s.args, s.kwargs, s.mask) for h, s in zip(source, student_in, strict=True)]
+            outs = forward_block(block.module, fed)
+            num = den = 0.0
+            for y, t, h, s in zip(outs, target, source, student_in, strict=True):
+                m = s.mask.unsqueeze(-1).to(y.dtype)  # [B, T, 1]
+                num += float((((y - t) ** 2) * m).sum())
+                den += float((((t - h) ** 2) * m).sum())
+            errors.append(num / den if den > 0 else 0.0)
+    finally:
+        teacher.train(was[0])
+        student.train(was[1])
+    return errors
+
+
+def allocate_ranks(costs: list[int], errors: list[float], rank: int, budget: int | None = None,
+                   cap: float = 4.0) -> list[int]:
+    """Rank per layer: ``budget`` parameters (default ``rank x sum(costs)``) in proportion to ``errors``."""
+    if len(costs) != len(errors) or not costs:
+        raise ImpruneError("one error and one cost per layer are needed to place ranks")
+    total = budget if budget is not None else rank * sum(costs)
+    top = max(1, math.ceil(cap * rank))
+    weights = [max(e, 0.0) for e in errors]
+    if sum(weights) <= 0:
+        weights = [1.0] * len(costs)
+    ranks = [0] * len(costs)
+    free = set(range(len(costs)))
+    left = total
+    while free and left > 0:  # proportional shares; a layer at the cap drops out and the rest is re-shared
+        share = sum(weights[i] for i in free)
+        if share <= 0:
+            break
+        want = {i: left * weights[i] / share / costs[i] for i in free}  # fractional rank
+        capped = [i for i in free if ranks[i] + want[i] >= top]
+        if not capped:
+            for i in free:
+                ranks[i] += int(want[i])
+            left = total - sum(r * c for r, c in zip(ranks, costs))
+            rest = sorted(free, key=lambda i: (want[i] - int(want[i])), reverse=True)
+            for i in rest:  # largest remainders first, while the budget allows another rank
+                if costs[i] <= left and ranks[i] < top:
+                    ranks[i] += 1
+                    left -= costs[i]
+            break
+        for i in capped:
+            ranks[i] = top
+            free.discard(i)
+        left = total - sum(r * c for r, c in zip(ranks, costs))
+    return ranks

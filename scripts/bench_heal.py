@@ -1,0 +1,120 @@
+"""Healing benchmark (shared/protocol.md): perplexity pruned -> healed, uniform vs importance placement.
+
+Rows: width 20% (Fisher, importance widths, least-squares reconstruction: today's default), layers 25%
+(measured removal), 50% unstructured SparseGPT, 2:4 SparseGPT. Each pruned model is made once with
+``imprune prune`` at the reference setting (calibration 32 x 256 Austen windows without Persuasion, seed 0)
+and healed twice with ``imprune heal`` on ``austen:train`` windows (never Persuasion), LoRA under the same
+trainable-parameter budget: ``--placement uniform`` (rank --rank on every block linear) and ``--placement
+importance`` (ranks per layer by each layer's measured error against the teacher). Evaluation: the first
+16,384 Persuasion tokens in windows of 256. Columns: perplexity pruned / healed, the share of the gap to
+dense that healing closed, tokens, wall time, trainable parameters, the share of zero block weights before
+and after (equal: the zeros are kept), parameters (equal: shapes are kept).
+
+    python scripts/bench_heal.py [--rows width20,layers25,sparsegpt50,nm24] [--placements uniform,importance]
+        [--tokens 65536] [--loss kd+lm] [--out scripts/results/bench_heal.json] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+ROWS: dict[str, list[str]] = {
+    "width20": ["--method", "width", "--sparsity", "0.2", "--criterion", "fisher", "--allocation", "importance"],
+    "layers25": ["--method", "layers", "--sparsity", "0.25", "--criterion", "removal"],
+    "sparsegpt50": ["--method", "unstructured", "--sparsity", "0.5", "--criterion", "sparsegpt"],
+    "nm24": ["--method", "nm", "--nm", "2:4", "--criterion", "sparsegpt"],
+}
+DENSE = "builtin:smollm2-135m"
+
+
+def cli(argv: list[str]) -> None:
+    from pruning.cli import main
+
+    code = main(argv)
+    if code != 0:
+        raise SystemExit(f"imprune {' '.join(argv)} failed with exit code {code}")
+
+
+def block_zeros(folder: Path) -> dict[str, float]:
+    """Zero share of the block linears and parameter count of a saved folder (reloaded as a user would)."""
+    from importance.models.load import load_model
+    from pruning.heal.adapters import block_linears
+
+    lm = load_model(str(folder))
+    ws = [t.module.weight for t in block_linears(lm.model)]
+    zeros = sum(int((w == 0).sum()) for w in ws)
+    total = sum(w.numel() for w in ws)
+    params = sum(p.numel() for p in {id(p): p for p in lm.model.parameters()}.values())
+    return {"zero_share": round(zeros / total, 6), "zeros": zeros, "params": params}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--placements", default="uniform,importance")
+    p.add_argument("--tokens", type=int, default=65536, help="training tokens per heal (the budget)")
+    p.add_argument("--loss", default="kd+lm")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--heal-method", default="lora")
+    p.add_argument("--work", default=str(Path.home() / ".cache" / "imprune" / "bench_heal"))
+    p.add_argument("--out", default=str(ROOT / "scripts" / "results" / "bench_heal.json"))
+    p.add_argument("--prune-only", action="store_true")
+    args = p.parse_args()
+    from benchlib import write_results
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out_path = Path(args.out)
+    previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    results: dict[str, Any] = previous.get("rows", {})
+    dense = None
+    for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
+        pruned = work / row
+        if not (pruned / "imprune.json").is_file():
+            t = time.perf_counter()
+            cli(["prune", "--model", DENSE, *ROWS[row], "--out", str(pruned), "--quiet"])
+            print(f"{row}: pruned in {time.perf_counter() - t:.0f} s", flush=True)
+        if args.prune_only:
+            continue
+        rec = json.loads((pruned / "imprune.json").read_text())
+        dense = dense or rec["perplexity"]["before"]["ppl"]
+        before = block_zeros(pruned)
+        for placement in [s.strip() for s in args.placements.split(",") if s.strip()]:
+            healed = work / f"{row}-{placement}"
+            t = time.perf_counter()
+            cli(["heal", "--model", str(pruned), "--teacher", DENSE, "--tokens", str(args.tokens), "--loss", args.loss,
+                 "--method", args.heal_method, "--rank", str(args.rank), "--placement", placement,
+                 *(["--lr", str(args.lr)] if args.lr else []), "--out", str(healed), "--overwrite", "--quiet"])
+            wall = time.perf_counter() - t
+            h = json.loads((healed / "imprune.json").read_text())
+            ppl_p, ppl_h = h["perplexity"]["pruned"]["ppl"], h["perplexity"]["healed"]["ppl"]
+            after = block_zeros(healed)
+            entry = {"row": row, "placement": placement, "prune": ROWS[row], "dense": dense, "pruned": ppl_p,
+                     "healed": ppl_h, "gap_closed": round((ppl_p - ppl_h) / (ppl_p - dense), 4),
+                     "tokens": h["heal"]["tokens"], "steps": h["heal"]["steps"], "heal_seconds": h["heal"]["seconds"],
+                     "wall_seconds": round(wall, 1), "trainable": h["heal"]["trainable"], "kind": h["heal"]["kind"],
+                     "ranks": h["heal"]["ranks"], "layer_errors": h["heal"]["layer_errors"],
+                     "loss_first": h["heal"]["curve"][:4], "loss_last": h["heal"]["curve"][-4:],
+                     "zero_share_before": before["zero_share"], "zero_share_after": after["zero_share"],
+                     "zeros_equal": before["zeros"] == after["zeros"], "params_before": before["params"],
+                     "params_after": after["params"], "settings": h["heal"]["settings"]}
+            results[f"{row}-{placement}"] = entry
+            print(f"{row:<12} {placement:<10} {ppl_p:8.2f} -> {ppl_h:7.2f}  gap closed {entry['gap_closed']:.1%}  "
+                  f"{entry['tokens']:,} tokens  {wall:5.0f} s  {entry['trainable']:,} trainable  zeros "
+                  f"{before['zero_share']:.4f} -> {after['zero_share']:.4f}", flush=True)
+            write_results(out_path, {"benchmark": "bench_heal", "dense": dense, "rows": results,
+                                     "machine": "2 CPU cores, float32"})
+
+
+if __name__ == "__main__":
+    main()
