@@ -57,6 +57,19 @@ def block_zeros(folder: Path) -> dict[str, float]:
     return {"zero_share": round(zeros / total, 6), "zeros": zeros, "params": params}
 
 
+def markdown(doc: dict[str, Any]) -> str:
+    """The README table of a results file."""
+    lines = ["| row | placement | pruned | healed | gap closed | tokens | wall | trainable | zero share before -> "
+             "after | params |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"].values():
+        lines.append(f"| {r['row']} | {r['placement']} | {r['pruned']:.2f} | **{r['healed']:.2f}** | "
+                     f"{r['gap_closed']:.0%} | {r['tokens']:,} | {r['wall_seconds'] / 60:.1f} min | "
+                     f"{r['trainable']:,} | "
+                     f"{r['zero_share_before']:.4f} -> {r['zero_share_after']:.4f} | "
+                     f"{'same' if r['params_before'] == r['params_after'] else 'CHANGED'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default=",".join(ROWS))
@@ -69,7 +82,11 @@ def main() -> None:
     p.add_argument("--work", default=str(Path.home() / ".cache" / "imprune" / "bench_heal"))
     p.add_argument("--out", default=str(ROOT / "scripts" / "results" / "bench_heal.json"))
     p.add_argument("--prune-only", action="store_true")
+    p.add_argument("--table", action="store_true", help="print the README table from --out and stop")
     args = p.parse_args()
+    if args.table:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
     from benchlib import write_results
 
     work = Path(args.work)

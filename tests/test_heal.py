@@ -95,6 +95,8 @@ def test_schedule_warms_up_then_decays_to_a_tenth() -> None:
 def test_allocate_ranks_exact_cases() -> None:
     assert allocate_ranks([10, 10, 10, 10], [1, 1, 1, 1], rank=4) == [4, 4, 4, 4]
     assert allocate_ranks([10, 10, 10, 10], [3, 1, 0, 0], rank=4) == [12, 4, 0, 0]
+    assert allocate_ranks([10, 10, 10, 10], [3, 1, 0, 0], rank=4, floor=0.5) == [8, 4, 2, 2]  # half uniform
+    assert allocate_ranks([10, 20], [5, 0], rank=4, floor=1.0) == [4, 4]  # floor 1: the uniform placement
     capped = allocate_ranks([10, 10, 10, 10], [100, 1, 1, 1], rank=4, cap=2.0)  # 8 at the cap, 8 shared
     assert capped[0] == 8 and sum(capped) == 16 and sorted(capped[1:]) == [2, 3, 3]
 

@@ -66,7 +66,7 @@ def heal_cmd(args: argparse.Namespace) -> int:
     from importance.arch.canonical import model_map
 
     n_layers = model_map(student.model).n_layers
-    origin = check_pair(student, teacher, n_layers) if teacher is not None else list(range(n_layers))
+    origin = check_pair(student, teacher, n_layers, record) if teacher is not None else list(range(n_layers))
     limit = getattr(student.model.config, "max_position_embeddings", None)
     train = load_data(args.data, student.tokenizer, seq_len=args.seq_len, tokens=cfg.tokens, seed=args.seed,
                       max_positions=limit)
@@ -76,7 +76,7 @@ def heal_cmd(args: argparse.Namespace) -> int:
         if evaluate else None
     ckpt = _checkpoint_dir(out, args, teacher_spec, cfg.key_settings())
     before = perplexity(student.model, held, student.task, progress=not args.quiet) if held else None
-    result = heal(student, teacher, train, cfg, origin, ckpt, placement=train.subset(range(min(len(train), 4))))
+    result = heal(student, teacher, train, cfg, origin, ckpt)
     after = perplexity(student.model, held, student.task, progress=not args.quiet) if held else None
     ppl = {"pruned": before.to_dict(), "healed": after.to_dict()} if before and after else None
     heal_rec = {**result.record(), "data": dict(train.meta), "teacher": teacher_spec}

@@ -37,6 +37,7 @@ class HealConfig:
     budget: int | None = None  # trainable LoRA parameters (default: what rank `rank` on every linear takes)
     placement: str = "uniform"  # uniform | importance (ranks per layer where the teacher says the cut hurt)
     placement_windows: int = 4  # calibration windows that measure each layer's error for the placement
+    placement_floor: float = 0.5  # share of the budget the importance placement spreads uniformly
     seed: int = 0
     gradient_checkpointing: bool = False
     autocast: str = "auto"  # auto: bf16 on a CUDA device that supports it, off on CPU | bf16 | off
@@ -86,6 +87,8 @@ HEAL_ARGS: tuple[Arg, ...] = (
     arg("--placement", default="uniform", choices=list(PLACEMENTS),
         help="uniform: rank --rank everywhere | importance: the same budget, ranks per layer by how far each "
              "pruned layer's output is from the teacher's (measured on calibration windows)"),
+    arg("--placement-floor", type=float, default=0.5,
+        help="share of the budget --placement importance still spreads as uniform does (the rest by the error)"),
     arg("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"),
     arg("--autocast", default="auto", choices=["auto", "bf16", "off"],
         help="auto: bf16 autocast on a CUDA device that supports it, off on CPU"),
@@ -98,7 +101,8 @@ def heal_config(args: argparse.Namespace, seq_len: int, seed: int, progress: boo
     cfg = HealConfig(tokens=args.heal_tokens, seq_len=seq_len, batch_size=args.heal_batch_size,
                      steps=args.heal_steps, method=args.heal_method, loss=args.loss, temperature=args.temperature,
                      lm_weight=args.lm_weight, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
-                     rank=args.rank, budget=args.budget, placement=args.placement, seed=seed,
+                     rank=args.rank, budget=args.budget, placement=args.placement,
+                     placement_floor=args.placement_floor, seed=seed,
                      gradient_checkpointing=args.gradient_checkpointing, autocast=args.autocast,
                      save_every=args.save_every, progress=progress)
     check_config(cfg)
@@ -123,6 +127,8 @@ def check_config(cfg: HealConfig) -> None:
         raise ImpruneError(f"--temperature must be positive, got {cfg.temperature}")
     if cfg.lm_weight < 0 or cfg.weight_decay < 0:
         raise ImpruneError("--lm-weight and --weight-decay must be 0 or more")
+    if not 0.0 <= cfg.placement_floor <= 1.0:
+        raise ImpruneError(f"--placement-floor is a share of the budget, in [0, 1]; got {cfg.placement_floor}")
     if cfg.budget is not None and cfg.budget < 1:
         raise ImpruneError(f"--budget must be at least 1 trainable parameter, got {cfg.budget}")
     if cfg.method == "full" and (cfg.placement != "uniform" or cfg.budget is not None):

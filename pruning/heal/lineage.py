@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from importance.errors import ImpruneError
-from importance.models.identity import check_same_model, model_facts
+from importance.models.identity import check_same_model, model_facts, record_layers_kept
 from importance.models.load import LoadedModel
 
 _VOLATILE = ("source_model", "versions", "reload", "layer_shapes", "perplexity", "heal")
@@ -40,10 +40,16 @@ def check_student(student: LoadedModel, record: Mapping[str, Any] | None, where:
                            "predictions: pass a causal language model")
 
 
-def check_pair(student: LoadedModel, teacher: LoadedModel, n_student_layers: int) -> list[int]:
-    """The teacher layer of each student layer, after every compatibility check (module docstring)."""
+def check_pair(student: LoadedModel, teacher: LoadedModel, n_student_layers: int,
+               record: Mapping[str, Any] | None = None) -> list[int]:
+    """The teacher layer of each student layer, after every compatibility check (module docstring);
+    ``record``: the student's pruning record when the student is in memory, not loaded from its folder."""
     fix = "pass as --teacher the model that --model was pruned from"
     s_facts = replace(model_facts(student), where=f"--model {student.spec}")
+    if isinstance(record, Mapping):
+        source = record.get("source_model")
+        s_facts = replace(s_facts, source=dict(source) if isinstance(source, Mapping) else None,
+                          layers_kept=record_layers_kept(record), pruned=True)
     t_facts = replace(model_facts(teacher), where=f"--teacher {teacher.spec}")
     kept = check_same_model(t_facts, s_facts, fix, derived=True)
     s_vocab = student.model.get_output_embeddings().weight.shape[0]

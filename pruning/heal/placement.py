@@ -7,9 +7,11 @@ removed layers is asked to stand in for them too. ``layer_errors`` returns, per 
 ``||student(h_in) - h_target||^2 / ||h_target - h_in||^2`` over real tokens: 0 for an untouched layer, 1 for a
 layer that does nothing of what it should.
 
-``allocate_ranks`` shares a parameter budget (what rank r on every linear costs) across layers in proportion
-to that error, capped at ``cap`` x r, with the rest spread by largest remainder; each layer's cost per rank is
-its linears' ``in + out``, so the total never exceeds the budget.
+``allocate_ranks`` shares a parameter budget (what rank r on every linear costs) across layers: a share
+``floor`` as the uniform placement spreads it, the rest in proportion to that error, each layer capped at
+``cap`` x r, the remainder spread by largest remainder; each layer's cost per rank is its linears' ``in + out``,
+so the total never exceeds the budget. A floor keeps capacity everywhere: the plain next-token part of the
+loss (``--loss kd+lm``) gains from every layer, not only from the damaged ones (measured in the README).
 """
 
 from __future__ import annotations
@@ -61,15 +63,19 @@ def layer_errors(student: torch.nn.Module, teacher: torch.nn.Module, windows: Wi
 
 
 def allocate_ranks(costs: list[int], errors: list[float], rank: int, budget: int | None = None,
-                   cap: float = 4.0) -> list[int]:
-    """Rank per layer: ``budget`` parameters (default ``rank x sum(costs)``) in proportion to ``errors``."""
+                   cap: float = 4.0, floor: float = 0.0) -> list[int]:
+    """Rank per layer: ``budget`` parameters (default ``rank x sum(costs)``), the share ``floor`` spread as the
+    uniform placement would (in proportion to each layer's cost) and the rest in proportion to ``errors``."""
     if len(costs) != len(errors) or not costs:
         raise ImpruneError("one error and one cost per layer are needed to place ranks")
+    if not 0.0 <= floor <= 1.0:
+        raise ImpruneError(f"the uniform share of the placement must be in [0, 1], got {floor}")
     total = budget if budget is not None else rank * sum(costs)
     top = max(1, math.ceil(cap * rank))
-    weights = [max(e, 0.0) for e in errors]
-    if sum(weights) <= 0:
-        weights = [1.0] * len(costs)
+    err = [max(e, 0.0) for e in errors]
+    if sum(err) <= 0:
+        err = [float(c) for c in costs]
+    weights = [floor * c / sum(costs) + (1.0 - floor) * e / sum(err) for c, e in zip(costs, err)]  # parameter shares
     ranks = [0] * len(costs)
     free = set(range(len(costs)))
     left = total

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from importance.arch.canonical import model_map
 from importance.data.sources import Windows
+from importance.errors import ImpruneError
 from importance.models.load import LoadedModel
 from importance.store.cache import atomic_file
 from pruning.heal.adapters import Trainable, attach, block_linears, uniform_budget
@@ -99,8 +100,6 @@ def _autocast(cfg: HealConfig, device: torch.device) -> contextlib.AbstractConte
 def plan_ranks(student: LoadedModel, teacher: LoadedModel | None, cfg: HealConfig, origin: list[int],
                windows: Windows | None) -> tuple[dict[str, int], list[int], list[float] | None]:
     """LoRA rank of every target path, the rank per layer and (importance placement) the measured errors."""
-    from importance.errors import ImpruneError
-
     targets = block_linears(student.model)
     n_layers = max(t.layer for t in targets) + 1
     costs = [sum(t.cost for t in targets if t.layer == j) for j in range(n_layers)]
@@ -114,7 +113,7 @@ def plan_ranks(student: LoadedModel, teacher: LoadedModel | None, cfg: HealConfi
         if teacher is None or windows is None:
             raise ImpruneError("--placement importance measures each layer against the teacher: pass --teacher")
         errors = layer_errors(student.model, teacher.model, windows, origin)
-        per_layer = allocate_ranks(costs, errors, cfg.rank, budget)
+        per_layer = allocate_ranks(costs, errors, cfg.rank, budget, floor=cfg.placement_floor)
     else:
         per_layer = allocate_ranks(costs, [1.0] * n_layers, cfg.rank, budget) if cfg.budget is not None \
             else [cfg.rank] * n_layers
@@ -126,13 +125,19 @@ def plan_ranks(student: LoadedModel, teacher: LoadedModel | None, cfg: HealConfi
 def heal(student: LoadedModel, teacher: LoadedModel | None, train: Windows, cfg: HealConfig,
          origin: list[int] | None = None, checkpoint: Path | None = None, placement: Windows | None = None,
          heldout: Windows | None = None) -> HealResult:
-    """Heal ``student`` in place (module docstring); the returned model weights are merged and plain."""
+    """Heal ``student`` in place (module docstring): afterwards its weights are merged and plain. ``origin``:
+    the teacher layer of each student layer (default identity); ``checkpoint``: a folder to resume from and save
+    to; ``placement``: windows that measure the layer errors; ``heldout``: windows for the loss before / after."""
+    if teacher is None and cfg.loss != "lm":
+        raise ImpruneError(f"--loss {cfg.loss} distills from a teacher: pass --teacher, or use --loss lm")
     model = student.model
     origin = origin if origin is not None else list(range(model_map(model).n_layers))
     ranks: dict[str, int] = {}
     per_layer: list[int] = []
     errors = None
-    if cfg.method == "lora":
+    if cfg.method == "lora":  # placement errors: on the first placement_windows training windows by default
+        placement = placement if placement is not None else train.subset(range(min(len(train),
+                                                                                    cfg.placement_windows)))
         ranks, per_layer, errors = plan_ranks(student, teacher, cfg, origin, placement)
     device = next(model.parameters()).device
     before = _heldout(student, teacher, heldout, cfg) if heldout is not None else None

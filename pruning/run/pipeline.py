@@ -322,12 +322,12 @@ class Pipeline:
         record = read_record(self.out / "model")
         check_student(student, record)
         teacher = self.dense()
-        origin = check_pair(student, teacher, model_map(student.model).n_layers)
+        origin = check_pair(student, teacher, model_map(student.model).n_layers, record)
         limit = getattr(student.model.config, "max_position_embeddings", None)
         train = load_data(c.data, student.tokenizer, seq_len=c.seq_len, tokens=cfg.tokens, seed=c.seed,
                           max_positions=limit)
         ckpt = self.out / "stages" / "heal.ckpt"
-        result = heal(student, teacher, train, cfg, origin, ckpt, placement=train.subset(range(min(len(train), 4))))
+        result = heal(student, teacher, train, cfg, origin, ckpt)
         self._dense = None  # the teacher's memory back before scoring
         self._healed = student
         save_model(student, path, healed_record(record, origin, {**result.record(), "data": dict(train.meta)}),

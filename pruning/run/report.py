@@ -5,9 +5,9 @@ any browser, offline, and can be mailed or attached as a CI artifact. All text f
 
 Run directory layout it reads (what ``imprune run`` writes; see ``pruning.run.pipeline``)::
 
-    RUN_DIR/metrics.json        optional: {"perplexity": {"before": {Perplexity.to_dict()}, "after": {...}},
-                                "params": {"before": n, "after": n}, "memory": {...}, "timings": {...},
-                                "settings": {...}} (other keys are listed as they are)
+    RUN_DIR/metrics.json        optional: {"perplexity": {"before": {Perplexity.to_dict()}, ["pruned": ...,]
+                                "after": {...}}, "heal": {"curve": [...], ...} or null, "params", "memory",
+                                "timings", "settings"} (other keys are listed as they are)
     RUN_DIR/scores_before/      ImportanceTable folder (of the dense model)
     RUN_DIR/scores_after/       optional ImportanceTable folder (of the pruned / quantized model)
     RUN_DIR/model/imprune.json  optional: a pruning record ("sparsity": LayerMap with string layer keys,
@@ -22,9 +22,9 @@ RUN_DIR may also be a single table folder (table.json + table.safetensors): the 
 alone, and its validation from TABLE/validation/ when there is one. ``compare`` (``--compare TABLE``) replaces
 scores_after as the second table of before / after / delta.
 
-Page: settings, metrics (perplexity, parameters, memory, timings) when present, the layer x component and layer x
-head heatmaps, every scorer's layer ranking side by side, before / after / difference when there is a second
-table, the sparsity or bits map beside the importance it came from, and the top and bottom components and heads
+Page: settings, metrics when present, the layer x component and layer x head heatmaps, every scorer's layer
+ranking side by side, before / after / difference when there is a second table, the healing loss curve,
+the sparsity or bits map beside the importance it came from, and the top and bottom components and heads
 as tables. With a validation folder, a section "Does the importance predict removal?": one row per scorer with
 its Spearman, Kendall and bottom-fraction overlap against the measured loss increase at the validated granularity
 and its layer-level Spearman, the best scorer highlighted, the held-out data and the measurement's noise ceiling,
@@ -37,10 +37,6 @@ inline script records script errors and whether every image decoded on ``<body>`
 
 from __future__ import annotations
 
-import base64
-import html
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +47,8 @@ from importance.store.outputs import publish
 from importance.table import ImportanceTable
 from importance.viz import heatmap as H
 from importance.viz.validate import layer_scores_figure
+from pruning.run.page import esc, figure_html, fmt, kv_table, read_json
+from pruning.run.report_validation import Validation, _validation_section, load_validation
 
 FIGURE_DPI = 110
 TOP_K = 10
@@ -78,12 +76,6 @@ def _is_table(folder: Path) -> bool:
 def _looks_like_table(folder: Path) -> bool:
     """Either table file is there (a missing other one is then named by ``ImportanceTable.load``)."""
     return (folder / "table.json").is_file() or (folder / "table.safetensors").is_file()
-
-
-def _read_json(path: Path, fix: str = "rewrite or remove it") -> dict[str, Any] | None:
-    from importance.models.identity import read_json_object
-
-    return read_json_object(path, fix) if path.is_file() else None
 
 
 _RERUN = "rerun `imprune run` on the folder (it redoes what is damaged) or remove the file"
@@ -124,8 +116,8 @@ def load_run(path: str | Path, compare: str | Path | None = None) -> Run:
         raise ImpruneError(f"'{root}' holds neither a table nor scores_before/; pass an `imprune run` folder or a "
                            "folder written by `imprune score`")
     before = ImportanceTable.load(root / "scores_before")
-    record = _read_json(root / "model" / "imprune.json", _RERUN)
-    metrics = _read_json(root / "metrics.json", _RERUN)
+    record = read_json(root / "model" / "imprune.json", _RERUN)
+    metrics = read_json(root / "metrics.json", _RERUN)
     after = other
     if after is None and (root / "scores_after").is_dir():
         after = ImportanceTable.load(root / "scores_after")
@@ -134,70 +126,6 @@ def load_run(path: str | Path, compare: str | Path | None = None) -> Run:
 
 
 # ------------------------------------------------------------------------------------------------ validation
-
-_STATS = ("spearman", "kendall", "bottom_overlap")
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@dataclass(frozen=True)
-class Validation:
-    """An ``imprune validate`` folder as the page shows it: validation.json (checked) and its figures."""
-
-    folder: Path
-    doc: dict[str, Any]
-    granularity: str  # the validated one ("layer" only when that was the one asked for)
-    figures: dict[str, tuple[str, str, bytes | None]]  # stem: (caption, file name, PNG or None when unreadable)
-
-
-def _number(value: Any) -> bool:
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
-
-
-def load_validation(table_dir: Path) -> Validation | None:
-    """TABLE_DIR/validation/validation.json (where ``imprune validate`` writes by default) and the PNGs it
-    names, or None without one; a malformed file is an ImpruneError."""
-    from importance.validate.folder import SCHEMA, VALIDATION_DIR
-
-    folder = table_dir / VALIDATION_DIR
-    path = folder / "validation.json"
-    doc = _read_json(path, "rerun `imprune validate` with --overwrite, or remove the folder")
-    if doc is None:
-        return None
-
-    def bad(what: str) -> ImpruneError:
-        return ImpruneError(f"'{path}' is not a usable validation file ({what}); rerun `imprune validate` with "
-                            "--overwrite, or remove the folder")
-
-    if doc.get("schema") != SCHEMA:
-        raise bad(f"schema {doc.get('schema')!r}, expected {SCHEMA!r}")
-    grans = doc.get("granularities")
-    if not isinstance(grans, dict) or not grans:
-        raise bad("no 'granularities'")
-    for gran, res in grans.items():
-        stats = res.get("scorers") if isinstance(res, dict) else None
-        if not isinstance(stats, dict) or not stats or not all(
-                isinstance(st, dict) and all(_number(st.get(k)) for k in _STATS) for st in stats.values()):
-            raise bad(f"granularities.{gran} needs 'scorers' with numbers {', '.join(_STATS)} for each")
-    for key in ("model", "scores", "ground_truth", "figures"):
-        if not isinstance(doc.get(key, {}), dict):
-            raise bad(f"'{key}' is not an object")
-    figures = {}
-    for stem, name in doc.get("figures", {}).items():
-        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".png"):
-            raise bad(f"figure '{stem}' is not the name of a .png file in the folder")
-        png = (folder / name).read_bytes() if (folder / name).is_file() else b""
-        figures[str(stem)] = (_validation_caption(str(stem)), name, png if png.startswith(_PNG_MAGIC) else None)
-    return Validation(folder, doc, next((g for g in grans if g != "layer"), "layer"), figures)
-
-
-def _validation_caption(stem: str) -> str:
-    if stem.startswith("scatter_"):
-        return (f"{stem[len('scatter_'):]} ablation: each scorer's prediction (sum over the group) against the "
-                "measured loss increase, log scales")
-    if stem == "ablation_heatmap":
-        return "The measured ablation beside every scorer, same layout, as rank percentiles (1 = most important)"
-    return stem
-
 
 # ------------------------------------------------------------------------------------------------ figures
 
@@ -272,27 +200,6 @@ window.addEventListener('load',function(){
 """
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, default=str)
-    return str(value)
-
-
-def _kv_table(rows: list[tuple[str, Any]]) -> str:
-    body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(_fmt(v))}</td></tr>" for k, v in rows)
-    return f"<table>{body}</table>"
-
-
 def _settings(run: Run) -> list[tuple[str, Any]]:
     settings = (run.metrics or {}).get("settings")
     if isinstance(settings, dict) and settings:
@@ -313,20 +220,20 @@ def _metrics_section(metrics: dict[str, Any]) -> str:
     ppl = metrics.get("perplexity") or {}
     if isinstance(ppl, dict) and ppl:
         keys = ["ppl", "nll", "predicted", "windows", "seq_len", "data"]
-        head = "".join(f"<th>{_e(k)}</th>" for k in ["", *keys])
-        rows = "".join("<tr><th>" + _e(when) + "</th>" + "".join(
-            f"<td class='num'>{_e(_fmt(v.get(k)))}</td>" for k in keys) + "</tr>"
+        head = "".join(f"<th>{esc(k)}</th>" for k in ["", *keys])
+        rows = "".join("<tr><th>" + esc(when) + "</th>" + "".join(
+            f"<td class='num'>{esc(fmt(v.get(k)))}</td>" for k in keys) + "</tr>"
             for when, v in ppl.items() if isinstance(v, dict))
         parts.append(f"<h3>Perplexity</h3><table><tr>{head}</tr>{rows}</table>")
     acc = metrics.get("accuracy") or {}
     if isinstance(acc, dict) and isinstance(acc.get("before"), dict) and isinstance(acc.get("after"), dict):
         b, af = acc["before"], acc["after"]
-        head = "".join(f"<th>{_e(k)}</th>" for k in ("task", "acc before", "acc after", "acc_norm before",
+        head = "".join(f"<th>{esc(k)}</th>" for k in ("task", "acc before", "acc after", "acc_norm before",
                                                        "acc_norm after", "chance", "items"))
-        rows = "".join(f"<tr><th>{_e(n)}</th>" + "".join(f"<td class='num'>{_e(_fmt(v))}</td>" for v in (
+        rows = "".join(f"<tr><th>{esc(n)}</th>" + "".join(f"<td class='num'>{esc(fmt(v))}</td>" for v in (
             b[n].get("acc"), af[n].get("acc"), b[n].get("acc_norm"), af[n].get("acc_norm"), b[n].get("chance"),
             b[n].get("n"))) + "</tr>" for n in b if n in af and isinstance(b[n], dict))
-        parts.append(f"<h3>Probe accuracy</h3><p>{_e(acc.get('metric', ''))}</p><table><tr>{head}</tr>{rows}</table>")
+        parts.append(f"<h3>Probe accuracy</h3><p>{esc(acc.get('metric', ''))}</p><table><tr>{head}</tr>{rows}</table>")
     for key, title in (("params", "Parameters"), ("nonzero_params", "Non-zero parameters"), ("memory", "Memory"),
                        ("timings", "Timings (seconds)")):
         block = metrics.get(key)
@@ -335,7 +242,7 @@ def _metrics_section(metrics: dict[str, Any]) -> str:
             if {"before", "after"} <= block.keys() and all(isinstance(block[k], (int, float))
                                                            for k in ("before", "after")) and block["before"]:
                 rows.append(("after / before", block["after"] / block["before"]))
-            parts.append(f"<h3>{_e(title)}</h3>" + _kv_table(rows))
+            parts.append(f"<h3>{esc(title)}</h3>" + kv_table(rows))
     return "".join(parts)
 
 
@@ -347,106 +254,11 @@ def _ranking_tables(table: ImportanceTable, scorer: str, label: str) -> str:
         top, bottom = table.ranking(scorer, gran, "mean", TOP_K, skip_norms=True)
         cells = []
         for name, items in (("most important", top), ("least important", bottom)):
-            rows = "".join(f"<tr><td>{i}</td><td>{_e(lab)}</td><td class='num'>{_e(f'{v:.4g}')}</td></tr>"
+            rows = "".join(f"<tr><td>{i}</td><td>{esc(lab)}</td><td class='num'>{esc(f'{v:.4g}')}</td></tr>"
                            for i, (lab, v) in enumerate(items, 1))
-            cells.append(f"<div><h4>{_e(label)}: {gran}s, {name}</h4><table><tr><th>#</th><th>{gran}</th>"
-                         f"<th>{_e(scorer)} (mean per weight)</th></tr>{rows}</table></div>")
+            cells.append(f"<div><h4>{esc(label)}: {gran}s, {name}</h4><table><tr><th>#</th><th>{gran}</th>"
+                         f"<th>{esc(scorer)} (mean per weight)</th></tr>{rows}</table></div>")
         out.append(f"<div class='pair'>{''.join(cells)}</div>")
-    return "".join(out)
-
-
-def _figure_html(stem: str, caption: str, png: bytes) -> str:
-    src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-    return (f"<figure id='{_e(stem)}'><img src='{src}' alt='{_e(caption)}'>"
-            f"<figcaption>{_e(caption)}</figcaption></figure>")
-
-
-def _stat(value: Any) -> str:
-    """A correlation or overlap as three decimals ('nan' when undefined, '–' when absent)."""
-    if value is None:
-        return "–"
-    return _fmt(value) if not _number(value) or math.isnan(value) else f"{value:.3f}"
-
-
-def _obj(doc: dict[str, Any], key: str) -> dict[str, Any]:
-    value = doc.get(key)
-    return value if isinstance(value, dict) else {}
-
-
-def _ceiling(rel: Any) -> float | None:
-    value = rel.get("ceiling") if isinstance(rel, dict) else None
-    return value if _number(value) and value is not None and not math.isnan(value) else None
-
-
-def _noise(rel: Any) -> str:
-    if not isinstance(rel, dict):
-        return "not measured (fewer than two held-out windows)"
-    text = f"split-half Spearman {_stat(rel.get('split_half'))} over {_fmt(rel.get('windows'))} windows"
-    if _ceiling(rel) is None:
-        return text + "; too noisy for a ceiling"
-    return text + f"; a perfect scorer would reach about {_stat(rel['ceiling'])}"
-
-
-def _validation_facts(v: Validation) -> list[tuple[str, Any]]:
-    truth, grans = _obj(v.doc, "ground_truth"), v.doc["granularities"]
-    ev, groups, rel = _obj(truth, "eval"), _obj(truth, "groups"), _obj(truth, "reliability")
-    rows: list[tuple[str, Any]] = [
-        ("granularity", v.granularity + "".join(f"; {_fmt(groups.get(g, grans[g].get('n')))} {g} groups"
-                                               for g in grans)),
-        ("held-out data", ev.get("data")),
-        ("held-out tokens", None if ev.get("tokens") is None else
-         f"{_fmt(ev.get('tokens'))} ({_fmt(ev.get('windows'))} windows of {_fmt(ev.get('seq_len'))}), "
-         f"{_fmt(truth.get('predicted_tokens'))} predicted"),
-        ("base loss (mean token NLL)", truth.get("base_nll"))]
-    rows += [(f"measurement noise ({g})", _noise(rel.get(g))) for g in grans if g in rel]
-    if truth.get("shortcut") is False:
-        rows.append(("measured with", f"full forwards ({_fmt(truth.get('shortcut_reason'))})"))
-    rows += [("ground truth", truth.get("definition")), ("validated model", _obj(v.doc, "model").get("spec")),
-             ("score table", _obj(v.doc, "scores").get("path"))]
-    return [(k, val) for k, val in rows if val is not None]
-
-
-def _validation_section(v: Validation) -> str:
-    """Agreement of each scorer with the measured loss increase, the facts behind it, and the figures."""
-    grans, gran = v.doc["granularities"], v.granularity
-    res = grans[gran]
-    layer = grans.get("layer") if gran != "layer" else None
-    frac = res.get("bottom_fraction")
-    cols = ["Spearman", "Kendall", f"bottom {frac:.0%} overlap" if _number(frac) and frac else "bottom overlap"]
-    cols += ["layer Spearman"] if layer else []
-    names = list(dict.fromkeys([*res["scorers"], *(layer["scorers"] if layer else [])]))
-    rows = []
-    for name in names:
-        s, ls = res["scorers"].get(name, {}), (layer or {}).get("scorers", {}).get(name, {})
-        cells = [f"<td class='num'>{_stat(s.get(k))}</td>" for k in _STATS]
-        if layer:
-            lead = " lead" if name == layer.get("best") else ""
-            cells.append(f"<td class='num{lead}'>{_stat(ls.get('spearman'))}</td>")
-        best = name == res.get("best")
-        rows.append(("<tr class='best'>" if best else "<tr>") + f"<th>{_e(name)}{' (best)' if best else ''}</th>"
-                    + "".join(cells) + "</tr>")
-    rel = _obj(_obj(v.doc, "ground_truth"), "reliability")
-    ceilings = [_ceiling(rel.get(gran)), None, None] + ([_ceiling(rel.get("layer"))] if layer else [])
-    if any(c is not None for c in ceilings):
-        rows.append("<tr class='muted'><th>noise ceiling</th>" + "".join(
-            f"<td class='num'>{_stat(c)}</td>" for c in ceilings) + "</tr>")
-    head = "<tr><th>scorer</th>" + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>"
-    frac_words = f"{frac:.0%} of" if _number(frac) and frac else "bottom fraction of"
-    word = gran.replace("_", " ")
-    out = ["<h2 id='validation'>Does the importance predict removal?</h2>",
-           f"<p>Each {_e(word)} was removed alone and the increase of the mean token loss on held-out text "
-           f"measured (the ground truth). Spearman and Kendall: rank agreement of each scorer's {_e(word)} values "
-           f"(summed over the {_e(word)}) with it, 1 = the same order; bottom overlap: the share of the "
-           f"{_e(frac_words)} {_e(word)}s the scorer ranks least important that are also among the least harmful "
-           "to remove"
-           + ("; layer Spearman: the same for whole layers" if layer else "")
-           + ". Best scorer (highest Spearman) highlighted; the noise ceiling is about the best Spearman any scorer "
-           "can reach against a measurement this noisy.</p>",
-           f"<table>{head}{''.join(rows)}</table>", _kv_table(_validation_facts(v))]
-    for stem, (caption, name, png) in v.figures.items():
-        out.append(_figure_html(f"validation-{stem}", caption, png) if png is not None else
-                   f"<p class='muted'>{_e(name)} is missing or not a PNG in <code>{_e(v.folder)}</code></p>")
-    out.append(f"<p class='muted'>from <code>{_e(v.folder / 'validation.json')}</code></p>")
     return "".join(out)
 
 
@@ -454,13 +266,13 @@ def render(run: Run, figures: dict[str, tuple[str, bytes]], scorer: str | None =
     """The page as a string, from a loaded run and its figures rendered to PNG bytes ({stem: (caption, png)})."""
     model, data = H.describe(run.before)
     title = f"imprune report: {model}"
-    body = [f"<h1>{_e(title)}</h1>",
-            f"<p class='muted'>{_e('run folder' if run.is_run else 'table')}: <code>{_e(run.root)}</code>; "
-            f"scored on <code>{_e(data)}</code></p>", "<h2>Settings</h2>", _kv_table(_settings(run))]
+    body = [f"<h1>{esc(title)}</h1>",
+            f"<p class='muted'>{esc('run folder' if run.is_run else 'table')}: <code>{esc(run.root)}</code>; "
+            f"scored on <code>{esc(data)}</code></p>", "<h2>Settings</h2>", kv_table(_settings(run))]
     if run.metrics:
         body += ["<h2>Metrics</h2>", _metrics_section(run.metrics)]
     body.append("<h2>Figures</h2>")
-    body += [_figure_html(stem, caption, png) for stem, (caption, png) in figures.items()]
+    body += [figure_html(stem, caption, png) for stem, (caption, png) in figures.items()]
     rank_scorer = H.pick_scorer(run.before, scorer, "component")
     body += ["<h2>Top and bottom</h2>", _ranking_tables(run.before, rank_scorer, "before" if run.after else "table")]
     if run.after is not None and rank_scorer in run.after.scorers:
@@ -469,10 +281,10 @@ def render(run: Run, figures: dict[str, tuple[str, bytes]], scorer: str | None =
         body.append(_validation_section(run.validation))
     versions = run.before.meta.get("versions") or {}
     if versions:
-        body.append("<p class='muted'>" + _e(", ".join(f"{k} {v}" for k, v in versions.items())) + "</p>")
+        body.append("<p class='muted'>" + esc(", ".join(f"{k} {v}" for k, v in versions.items())) + "</p>")
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-            f"<title>{_e(title)}</title><style>{_CSS}</style><script>{_CHECK}</script></head>\n<body>\n"
+            f"<title>{esc(title)}</title><style>{_CSS}</style><script>{_CHECK}</script></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
 
