@@ -59,11 +59,11 @@ def block_zeros(folder: Path) -> dict[str, float]:
 
 def markdown(doc: dict[str, Any]) -> str:
     """The README table of a results file."""
-    lines = ["| row | placement | pruned | healed | gap closed | tokens | wall | trainable | zero share before -> "
+    lines = ["| row | placement | pruned | healed | gap closed | tokens | heal time | trainable | zero share before -> "
              "after | params |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"].values():
         lines.append(f"| {r['row']} | {r['placement']} | {r['pruned']:.2f} | **{r['healed']:.2f}** | "
-                     f"{r['gap_closed']:.0%} | {r['tokens']:,} | {r['wall_seconds'] / 60:.1f} min | "
+                     f"{r['gap_closed']:.0%} | {r['tokens']:,} | {r['heal_seconds'] / 60:.1f} min | "
                      f"{r['trainable']:,} | "
                      f"{r['zero_share_before']:.4f} -> {r['zero_share_after']:.4f} | "
                      f"{'same' if r['params_before'] == r['params_after'] else 'CHANGED'} |")
@@ -121,6 +121,7 @@ def main() -> None:
                      "tokens": h["heal"]["tokens"], "steps": h["heal"]["steps"], "heal_seconds": h["heal"]["seconds"],
                      "wall_seconds": round(wall, 1), "trainable": h["heal"]["trainable"], "kind": h["heal"]["kind"],
                      "ranks": h["heal"]["ranks"], "layer_errors": h["heal"]["layer_errors"],
+                     "resumed_from": h["heal"]["resumed_from"],
                      "loss_first": h["heal"]["curve"][:4], "loss_last": h["heal"]["curve"][-4:],
                      "zero_share_before": before["zero_share"], "zero_share_after": after["zero_share"],
                      "zeros_equal": before["zeros"] == after["zeros"], "params_before": before["params"],

@@ -82,13 +82,27 @@ def heal_cmd(args: argparse.Namespace) -> int:
     heal_rec = {**result.record(), "data": dict(train.meta), "teacher": teacher_spec}
     save_model(student, out, healed_record(record, origin, heal_rec, ppl), overwrite=args.overwrite,
                source=(record or {}).get("source_model"))
-    shutil.rmtree(ckpt, ignore_errors=True)
+    _remove_checkpoints(out)
     if before and after:
         print(f"perplexity {before.ppl:.2f} -> {after.ppl:.2f} after healing ({after.windows} x {after.seq_len} "
               f"tokens of {after.data})")
     print(f"healed in {result.seconds:.0f} s: {result.steps} steps, {result.tokens:,} tokens, {result.trainable:,} "
           f"trainable parameters ({result.kind}); wrote {out}")
     return 0
+
+
+def _remove_checkpoints(out: Path) -> None:
+    """Once ``out`` is complete, every heal checkpoint kept for it goes: this heal's, and those of heals of
+    other settings that were interrupted (only folders holding imprune's own checkpoint files)."""
+    from pruning.heal.train import CHECKPOINT_SCHEMA
+
+    for folder in out.parent.glob(f".{out.name}.heal-*"):
+        try:
+            ours = json.loads((folder / "state.json").read_text()).get("schema") == CHECKPOINT_SCHEMA
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if ours and folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _checkpoint_dir(out: Path, args: argparse.Namespace, teacher: str | None, settings: dict) -> Path:

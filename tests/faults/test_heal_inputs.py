@@ -92,6 +92,12 @@ def test_a_quantized_student_is_refused(tmp_path: Path, sentinel: Path, cli: Cal
 def test_heal_writes_a_complete_folder_and_removes_its_checkpoint(pruned: Path, tmp_path: Path,
                                                                   cli: Callable[[list], Result]) -> None:
     out = tmp_path / "healed"
+    stale = tmp_path / ".healed.heal-0123456789abcdef"  # an interrupted heal of other settings
+    stale.mkdir()
+    (stale / "state.json").write_text(json.dumps({"schema": "imprune.heal-checkpoint/1", "key": "x", "step": 1}))
+    user = tmp_path / ".healed.heal-mine"  # a user's folder that only looks like one
+    user.mkdir()
+    (user / "notes.txt").write_text("keep")
     res = cli(["heal", "--model", pruned, *TINY, "--save-every", "1", "--out", out])
     assert res.rc == 0, res.err
     rec = json.loads((out / "imprune.json").read_text())
@@ -100,4 +106,5 @@ def test_heal_writes_a_complete_folder_and_removes_its_checkpoint(pruned: Path, 
     assert rec["source_model"]["spec"] == "random:llama" and rec["sparsity"] == json.loads(
         (pruned / "imprune.json").read_text())["sparsity"]
     assert rec["perplexity"]["pruned"]["ppl"] > 0 and rec["perplexity"]["healed"]["ppl"] > 0
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".healed.heal-")]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".healed.heal-")] == [user.name]
+    assert (user / "notes.txt").read_text() == "keep"
