@@ -118,6 +118,10 @@ def check_step(mm: ModelMap, method: str, args: argparse.Namespace) -> None:
         from pruning.methods.depth import layers_criterion
 
         layers_count(mm.n_layers, args.sparsity, layers_criterion(args))
+    elif method == "blocks":
+        from pruning.methods.blocks import check_blocks
+
+        check_blocks(mm, args.sparsity, getattr(args, "criterion", None) or "removal")
     elif method in ("unstructured", "nm"):
         from pruning.methods.unstructured import config_from_args, select_components
 

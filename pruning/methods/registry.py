@@ -129,7 +129,8 @@ def arg(*flags: str, **kwargs: Any) -> Arg:
     return flags, kwargs
 
 
-METHOD_MODULES = ("pruning.methods.unstructured", "pruning.methods.structured", "pruning.methods.depth")
+METHOD_MODULES = ("pruning.methods.unstructured", "pruning.methods.structured", "pruning.methods.depth",
+                  "pruning.methods.blocks")
 
 
 def load_methods() -> None:
