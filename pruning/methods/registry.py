@@ -66,7 +66,8 @@ CRITERION: Arg = (("--criterion",), dict(
     default=None,
     help="ranking: magnitude | wanda | activation | taylor | fisher | sparsegpt (unstructured, nm); "
          "taylor | fisher | activation | magnitude (structured; default fisher); layers also "
-         "residual_fisher | removal | block_influence (default residual_fisher)"))
+         "residual_fisher | removal | block_influence (default residual_fisher); blocks removal | gate_fisher "
+         "(default removal)"))
 ALLOCATION: Arg = (("--allocation",), dict(
     default="uniform",
     help="per-layer x component ratios: uniform | importance (bounded by --band around the target) | "
