@@ -127,6 +127,28 @@ def test_removed_sub_blocks_are_the_lowest_measured_by_hand() -> None:
     assert s["calibration_nll"]["after"] == pytest.approx(_hand_nll(dense, ids, sorted(want)), abs=2e-5)
 
 
+def test_iterative_blocks_is_the_greedy_choice_by_hand() -> None:
+    lm = _model(layers=3)
+    windows = random_windows(4, 32, seed=2)
+    ids = windows.input_ids
+    mm = model_map(lm.model)
+    params = {(b.layer, b.kind): b.params for b in branches(mm)}
+    budget = 0.45 * block_params(mm)
+    dense = copy.deepcopy(lm)
+    res = prune_blocks(lm, 0.45, windows=windows, iterative=True)
+    want: list[tuple[int, str]] = []
+    while True:  # by hand: each round the lowest loss with the chosen ones removed, among those that still fit
+        fit = [k for k in params if k not in want and sum(params[c] for c in want) + params[k] <= budget
+               and sum(c[1] == k[1] for c in want) < 2]  # one of each kind stays (3 of each)
+        if not fit:
+            break
+        want.append(min(fit, key=lambda k: (_hand_nll(dense, ids, [*want, k]), k)))
+    got = res.record["structured"]
+    assert [(r["layer"], r["kind"]) for r in got["sub_blocks_removed"]] == want
+    assert got["iterative"]["nll_after_each"][-1] == pytest.approx(_hand_nll(dense, ids, want), abs=2e-5)
+    assert got["iterative"]["partial_forwards"] >= len(params)
+
+
 @pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.5, 0.8])
 def test_budget_is_respected(sparsity: float) -> None:
     lm = _model(layers=6)
@@ -175,6 +197,8 @@ def test_budget_removing_every_sub_block_of_a_kind_is_refused() -> None:
 @pytest.mark.parametrize(("model", "extra", "message"), [
     ("random:llama", ["--sparsity", "0.99"], "would remove every"),
     ("random:llama", ["--sparsity", "0.2", "--criterion", "fisher"], "unknown --criterion 'fisher'"),
+    ("random:llama", ["--sparsity", "0.2", "--criterion", "gate_fisher", "--iterative"], "use it with --criterion"),
+    ("random:llama", ["--sparsity", "0.2", "--iterative-k", "2"], "applies to --iterative only"),
     ("random:opt", ["--sparsity", "0.2"], "no one MLP module"),
     ("random:bloom", ["--sparsity", "0.2"], "does not pass its input through"),
 ])

@@ -17,6 +17,9 @@ Budget: ``--sparsity S`` is the fraction of the BLOCK parameters (every block's 
 across both kinds. Branches are taken in ascending score while they fit in what is left of the budget; the last
 branch of a kind is never taken, and a budget that could only be met by removing every attention or every MLP is
 refused before any work. A block that loses both branches is dropped whole (the same function: x + 0 + 0).
+``--iterative`` (with removal; BlockPruner's procedure) instead takes them one at a time: each round re-measures the
+remaining candidates with the chosen ones already adding zero and takes the lowest that fits
+(``pruning.methods.iterative.greedy_removal``; ``--iterative-k`` re-measures only the k best of the first round).
 After the surgery the calibration NLL of the pruned model is compared with the dense model's with the chosen
 branches zeroed: they must agree (a check that the stand-ins compute what was measured), and both go into the
 record. The folder reloads with ``importance.models.pruned.load_pruned`` (imprune.json records the removed
@@ -36,7 +39,8 @@ from importance.data.sources import Windows
 from importance.errors import ImpruneError
 from importance.models.load import LoadedModel
 from importance.validate.ablation import Group, Replay
-from pruning.methods.registry import PruneContext, PruneResult, arg, register_method
+from pruning.methods.iterative import greedy_removal
+from pruning.methods.registry import ITERATIVE, ITERATIVE_K, PruneContext, PruneResult, arg, register_method
 from pruning.methods.structured import check_in_memory, component_sparsity
 from pruning.methods.surgery import drop_blocks, param_count
 
@@ -130,13 +134,37 @@ def remove_branches(mm: ModelMap, chosen: list[Branch]) -> tuple[ModelMap, list[
     return model_map(mm.model), dropped, changed
 
 
+def iterative_branches(model: Any, mm: ModelMap, cands: list[Branch], windows: Windows, task: str, budget: float,
+                       k: int | None, batch_size: int, progress: bool) -> tuple[list[Branch], dict, float, dict]:
+    """Sub-blocks chosen one at a time by measured calibration loss (``pruning.methods.iterative.greedy_removal``)
+    while they fit in ``budget`` (never the last of a kind): (chosen, first-round scores, base NLL, cost)."""
+    by = {(b.layer, b.kind): b for b in cands}
+    count = Counter(b.kind for b in cands)
+
+    def fits(chosen: list[Group], g: Group) -> bool:
+        used = sum(by[(c.layer, c.granularity)].params for c in chosen)
+        same = sum(c.granularity == g.granularity for c in chosen)
+        return used + by[(g.layer, g.granularity)].params <= budget and count[g.granularity] - same > 1
+
+    it = greedy_removal(model, mm, windows, task, [Group(b.layer, b.kind) for b in cands], fits, k=k,
+                        batch_size=batch_size, progress=progress)
+    scores = {(g.layer, g.granularity): v - it.base_nll for g, v in it.first_round.items()}
+    cost = {"iterative": {"order": [g.label for g in it.order], "nll_after_each": it.nll, "k": k,
+                          "partial_forwards": it.partial_forwards, "block_forwards": it.block_forwards}}
+    return [by[(g.layer, g.granularity)] for g in it.order], scores, it.base_nll, cost
+
+
 def prune_blocks(lm: LoadedModel, sparsity: float, criterion: str = "removal", windows: Windows | None = None,
-                 batch_size: int = 4, progress: bool = False, removal_tokens: int | None = None) -> PruneResult:
+                 batch_size: int = 4, progress: bool = False, removal_tokens: int | None = None,
+                 iterative: bool = False, k: int | None = None) -> PruneResult:
     """Remove attention / MLP sub-blocks of ``lm.model`` in place up to ``sparsity`` of the block parameters,
-    ranked by ``criterion`` on the calibration ``windows`` (see the module docstring)."""
+    ranked by ``criterion`` on the calibration ``windows`` (``iterative``: chosen one at a time, re-measured
+    after each removal; see the module docstring)."""
     check_in_memory(lm)
     mm = model_map(lm.model)
     cands = check_blocks(mm, sparsity, criterion)
+    if iterative and criterion != "removal":
+        raise ImpruneError("--iterative re-measures the calibration loss: use it with --criterion removal")
     if windows is None:
         raise ImpruneError("--method blocks ranks sub-blocks on calibration data: pass --data (e.g. austen:train)")
     from importance.scoring import REMOVAL_TOKENS, removal_windows
@@ -146,14 +174,19 @@ def prune_blocks(lm: LoadedModel, sparsity: float, criterion: str = "removal", w
     before = {(c.layer, c.name): c.numel for c in mm.components()}
     start = time.perf_counter()
     cost: dict[str, Any] = {}
-    if criterion == "removal":
+    chosen: list[Branch] | None = None
+    if iterative:
+        chosen, scores, base, cost = iterative_branches(lm.model, mm, cands, measure, lm.task, sparsity * total, k,
+                                                        batch_size, progress)
+    elif criterion == "removal":
         scores, base, forwards = measured_removal(lm.model, mm, cands, measure, lm.task, batch_size, progress)
         cost = {"partial_forwards": forwards}
     else:
         scores = gate_fisher(lm.model, mm, cands, windows, lm.task, batch_size)
         base = None
     rank_seconds = time.perf_counter() - start
-    chosen = select_branches(cands, scores, sparsity * total)
+    if chosen is None:
+        chosen = select_branches(cands, scores, sparsity * total)
     planned = _nll(lm.model, mm, measure, lm.task, batch_size, chosen)
     mm, dropped, changed = remove_branches(mm, chosen)
     after = _nll(lm.model, mm, measure, lm.task, batch_size, [])
@@ -164,8 +197,9 @@ def prune_blocks(lm: LoadedModel, sparsity: float, criterion: str = "removal", w
     removed = sum(b.params for b in chosen)
     kept_layers = [i for i in range(len(mm.blocks) + len(dropped)) if i not in dropped]
     record = {"shapes_changed": True,
-              "structured": {"criterion": criterion, "selection": "sub-blocks in ascending score while they fit in "
-                             "the budget (never the last of a kind); a block losing both is dropped",
+              "structured": {"criterion": criterion, "selection": ("one at a time, the lowest re-measured calibration "
+                             "loss that fits" if iterative else "sub-blocks in ascending score while they fit in the "
+                             "budget") + " (never the last of a kind); a block losing both is dropped",
                              "sub_blocks_removed": [{"layer": b.layer, "kind": b.kind, "params": b.params,
                                                      "score": scores[(b.layer, b.kind)]} for b in chosen],
                              "layers_removed": dropped, "layers_kept": kept_layers, "config_fields_changed": changed,
@@ -182,17 +216,26 @@ _REMOVAL_TOKENS = arg("--removal-tokens", type=int, default=None,
                       help="blocks: calibration tokens the measured removal runs on (default 2048, whole windows)")
 
 
-@register_method("blocks", "remove attention or MLP sub-blocks on their own under a budget of block parameters, "
-                 "ranked by measured removal (or the one-pass gate_fisher)", args=[_REMOVAL_TOKENS])
-def blocks_method(ctx: PruneContext) -> PruneResult:
-    a = ctx.args
+def blocks_options(a: Any) -> tuple[str, bool, int | None]:
+    """(criterion, iterative, k) from the ``prune`` flags, or one line naming a flag that does not apply."""
     for flag, value, default in (("--heads", getattr(a, "heads", None), None),
                                  ("--bias-compensation", getattr(a, "bias_compensation", False), False),
-                                 ("--reconstruct", getattr(a, "reconstruct", None), None),
-                                 ("--iterative", getattr(a, "iterative", False), False)):
+                                 ("--reconstruct", getattr(a, "reconstruct", None), None)):
         if value != default:
             raise ImpruneError(f"{flag} does not apply to --method blocks; drop it")
-    if ctx.table is not None:
-        raise ImpruneError("--method blocks measures its own ranking on --data; drop --scores")
-    return prune_blocks(ctx.lm, a.sparsity, getattr(a, "criterion", None) or "removal", ctx.calibration(),
-                        a.batch_size, progress=not a.quiet, removal_tokens=getattr(a, "removal_tokens", None))
+    criterion, iterative = getattr(a, "criterion", None) or "removal", bool(getattr(a, "iterative", False))
+    if getattr(a, "iterative_k", None) is not None and not iterative:
+        raise ImpruneError("--iterative-k applies to --iterative only; add --iterative or drop it")
+    if iterative and criterion != "removal":
+        raise ImpruneError("--iterative re-measures the calibration loss: use it with --criterion removal")
+    return criterion, iterative, getattr(a, "iterative_k", None)
+
+
+@register_method("blocks", "remove attention or MLP sub-blocks on their own under a budget of block parameters, "
+                 "ranked by measured removal (or the one-pass gate_fisher)",
+                 args=[_REMOVAL_TOKENS, ITERATIVE, ITERATIVE_K])
+def blocks_method(ctx: PruneContext) -> PruneResult:
+    a = ctx.args
+    criterion, iterative, k = blocks_options(a)  # an importance table is not used: the ranking is measured here
+    return prune_blocks(ctx.lm, a.sparsity, criterion, ctx.calibration(), a.batch_size, progress=not a.quiet,
+                        removal_tokens=getattr(a, "removal_tokens", None), iterative=iterative, k=k)

@@ -74,6 +74,11 @@ ALLOCATION: Arg = (("--allocation",), dict(
          "global (one threshold, unstructured only)"))
 BAND: Arg = (("--band",), dict(type=float, default=0.1,
                                help="largest per-layer deviation from the target ratio (--allocation importance)"))
+ITERATIVE: Arg = (("--iterative",), dict(
+    action="store_true", help="layers with --criterion removal, blocks: remove one layer / sub-block at a time, "
+                              "re-measuring the calibration loss of the remaining candidates after each removal"))
+ITERATIVE_K: Arg = (("--iterative-k",), dict(
+    type=int, default=None, help="--iterative: re-measure only the k best candidates of the first round's ranking"))
 DAMP: Arg = (("--damp",), dict(type=float, default=0.01,
                                help="second-order dampening (sparsegpt; structured --reconstruct), as a fraction of "
                                     "mean(diag H)"))
