@@ -113,10 +113,10 @@ def test_removed_sub_blocks_are_the_lowest_measured_by_hand() -> None:
     s = res.record["structured"]
     for key, value in hand.items():
         assert s["scores"][f"{key[0]} {key[1]}"] == pytest.approx(value, abs=2e-5)
-    # by hand: ascending hand delta, take what fits in the budget, never the last of a kind
+    # by hand: ascending hand delta per parameter, take what fits in the budget, never the last of a kind
     params = {(b.layer, b.kind): b.params for b in cands}
     left, used, want = {"attn": 4, "mlp": 4}, 0, set()
-    for key in sorted(hand, key=hand.get):
+    for key in sorted(hand, key=lambda k: hand[k] / params[k]):
         if used + params[key] <= sparsity * total and left[key[1]] > 1:
             want.add(key)
             used += params[key]
@@ -137,12 +137,13 @@ def test_iterative_blocks_is_the_greedy_choice_by_hand() -> None:
     dense = copy.deepcopy(lm)
     res = prune_blocks(lm, 0.45, windows=windows, iterative=True)
     want: list[tuple[int, str]] = []
-    while True:  # by hand: each round the lowest loss with the chosen ones removed, among those that still fit
+    while True:  # by hand: each round the lowest loss increase per parameter with the chosen ones removed
         fit = [k for k in params if k not in want and sum(params[c] for c in want) + params[k] <= budget
                and sum(c[1] == k[1] for c in want) < 2]  # one of each kind stays (3 of each)
         if not fit:
             break
-        want.append(min(fit, key=lambda k: (_hand_nll(dense, ids, [*want, k]), k)))
+        now = _hand_nll(dense, ids, want)
+        want.append(min(fit, key=lambda k: ((_hand_nll(dense, ids, [*want, k]) - now) / params[k], k)))
     got = res.record["structured"]
     assert [(r["layer"], r["kind"]) for r in got["sub_blocks_removed"]] == want
     assert got["iterative"]["nll_after_each"][-1] == pytest.approx(_hand_nll(dense, ids, want), abs=2e-5)

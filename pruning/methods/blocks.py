@@ -14,11 +14,14 @@ MLP module with the norms only it reads); a removed branch adds zero to the resi
               one pass, ``importance.engine.collect``), on all the calibration windows
 
 Budget: ``--sparsity S`` is the fraction of the BLOCK parameters (every block's attention + MLP + norms) to remove,
-across both kinds. Branches are taken in ascending score while they fit in what is left of the budget; the last
+across both kinds. Branches are taken in ascending score per parameter (an MLP has about three times the
+parameters of an attention: on SmolLM2 at 25%, 179.85 perplexity against 266.79 by score alone, whose many cheap
+attention sub-blocks removed together collapse) while they fit in what is left of the budget; the last
 branch of a kind is never taken, and a budget that could only be met by removing every attention or every MLP is
 refused before any work. A block that loses both branches is dropped whole (the same function: x + 0 + 0).
 ``--iterative`` (with removal; BlockPruner's procedure) instead takes them one at a time: each round re-measures the
-remaining candidates with the chosen ones already adding zero and takes the lowest that fits
+remaining candidates with the chosen ones already adding zero and takes the lowest loss increase per parameter
+that fits
 (``pruning.methods.iterative.greedy_removal``; ``--iterative-k`` re-measures only the k best of the first round).
 After the surgery the calibration NLL of the pruned model is compared with the dense model's with the chosen
 branches zeroed: they must agree (a check that the stand-ins compute what was measured), and both go into the
@@ -74,11 +77,11 @@ def check_blocks(mm: ModelMap, sparsity: float, criterion: str) -> list[Branch]:
 
 
 def select_branches(cands: list[Branch], scores: dict[tuple[int, str], float], budget: float) -> list[Branch]:
-    """Branches in ascending score (ties: lower layer, attention first) while they fit in ``budget`` parameters;
-    never the last branch of a kind."""
+    """Branches in ascending score per parameter (ties: lower layer, attention first) while they fit in
+    ``budget`` parameters; never the last branch of a kind."""
     left = Counter(b.kind for b in cands)
     taken, used = [], 0
-    for b in sorted(cands, key=lambda b: (scores[(b.layer, b.kind)], b.layer, b.kind)):
+    for b in sorted(cands, key=lambda b: (scores[(b.layer, b.kind)] / b.params, b.layer, b.kind)):
         if used + b.params <= budget and left[b.kind] > 1:
             taken.append(b)
             used += b.params
@@ -147,7 +150,7 @@ def iterative_branches(model: Any, mm: ModelMap, cands: list[Branch], windows: W
         return used + by[(g.layer, g.granularity)].params <= budget and count[g.granularity] - same > 1
 
     it = greedy_removal(model, mm, windows, task, [Group(b.layer, b.kind) for b in cands], fits, k=k,
-                        batch_size=batch_size, progress=progress)
+                        batch_size=batch_size, progress=progress, size=lambda g: by[(g.layer, g.granularity)].params)
     scores = {(g.layer, g.granularity): v - it.base_nll for g, v in it.first_round.items()}
     cost = {"iterative": {"order": [g.label for g in it.order], "nll_after_each": it.nll, "k": k,
                           "partial_forwards": it.partial_forwards, "block_forwards": it.block_forwards}}
@@ -156,10 +159,12 @@ def iterative_branches(model: Any, mm: ModelMap, cands: list[Branch], windows: W
 
 def prune_blocks(lm: LoadedModel, sparsity: float, criterion: str = "removal", windows: Windows | None = None,
                  batch_size: int = 4, progress: bool = False, removal_tokens: int | None = None,
-                 iterative: bool = False, k: int | None = None) -> PruneResult:
+                 iterative: bool = False, k: int | None = None,
+                 scores: dict[tuple[int, str], float] | None = None) -> PruneResult:
     """Remove attention / MLP sub-blocks of ``lm.model`` in place up to ``sparsity`` of the block parameters,
     ranked by ``criterion`` on the calibration ``windows`` (``iterative``: chosen one at a time, re-measured
-    after each removal; see the module docstring)."""
+    after each removal; see the module docstring). ``scores``: a ranking measured before ({(layer, kind): score},
+    e.g. the first round of an iterative run on the same data), used instead of measuring again."""
     check_in_memory(lm)
     mm = model_map(lm.model)
     cands = check_blocks(mm, sparsity, criterion)
@@ -175,7 +180,11 @@ def prune_blocks(lm: LoadedModel, sparsity: float, criterion: str = "removal", w
     start = time.perf_counter()
     cost: dict[str, Any] = {}
     chosen: list[Branch] | None = None
-    if iterative:
+    if scores is not None:
+        if iterative:
+            raise ValueError("scores measured before cannot drive an iterative run")
+        base = None
+    elif iterative:
         chosen, scores, base, cost = iterative_branches(lm.model, mm, cands, measure, lm.task, sparsity * total, k,
                                                         batch_size, progress)
     elif criterion == "removal":
@@ -196,10 +205,11 @@ def prune_blocks(lm: LoadedModel, sparsity: float, criterion: str = "removal", w
                            "not work for this architecture (use --method layers)")
     removed = sum(b.params for b in chosen)
     kept_layers = [i for i in range(len(mm.blocks) + len(dropped)) if i not in dropped]
+    selection = ("one at a time, the lowest re-measured loss increase per parameter that fits" if iterative else
+                 "sub-blocks in ascending score per parameter while they fit in the budget")
     record = {"shapes_changed": True,
-              "structured": {"criterion": criterion, "selection": ("one at a time, the lowest re-measured calibration "
-                             "loss that fits" if iterative else "sub-blocks in ascending score while they fit in the "
-                             "budget") + " (never the last of a kind); a block losing both is dropped",
+              "structured": {"criterion": criterion,
+                             "selection": selection + " (never the last of a kind); a block losing both is dropped",
                              "sub_blocks_removed": [{"layer": b.layer, "kind": b.kind, "params": b.params,
                                                      "score": scores[(b.layer, b.kind)]} for b in chosen],
                              "layers_removed": dropped, "layers_kept": kept_layers, "config_fields_changed": changed,

@@ -50,9 +50,14 @@ def all_removed(mm: ModelMap, groups: list[Group]) -> Iterator[None]:
 
 def greedy_removal(model: object, mm: ModelMap, windows: Windows, task: str, candidates: list[Group],
                    fits: Callable[[list[Group], Group], bool], rounds: int | None = None, k: int | None = None,
-                   batch_size: int = 4, progress: bool = False) -> IterativeResult:
+                   batch_size: int = 4, progress: bool = False,
+                   size: Callable[[Group], float] | None = None) -> IterativeResult:
     """Remove ``candidates`` one at a time by measured calibration loss (see the module docstring) for ``rounds``
-    rounds, or until no candidate left ``fits`` (given the groups already chosen)."""
+    rounds, or until no candidate left ``fits`` (given the groups already chosen). ``size``: each round takes the
+    lowest loss increase per unit of size (e.g. parameters) instead of the lowest loss."""
+    def key(losses: dict[Group, float], base: float):
+        return lambda g: ((losses[g] - base) / (size(g) if size else 1.0), g.layer, g.granularity)
+
     if k is not None and k < 1:
         raise ImpruneError(f"--iterative-k {k} must be at least 1 (or leave it out to re-measure every candidate)")
     res = IterativeResult()
@@ -75,8 +80,8 @@ def greedy_removal(model: object, mm: ModelMap, windows: Windows, task: str, can
                     len(replay.batches)
         if not res.order:
             res.first_round = losses
-            ranking = sorted(losses, key=lambda g: (losses[g], g.layer, g.granularity))
-        best = min(losses, key=lambda g: (losses[g], g.layer, g.granularity))
+            ranking = sorted(losses, key=key(losses, replay.base))
+        best = min(losses, key=key(losses, replay.base))
         res.order.append(best)
         res.nll.append(losses[best])
         if progress:
