@@ -6,7 +6,9 @@ Variants (pruned here from the dense model with the methods' defaults, scored on
   layers-<s>             ``--method layers --sparsity s`` (block_influence)
   blocks-<s>             ``--method blocks --sparsity s`` (attention / MLP sub-blocks by measured removal, on the
                          reference calibration windows of the quality benchmark: the same model as its row)
-``--width``, ``--layers``, ``--blocks`` with no value leave that variant out (dense is always measured).
+``--width``, ``--layers``, ``--blocks`` with no value leave that variant out (dense is always measured);
+``--blocks-from scripts/results/bench_quality.json:ROW`` builds the blocks variant from the sub-blocks a quality
+row removed (the same model, without measuring again).
 ``--shapes 4x256,1x2048`` times every variant at each batch x sequence length (one table each; default: --batch x
 --seq-len); removing attention saves a share of the work that grows with the sequence length.
 Latency: every model is loaded in THIS process and timed on the same input batch (no-grad forward, logits
@@ -73,7 +75,8 @@ def _build(args: argparse.Namespace, folder: Path) -> dict[str, str]:
     from importance.data.sources import load_data
     from importance.models.load import load_model
     from pruning.io import save_model
-    from pruning.methods.structured import StructuredConfig, prune_layers, prune_structured
+    from pruning.methods.depth import prune_layers
+    from pruning.methods.structured import StructuredConfig, prune_structured
 
     specs = {"dense": args.model}
     lm = load_model(args.model)
@@ -86,6 +89,20 @@ def _build(args: argparse.Namespace, folder: Path) -> dict[str, str]:
         lm = load_model(args.model)
         res = prune_layers(lm, s, "block_influence", windows=windows)
         specs[f"layers-{s:g}"] = str(save_model(lm, folder / f"layers-{s:g}", res.record))
+    if args.blocks_from:  # the sub-blocks a quality row removed, removed again (no new measurement)
+        from importance.arch.canonical import model_map
+        from pruning.methods.blocks import branches, remove_branches
+
+        path, _, name = args.blocks_from.partition(":")
+        row = next((r for r in json.loads(Path(path).read_text())["results"] if r["name"] == name), None)
+        if row is None:
+            raise SystemExit(f"--blocks-from: no row '{name}' in {path}")
+        lm = load_model(args.model)
+        want = {(b["layer"], b["kind"]) for b in row["sub_blocks_removed"]}
+        remove_branches(model_map(lm.model), [b for b in branches(model_map(lm.model)) if (b.layer, b.kind) in want])
+        specs[f"blocks-{row['sparsity']:g}"] = str(save_model(lm, folder / "blocks", {"shapes_changed": True,
+                                                                                      "from_row": name}))
+        args.blocks = []
     if args.blocks:
         from benchlib import reference_data
 
@@ -106,6 +123,8 @@ def main() -> None:
     p.add_argument("--width", type=float, nargs="*", default=[0.2])
     p.add_argument("--layers", type=float, nargs="*", default=[0.25])
     p.add_argument("--blocks", type=float, nargs="*", default=[0.25])
+    p.add_argument("--blocks-from", default=None, help="RESULTS.json:ROW NAME: the blocks variant removes the "
+                   "sub-blocks that row of a quality results file removed (instead of --blocks)")
     p.add_argument("--shapes", default=None, help="batch x sequence lengths to time, e.g. 4x256,1x2048")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
@@ -125,7 +144,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in (args.shapes or "").split(",") if sh.strip()] \
         or [(args.batch, args.seq_len)]
-    settings = {k: getattr(args, k) for k in ("model", "width", "layers", "blocks", "reps", "threads", "quick")}
+    settings = {k: getattr(args, k) for k in ("model", "width", "layers", "blocks", "blocks_from", "reps", "threads",
+                                              "quick")}
     settings.update(torch=torch.__version__, shapes=[f"{b}x{t}" for b, t in shapes])
     print("settings:", json.dumps(settings), flush=True)
     rows = []
