@@ -212,7 +212,8 @@ def test_cli_refuses_bad_blocks_input(model: str, extra: list[str], message: str
     assert not out.exists()
 
 
-def test_cli_blocks_writes_a_folder_that_reloads_and_generates(tmp_path: Path, text_file: Path) -> None:
+def test_cli_blocks_writes_a_folder_that_reloads_and_generates(tmp_path: Path, text_file: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     assert main(["prune", "--model", "random:llama:layers=4", "--method", "blocks", "--sparsity", "0.25", "--data",
                  f"file:{text_file}", "--seq-len", "32", "--tokens", "256", "--no-eval", "--quiet",
@@ -223,3 +224,9 @@ def test_cli_blocks_writes_a_folder_that_reloads_and_generates(tmp_path: Path, t
     assert sum(p.numel() for p in back.model.parameters()) == meta["params"]["after"]
     gen = back.model.generate(_ids(1, 5), max_new_tokens=4, do_sample=False)
     assert gen.shape == (1, 9)
+    capsys.readouterr()
+    assert main(["info", "--model", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    removed = meta["structured"]["sub_blocks_removed"]
+    kept = [r for r in removed if r["layer"] not in meta["structured"]["layers_removed"]]
+    assert len(info["sub_blocks_removed"]) == len(kept)
