@@ -126,6 +126,7 @@ def main() -> None:
     p.add_argument("--blocks-from", default=None, help="RESULTS.json:ROW NAME: the blocks variant removes the "
                    "sub-blocks that row of a quality results file removed (instead of --blocks)")
     p.add_argument("--shapes", default=None, help="batch x sequence lengths to time, e.g. 4x256,1x2048")
+    p.add_argument("--modes", default="forward,prefill", help="what to time: forward (all logits), prefill (the last)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--reps", type=int, default=7)
@@ -145,7 +146,7 @@ def main() -> None:
     shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in (args.shapes or "").split(",") if sh.strip()] \
         or [(args.batch, args.seq_len)]
     settings = {k: getattr(args, k) for k in ("model", "width", "layers", "blocks", "blocks_from", "reps", "threads",
-                                              "quick")}
+                                              "quick", "modes")}
     settings.update(torch=torch.__version__, shapes=[f"{b}x{t}" for b, t in shapes])
     print("settings:", json.dumps(settings), flush=True)
     rows = []
@@ -167,7 +168,7 @@ def _measure(args: argparse.Namespace, specs: dict[str, str], batch: int, seq_le
 
     models = {v: load_model(s) for v, s in specs.items()}
     ids = _inputs(models["dense"].tokenizer, batch, seq_len)
-    modes = {"forward": {}, "prefill": {"logits_to_keep": 1}}
+    modes = {m: kw for m, kw in {"forward": {}, "prefill": {"logits_to_keep": 1}}.items() if m in args.modes}
     times: dict[str, dict[str, list[float]]] = {m: {v: [] for v in models} for m in modes}
     with torch.no_grad():
         for lm in models.values():  # warm-up
@@ -195,9 +196,10 @@ def _measure(args: argparse.Namespace, specs: dict[str, str], batch: int, seq_le
     print("\n| variant | params | block params removed | forward s | speedup (min-based) | prefill s | prefill "
           "speedup (min-based) | param MB | loaded RSS MB | forward peak RSS MB | peak ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    nan = {v: float("nan") for v in specs}
     for v in med["forward"]:
-        m, f, pf = memory[v], med["forward"], med["prefill"]
-        fb, pb = best["forward"], best["prefill"]
+        m, f, pf = memory[v], med["forward"], med.get("prefill", nan)
+        fb, pb = best["forward"], best.get("prefill", nan)
         row = {"variant": v, "batch": batch, "seq_len": seq_len, "params": params[v], "block_params": block_params[v],
                "block_removed": 1 - block_params[v] / block_params["dense"], "seconds": f[v],
                "speedup": f["dense"] / f[v], "speedup_min": fb["dense"] / fb[v], "prefill_seconds": pf[v],
