@@ -152,10 +152,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="imprune-speed-") as tmp:
         specs = _build(args, Path(tmp))
-        for batch, seq_len in shapes:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        for batch, seq_len in shapes:  # written after every shape: a run cut short keeps what it measured
             rows += _measure(args, specs, batch, seq_len)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
+            Path(args.out).write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
