@@ -6,11 +6,12 @@ or not at all.
 
 Structurally pruned models (a record with ``shapes_changed``): when the saved config describes every shape
 (uniform widths written into the config, removed layers) plain ``from_pretrained`` reloads the folder. When
-it cannot (per-layer widths, or head counts that GPT-2/OPT/BERT/NeoX configs tie to head_dim), imprune.json
-gets ``layer_shapes``: every parameter whose shape differs from what the config builds, plus each layer's
-(heads, KV heads), and ``load_pruned(folder)`` rebuilds the model: the config's model under empty weights,
-those parameters given their saved shapes, then transformers' own loading (key conversions, tied weights)
-fills it.
+it cannot (per-layer widths, head counts that GPT-2/OPT/BERT/NeoX configs tie to head_dim, or blocks without
+their attention or MLP), imprune.json gets ``layer_shapes``: every parameter whose shape differs from what the
+config builds, each layer's (heads, KV heads) and the removed sub-blocks (``--method blocks``), and
+``load_pruned(folder)`` rebuilds the model: the config's model under empty weights, the removed sub-blocks
+replaced by their stand-ins, those parameters given their saved shapes, then transformers' own loading (key
+conversions, tied weights) fills it.
 """
 
 from __future__ import annotations
@@ -75,15 +76,18 @@ def _default_card(lm: LoadedModel, record: dict[str, Any]) -> str:
 
 def layer_shapes(model: Any) -> dict[str, Any] | None:
     """What a folder needs beyond its config: parameters whose shape differs from what the config builds,
-    and each layer's [query heads, KV heads]; None when plain ``from_pretrained`` rebuilds every shape."""
+    each layer's [query heads, KV heads], and the removed sub-blocks ``skipped`` ({layer: ['attn' | 'mlp']}: no
+    config field says a block has no attention or no MLP); None when plain ``from_pretrained`` rebuilds every shape."""
+    from importance.arch.branches import skipped_record
     from importance.arch.canonical import model_map
     from importance.arch.edit import config_shapes
 
     expected = config_shapes(model)
     differ = {n: list(p.shape) for n, p in model.named_parameters(remove_duplicate=False)
               if expected.get(n) != tuple(p.shape)}
-    if not differ:
+    mm = model_map(model)
+    skipped = skipped_record(mm)
+    if not differ and not skipped:
         return None
-    return {"params": differ, "attention": [[b.n_heads, b.n_kv_heads] for b in model_map(model).blocks]}
-
-
+    return {"params": differ, "attention": [[b.n_heads, b.n_kv_heads] for b in mm.blocks],
+            **({"skipped": skipped} if skipped else {})}

@@ -4,6 +4,13 @@ Variants (pruned here from the dense model with the methods' defaults, scored on
   dense                  the model as loaded
   width-<s>              ``--method width --sparsity s`` (fisher, uniform: the same widths in every layer)
   layers-<s>             ``--method layers --sparsity s`` (block_influence)
+  blocks-<s>             ``--method blocks --sparsity s`` (attention / MLP sub-blocks by measured removal, on the
+                         reference calibration windows of the quality benchmark: the same model as its row)
+``--width``, ``--layers``, ``--blocks`` with no value leave that variant out (dense is always measured);
+``--blocks-from scripts/results/bench_quality.json:ROW`` builds the blocks variant from the sub-blocks a quality
+row removed (the same model, without measuring again).
+``--shapes 4x256,1x2048`` times every variant at each batch x sequence length (one table each; default: --batch x
+--seq-len); removing attention saves a share of the work that grows with the sequence length.
 Latency: every model is loaded in THIS process and timed on the same input batch (no-grad forward, logits
 included; and 'prefill' with logits_to_keep=1, as generation's first step), repeats interleaved across
 variants, median; ratios are dense / variant. Memory: each variant
@@ -13,7 +20,8 @@ Targets (shared/protocol.md): >= 1.2x for 20% of block parameters removed, >= 1.
 (the issue asks 1.3x; SmolLM2's embedding and tied head are a large fixed cost). Prints the settings, a
 markdown table, and writes a JSON beside it.
 
-    python scripts/bench_speed.py [--quick] [--batch 4] [--seq-len 256] [--reps 7] [--threads 2]
+    python scripts/bench_speed.py [--quick] [--batch 4] [--seq-len 256] [--shapes 4x256,1x2048] [--reps 7]
+        [--width 0.2] [--layers 0.25] [--blocks 0.25] [--threads 2]
 """
 
 from __future__ import annotations
@@ -67,7 +75,8 @@ def _build(args: argparse.Namespace, folder: Path) -> dict[str, str]:
     from importance.data.sources import load_data
     from importance.models.load import load_model
     from pruning.io import save_model
-    from pruning.methods.structured import StructuredConfig, prune_layers, prune_structured
+    from pruning.methods.depth import prune_layers
+    from pruning.methods.structured import StructuredConfig, prune_structured
 
     specs = {"dense": args.model}
     lm = load_model(args.model)
@@ -80,6 +89,31 @@ def _build(args: argparse.Namespace, folder: Path) -> dict[str, str]:
         lm = load_model(args.model)
         res = prune_layers(lm, s, "block_influence", windows=windows)
         specs[f"layers-{s:g}"] = str(save_model(lm, folder / f"layers-{s:g}", res.record))
+    if args.blocks_from:  # the sub-blocks a quality row removed, removed again (no new measurement)
+        from importance.arch.canonical import model_map
+        from pruning.methods.blocks import branches, remove_branches
+
+        path, _, name = args.blocks_from.partition(":")
+        row = next((r for r in json.loads(Path(path).read_text())["results"] if r["name"] == name), None)
+        if row is None:
+            raise SystemExit(f"--blocks-from: no row '{name}' in {path}")
+        lm = load_model(args.model)
+        want = {(b["layer"], b["kind"]) for b in row["sub_blocks_removed"]}
+        remove_branches(model_map(lm.model), [b for b in branches(model_map(lm.model)) if (b.layer, b.kind) in want])
+        specs[f"blocks-{row['sparsity']:g}"] = str(save_model(lm, folder / "blocks", {"shapes_changed": True,
+                                                                                      "from_row": name}))
+        args.blocks = []
+    if args.blocks:
+        from benchlib import reference_data
+
+        from pruning.methods.blocks import prune_blocks
+
+        st = {"seed": 0, "seq_len": 256, "calib_windows": 32, "eval_tokens": 256}
+        calib, _ = reference_data(lm, st)
+    for s in args.blocks:
+        lm = load_model(args.model)
+        res = prune_blocks(lm, s, "removal", calib)
+        specs[f"blocks-{s:g}"] = str(save_model(lm, folder / f"blocks-{s:g}", res.record))
     return specs
 
 
@@ -88,6 +122,11 @@ def main() -> None:
     p.add_argument("--model", default="builtin:smollm2-135m")
     p.add_argument("--width", type=float, nargs="*", default=[0.2])
     p.add_argument("--layers", type=float, nargs="*", default=[0.25])
+    p.add_argument("--blocks", type=float, nargs="*", default=[0.25])
+    p.add_argument("--blocks-from", default=None, help="RESULTS.json:ROW NAME: the blocks variant removes the "
+                   "sub-blocks that row of a quality results file removed (instead of --blocks)")
+    p.add_argument("--shapes", default=None, help="batch x sequence lengths to time, e.g. 4x256,1x2048")
+    p.add_argument("--modes", default="forward,prefill", help="what to time: forward (all logits), prefill (the last)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--reps", type=int, default=7)
@@ -104,48 +143,64 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in (args.shapes or "").split(",") if sh.strip()] \
+        or [(args.batch, args.seq_len)]
+    settings = {k: getattr(args, k) for k in ("model", "width", "layers", "blocks", "blocks_from", "reps", "threads",
+                                              "quick", "modes")}
+    settings.update(torch=torch.__version__, shapes=[f"{b}x{t}" for b, t in shapes])
+    print("settings:", json.dumps(settings), flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="imprune-speed-") as tmp:
+        specs = _build(args, Path(tmp))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        for batch, seq_len in shapes:  # written after every shape: a run cut short keeps what it measured
+            rows += _measure(args, specs, batch, seq_len)
+            Path(args.out).write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+def _measure(args: argparse.Namespace, specs: dict[str, str], batch: int, seq_len: int) -> list[dict]:
+    """Time every variant at one batch x sequence length (interleaved repeats), then its memory in a child."""
+    import torch
+
     from importance.arch.canonical import model_map
     from importance.models.load import load_model
 
-    settings = {k: getattr(args, k) for k in ("model", "width", "layers", "batch", "seq_len", "reps", "threads",
-                                              "quick")}
-    settings["torch"] = torch.__version__
-    print("settings:", json.dumps(settings), flush=True)
-    with tempfile.TemporaryDirectory(prefix="imprune-speed-") as tmp:
-        specs = _build(args, Path(tmp))
-        models = {v: load_model(s) for v, s in specs.items()}
-        ids = _inputs(models["dense"].tokenizer, args.batch, args.seq_len)
-        modes = {"forward": {}, "prefill": {"logits_to_keep": 1}}
-        times: dict[str, dict[str, list[float]]] = {m: {v: [] for v in models} for m in modes}
-        with torch.no_grad():
-            for lm in models.values():  # warm-up
-                lm.model(input_ids=ids, use_cache=False)
-            for _ in range(args.reps):
-                for mode, kwargs in modes.items():
-                    for v, lm in models.items():
-                        start = time.perf_counter()
-                        lm.model(input_ids=ids, use_cache=False, **kwargs)
-                        times[mode][v].append(time.perf_counter() - start)
-        params = {v: sum(p.numel() for p in lm.model.parameters()) for v, lm in models.items()}
-        block_params = {v: sum(p.numel() for b in model_map(lm.model).blocks for p in b.module.parameters())
-                        for v, lm in models.items()}
-        del models
-        memory = {}
-        for v, spec in specs.items():
-            cmd = [sys.executable, __file__, "--load", spec, "--batch", str(args.batch), "--seq-len",
-                   str(args.seq_len), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            memory[v] = json.loads(out.stdout.strip().splitlines()[-1])
+    models = {v: load_model(s) for v, s in specs.items()}
+    ids = _inputs(models["dense"].tokenizer, batch, seq_len)
+    modes = {m: kw for m, kw in {"forward": {}, "prefill": {"logits_to_keep": 1}}.items() if m in args.modes}
+    times: dict[str, dict[str, list[float]]] = {m: {v: [] for v in models} for m in modes}
+    with torch.no_grad():
+        for lm in models.values():  # warm-up
+            lm.model(input_ids=ids, use_cache=False)
+        for _ in range(args.reps):
+            for mode, kwargs in modes.items():
+                for v, lm in models.items():
+                    start = time.perf_counter()
+                    lm.model(input_ids=ids, use_cache=False, **kwargs)
+                    times[mode][v].append(time.perf_counter() - start)
+    params = {v: sum(p.numel() for p in lm.model.parameters()) for v, lm in models.items()}
+    block_params = {v: sum(p.numel() for b in model_map(lm.model).blocks for p in b.module.parameters())
+                    for v, lm in models.items()}
+    del models
+    memory = {}
+    for v, spec in specs.items():
+        cmd = [sys.executable, __file__, "--load", spec, "--batch", str(batch), "--seq-len", str(seq_len),
+               "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        memory[v] = json.loads(out.stdout.strip().splitlines()[-1])
     med = {m: {v: statistics.median(t) for v, t in ts.items()} for m, ts in times.items()}
     best = {m: {v: min(t) for v, t in ts.items()} for m, ts in times.items()}
     rows = []
+    print(f"\n{batch} x {seq_len} tokens")
     print("\n| variant | params | block params removed | forward s | speedup (min-based) | prefill s | prefill "
           "speedup (min-based) | param MB | loaded RSS MB | forward peak RSS MB | peak ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    nan = {v: float("nan") for v in specs}
     for v in med["forward"]:
-        m, f, pf = memory[v], med["forward"], med["prefill"]
-        fb, pb = best["forward"], best["prefill"]
-        row = {"variant": v, "params": params[v], "block_params": block_params[v],
+        m, f, pf = memory[v], med["forward"], med.get("prefill", nan)
+        fb, pb = best["forward"], best.get("prefill", nan)
+        row = {"variant": v, "batch": batch, "seq_len": seq_len, "params": params[v], "block_params": block_params[v],
                "block_removed": 1 - block_params[v] / block_params["dense"], "seconds": f[v],
                "speedup": f["dense"] / f[v], "speedup_min": fb["dense"] / fb[v], "prefill_seconds": pf[v],
                "prefill_speedup": pf["dense"] / pf[v], "prefill_speedup_min": pb["dense"] / pb[v],
@@ -160,11 +215,9 @@ def main() -> None:
     print(f"\nforward: logits at every position (as perplexity needs); prefill: logits of the last position only "
           f"(as generate's first step). Speedup = ratio of the medians of {args.reps} interleaved repeats; in "
           "brackets the ratio of the fastest runs, less sensitive to other processes on a shared machine. "
-          f"{args.batch} x {args.seq_len} tokens, {args.threads} threads.")
+          f"{batch} x {seq_len} tokens, {args.threads} threads.")
     print("\ntargets: width (20% of block parameters) >= 1.2x; layers (25%) >= 1.25x (protocol) / 1.3x (issue)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ Rows (shared/protocol.md; one scoring pass with every criterion on the dense mod
   layers 25% of the layers        block_influence, residual_fisher, removal, taylor, fisher (8 of SmolLM2's 30
                                   layers; removal measured on the first 2,048 calibration tokens); removal
                                   iterative (re-measured after each removal), all candidates and the k = 8 best
+  blocks 25% of block parameters  attention / MLP sub-blocks removed on their own (--method blocks): by measured
+                                  removal on the first 1,024 calibration tokens, iterative (re-measuring the 8 best
+                                  of the first round after each removal) and one-shot (the first round's ranking),
+                                  and by the one-pass gate Fisher (all calibration tokens), which records its
+                                  Spearman correlation with the measured removal over every sub-block
 Reference setting: SmolLM2 float32, calibration 32 x 256 Austen windows without Persuasion (seed 0),
 evaluation on the first 16,384 tokens of Persuasion in windows of 256. ``--quick``: 8 x 256 calibration,
 4,096 evaluation tokens.
@@ -43,14 +48,20 @@ ROWS: list[dict[str, Any]] = [
       for c in ("block_influence", "residual_fisher", "removal", "taylor", "fisher")),
     {"method": "layers", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": 8},
     {"method": "layers", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": None},
+    # sub-blocks: the iterative row first; the one-shot removal row then ranks by its first round (the same
+    # measurement on the same 1,024 tokens, not repeated)
+    {"method": "blocks", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": 8, "removal_tokens": 1024},
+    {"method": "blocks", "sparsity": 0.25, "criterion": "removal", "removal_tokens": 1024},
+    {"method": "blocks", "sparsity": 0.25, "criterion": "gate_fisher"},
 ]
 CRITERIA = ["taylor", "fisher", "activation", "magnitude", "block_influence", "residual_fisher", "removal"]
 
 
 def row_name(spec: dict[str, Any]) -> str:
-    extra = f" {spec['allocation']}" if spec["method"] != "layers" else ""
+    extra = f" {spec['allocation']}" if spec["method"] not in ("layers", "blocks") else ""
     extra += " +bias" if spec.get("bias_compensation") else ""
     extra += " +reconstruct" if spec.get("reconstruct") else ""
+    extra += f" {spec['removal_tokens']} tok" if spec.get("removal_tokens") else ""
     if spec.get("iterative"):
         extra += " iterative" + (f" k={spec['k']}" if spec.get("k") else "")
     return f"structured {spec['method']} {spec['criterion']}{extra} {spec['sparsity']:g}"
@@ -81,7 +92,9 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
 
     from importance.models.load import load_model
     from importance.scoring import score
+    from importance.validate.faithfulness import spearman
     from pruning.eval.perplexity import perplexity
+    from pruning.methods.blocks import prune_blocks
     from pruning.methods.depth import prune_layers
     from pruning.methods.structured import StructuredConfig, prune_structured
 
@@ -92,7 +105,7 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
     base = load_model(st["model"])
     calib, evals = reference_data(base, st)
     start = time.perf_counter()
-    needed = {r["criterion"] for r in chosen if not r.get("iterative")}  # only what the chosen rows rank by
+    needed = {r["criterion"] for r in chosen if not r.get("iterative") and r["method"] != "blocks"}  # table criteria
     table = score(base, calib, [c for c in CRITERIA if c in needed], batch_size=st["batch_size"],
                   progress=False) if needed else None
     score_seconds = time.perf_counter() - start
@@ -103,10 +116,21 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
         out.append({**common, "name": "dense", "method": "dense", "ppl": ppl.ppl, "nll": ppl.nll,
                     "predicted": ppl.predicted, "windows": ppl.windows, "seq_len": ppl.seq_len})
     params_before = sum(p.numel() for p in base.model.parameters())
+    first_round: dict[Any, dict] = {}  # removal tokens -> first-round sub-block scores of an iterative blocks row
     for spec in chosen:
         lm = copy.deepcopy(base)
         start = time.perf_counter()
-        if spec["method"] == "layers":
+        measured = None
+        if spec["method"] == "blocks":
+            measured = first_round.get(spec.get("removal_tokens")) if spec["criterion"] == "removal" and \
+                not spec.get("iterative") else None
+            res = prune_blocks(lm, spec["sparsity"], spec["criterion"], calib, st["batch_size"],
+                               removal_tokens=spec.get("removal_tokens"), iterative=bool(spec.get("iterative")),
+                               k=spec.get("k"), scores=measured)
+            if spec.get("iterative"):
+                first_round[spec.get("removal_tokens")] = {tuple(int(v) if v.isdigit() else v for v in key.split()): x
+                                                           for key, x in res.record["structured"]["scores"].items()}
+        elif spec["method"] == "layers":
             res = prune_layers(lm, spec["sparsity"], spec["criterion"], table, calib, st["batch_size"],
                                iterative=bool(spec.get("iterative")), k=spec.get("k"))
         else:
@@ -122,9 +146,24 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
                     "achieved": s["achieved"], "params_before": params_before,
                     "params_after": sum(p.numel() for p in lm.model.parameters()), "prune_seconds": round(seconds, 2),
                     "removed_layers": s.get("layers_removed"), "widths": _widths(s),
-                    "iterative": s.get("iterative"), "reconstruction_error": s.get("reconstruction_error")})
+                    "iterative": s.get("iterative"), "reconstruction_error": s.get("reconstruction_error"),
+                    **({"sub_blocks_removed": s["sub_blocks_removed"], "sub_block_scores": s["scores"],
+                        "calibration_nll": s["calibration_nll"], "rank_seconds": s["rank_seconds"],
+                        "ranking_reused": measured is not None} if spec["method"] == "blocks" else {})})
         print(f"  {row_name(spec):<45} ppl {ppl.ppl:9.2f}", flush=True)
         del lm
+    by = {r["criterion"]: r["sub_block_scores"] for r in out if r.get("method") == "blocks"}  # removal: any row
+    if {"removal", "gate_fisher"} <= set(by):  # the one-pass estimate against the measurement, every sub-block
+        import torch
+
+        keys = sorted(by["removal"])
+        rho = spearman(torch.tensor([by["gate_fisher"][k] for k in keys]),
+                       torch.tensor([by["removal"][k] for k in keys]))
+        for r in out:
+            if r.get("method") == "blocks" and r["criterion"] == "gate_fisher":
+                r["spearman_vs_removal"] = rho
+        print(f"  sub-block gate_fisher vs measured removal: Spearman {rho:.3f} over {len(keys)} sub-blocks",
+              flush=True)
     return out
 
 
@@ -164,6 +203,8 @@ def main() -> None:
             print(f"| dense | - | - | - | {r['ppl']:.2f} | 1.00x | - |")
             continue
         shape = r["removed_layers"] if r["method"] == "layers" else r["widths"]
+        if r["method"] == "blocks":
+            shape = " ".join(f"{b['layer']}{b['kind'][0]}" for b in r["sub_blocks_removed"])
         print(f"| {r['name']} | {r['sparsity']:.2f} | {r['achieved']:.3f} | {r['params_after']:,} | {r['ppl']:.2f} | "
               f"{r['ppl'] / dense['ppl']:.2f}x | {shape} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

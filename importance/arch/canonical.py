@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from importance.arch.skipped import SkippedBranch
 from importance.engine.offload import offloaded_weight, write_offloaded_
 from importance.errors import ImpruneError
 
@@ -257,6 +258,7 @@ class Block:
     head_dim: int = 0
     n_experts: int = 0
     intermediate: int = 0
+    skipped: tuple[str, ...] = ()  # removed residual branches ('attn', 'mlp'): ``importance.arch.branches``
 
     def group_size(self, group: str) -> int:
         return {"head": self.n_heads, "kv_group": self.n_kv_heads, "mlp_channel": self.intermediate,
@@ -366,15 +368,23 @@ def _layer_heads(block: nn.Module, spec: ArchSpec, n_heads_cfg: int, out_total: 
     return int(getattr(own, spec.config_heads or "", None) or n_heads_cfg)
 
 
+def branch_of(name: str) -> str:
+    """The residual branch ('attn' or 'mlp') a canonical component belongs to."""
+    return "mlp" if name.startswith(("mlp.", "norm.mlp")) else "attn"
+
+
 def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_heads_cfg: int,
                  head_dim: int, config: object = None) -> Block:
     comps: dict[str, Component] = {}
+    skipped = tuple(k for k, p in (("attn", spec.attn), ("mlp", spec.mlp))
+                    if p and isinstance(_get(block, p), SkippedBranch))
     # q / k / v / o / MLP linears (plain or fused)
     q_entry = spec.linears.get("attn.q")
     for name, entry in spec.linears.items():
         path = entry.path if isinstance(entry, Fused) else entry
         mod = _get(block, path)
-        if mod is None and name.startswith("mlp.") and (spec.experts or spec.optional_mlp):  # an MoE layer
+        if mod is None and (branch_of(name) in skipped or  # a removed sub-block
+                            name.startswith("mlp.") and (spec.experts or spec.optional_mlp)):  # an MoE layer
             continue
         if not _is_linear(mod):
             raise ImpruneError(f"block {index}: '{path}' for {name} is missing or not a linear layer; "
@@ -411,7 +421,7 @@ def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_hea
         path = next((p for p in ((paths,) if isinstance(paths, str) else paths) if _get(block, p) is not None), None)
         mod = _get(block, path) if path else None
         if mod is None:
-            if name in spec.optional_norms:
+            if name in spec.optional_norms or branch_of(name) in skipped:
                 continue
             raise ImpruneError(f"block {index}: norm '{paths}' for {name} is missing; "
                                "fix the mapping with importance.arch.register_arch")
@@ -423,7 +433,7 @@ def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_hea
     if q_entry is not None and not spec.gqa:
         n_kv = n_heads
     inter = comps["mlp.up"].shape[0] if "mlp.up" in comps else 0
-    return Block(index, bpath, block, comps, n_heads, n_kv, head_dim, n_experts, inter)
+    return Block(index, bpath, block, comps, n_heads, n_kv, head_dim, n_experts, inter, skipped)
 
 
 def model_map(model: nn.Module) -> ModelMap:

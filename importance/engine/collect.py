@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from importance.arch.branches import BRANCHES, block_branch
 from importance.arch.canonical import Block, Component, ModelMap, model_map
 from importance.data.sources import Batch, Windows
 from importance.engine.objective import require_loss, token_nll
@@ -97,6 +98,8 @@ class _Pass:
             for block in self.mm.blocks:
                 if layers is None or block.index in layers:
                     handles.extend(self._block_hooks(block))
+        if self.cfg.branch_fisher and self.cfg.grad:
+            handles.extend(self._branch_hooks(layers))
         return handles
 
     @property
@@ -341,15 +344,32 @@ class _Pass:
                 self.stats.add(f"{block.index}|block|influence", ((1 - cos) * m.to(cos.dtype)).sum().reshape(1))
                 self.stats.add(f"{block.index}|block|influence_tokens", m.sum().reshape(1))
             if want_fisher and out_t.requires_grad:
-                out_t.register_hook(self._residual_fisher_hook(block.index, h_in, h_out, m))
+                out_t.register_hook(self._gate_fisher_hook(f"{block.index}|block|residual_fisher", h_out, h_in, m))
 
         return [block.module.register_forward_pre_hook(pre, with_kwargs=True),
                 block.module.register_forward_hook(post)]
 
-    def _residual_fisher_hook(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor, mask: torch.Tensor):
-        def hook(g: torch.Tensor) -> None:  # g: [B, T, d] gradient of the summed NLL at the block output
-            gate = (g.float() * (h_out.float() - h_in.float())).sum(-1)  # [B, T] d loss / d per-token gate
-            self.stats.add(f"{layer}|block|residual_fisher", (gate.square() * mask.to(gate.dtype)).sum().reshape(1))
+    def _branch_hooks(self, layers: set[int] | None) -> list[Any]:
+        """The gate Fisher of each residual branch (attention / MLP sub-block): the update it adds is its last
+        module's output y, so d loss / d gate_t = g_t . y_t with g the gradient there."""
+        def post(key: str):
+            def hook(_m: nn.Module, _a: tuple, out: Any) -> None:
+                y = out[0] if isinstance(out, tuple) else out
+                if y.requires_grad:
+                    y.register_hook(self._gate_fisher_hook(key, y.detach(), None, self.mask))
+            return hook
+
+        return [b.module.get_submodule(block_branch(b, self.mm, kind).last).register_forward_hook(
+                    post(f"{b.index}|block|{kind}_fisher"))
+                for b in self.mm.blocks for kind in BRANCHES
+                if kind not in b.skipped and (layers is None or b.index in layers)]
+
+    def _gate_fisher_hook(self, key: str, h_out: torch.Tensor, h_in: torch.Tensor | None, mask: torch.Tensor):
+        """sum_t (g_t . delta_t)^2 over counted tokens, delta = h_out - h_in (h_in None: h_out itself)."""
+        def hook(g: torch.Tensor) -> None:  # g: [B, T, d] gradient of the summed NLL at h_out
+            delta = h_out.float() - h_in.float() if h_in is not None else h_out.float()
+            gate = (g.float() * delta).sum(-1)  # [B, T] d loss / d per-token gate
+            self.stats.add(key, (gate.square() * mask.to(gate.dtype)).sum().reshape(1))
 
         return hook
 

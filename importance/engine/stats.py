@@ -47,8 +47,9 @@ class Statistics:
 @dataclass(frozen=True)
 class CollectConfig:
     """What the pass gathers: ``grad`` (taylor/fisher), ``elements`` (per-weight tensors), ``activation``,
-    ``block_influence``, ``residual_fisher`` (needs ``grad``); ``fisher_unit`` is 'sequence' or 'batch' (the b
-    of sum_b g_b^2)."""
+    ``block_influence``, ``residual_fisher`` (needs ``grad``), ``branch_fisher`` (needs ``grad``: the same gate
+    Fisher per residual branch, ``{l}|block|attn_fisher`` / ``mlp_fisher``); ``fisher_unit`` is 'sequence' or
+    'batch' (the b of sum_b g_b^2)."""
 
     grad: bool = True
     elements: bool = False
@@ -56,3 +57,4 @@ class CollectConfig:
     block_influence: bool = True
     fisher_unit: str = "sequence"
     residual_fisher: bool = False
+    branch_fisher: bool = False

@@ -1,10 +1,12 @@
 """Loading folders of structurally pruned models (written by ``pruning.io.save_model``).
 
 When the saved config cannot describe every shape (per-layer widths, or head counts that GPT-2/OPT/BERT/NeoX
-configs tie to head_dim), imprune.json holds ``layer_shapes``: every parameter whose shape differs from what
-the config builds, plus each layer's (heads, KV heads). ``load_pruned(folder)`` rebuilds the model: the
-config's model under empty weights, those parameters given their saved shapes, then transformers' own
-loading (key conversions, tied weights) fills it.
+configs tie to head_dim, or a block without its attention or its MLP), imprune.json holds ``layer_shapes``:
+every parameter whose shape differs from what the config builds, each layer's (heads, KV heads), and the removed
+sub-blocks (``skipped``: {layer: ['attn' | 'mlp']}). ``load_pruned(folder)`` rebuilds the model: the config's
+model under empty weights, the removed sub-blocks replaced by their parameter-free stand-ins
+(``importance.arch.branches``), the other parameters given their saved shapes, then transformers' own loading
+(key conversions, tied weights) fills it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def load_pruned(folder: str | Path, dtype: torch.dtype | str = torch.float32, de
     saved shapes and each attention its head counts, then transformers loads the safetensors into it.
     """
 
+    from importance.arch.branches import skip_recorded_
     from importance.arch.canonical import model_map
     from importance.arch.edit import resize_params_, set_attention_heads
     from importance.models.checks import check_loading_info
@@ -61,6 +64,7 @@ def load_pruned(folder: str | Path, dtype: torch.dtype | str = torch.float32, de
 
     def init(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
         base.__init__(self, config, *args, **kwargs)
+        skip_recorded_(self, shapes.get("skipped") or {})
         resize_params_(self, shapes["params"])
         mm = model_map(self)
         for block, (h, kv) in zip(mm.blocks, shapes["attention"], strict=True):

@@ -10,6 +10,8 @@ What "removed" means (exactly the parameter sets of the table's groups, ``import
   kv_group g    the k and v rows of KV head g together with its query heads (q rows + o columns)
   component     the whole component weight (a norm: its weight vector)
   layer         the whole block bypassed: its output is its input (the residual stream passes through)
+  attn / mlp    one residual branch (sub-block) of the block adds zero: its last module's output is zeros
+                (``importance.arch.branches.zeroed``; used by ``--method blocks``, not a table granularity)
 Biases: a bias entry is zeroed with its row when the row belongs to the group (q/k/v rows of a head, every row
 of a component, a norm's bias), and kept when the group only takes input columns (the o bias is shared by all
 heads: zeroing it would remove more than the head). This is the same rule as the scorers' row statistics,
@@ -51,6 +53,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from importance.arch.branches import BRANCHES, block_branch, zeroed
 from importance.arch.canonical import Block, Component, ModelMap, model_map
 from importance.data.sources import Batch, Windows
 from importance.engine.objective import require_loss, token_nll
@@ -78,8 +81,8 @@ class Group:
 
     @property
     def label(self) -> str:
-        if self.granularity == "layer":
-            return f"L{self.layer}"
+        if self.granularity in ("layer", *BRANCHES):
+            return f"L{self.layer}" + ("" if self.granularity == "layer" else f" {self.granularity}")
         if self.granularity == "component":
             return f"L{self.layer} {self.name}"
         return f"L{self.layer} {'h' if self.granularity == 'head' else 'kv'}{self.index}"
@@ -194,6 +197,10 @@ def removed(mm: ModelMap, group: Group | None) -> Iterator[None]:
             yield
         finally:
             handle.remove()
+        return
+    if group.granularity in BRANCHES:
+        with zeroed(mm, block_branch(block, mm, group.granularity)):
+            yield
         return
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for comp in _touched(block, group):

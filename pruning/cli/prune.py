@@ -56,7 +56,8 @@ def _prune_args() -> list[Arg]:
             *_method_args()]
 
 
-@command("prune", "prune a model by importance: unstructured, N:M, heads, channels, width, layers", _prune_args())
+@command("prune", "prune a model by importance: unstructured, N:M, heads, channels, width, layers, blocks",
+         _prune_args())
 def prune_cmd(args: argparse.Namespace) -> int:
     load_methods()
     if args.method not in METHODS:

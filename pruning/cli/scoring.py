@@ -50,11 +50,13 @@ def info(args: argparse.Namespace) -> int:
     mm = model_map(lm.model)
     total = sum(p.numel() for p in lm.model.parameters())
     in_blocks = sum(p.numel() for b in mm.blocks for p in b.module.parameters())
-    b0 = mm.blocks[0]
+    b0 = next((b for b in mm.blocks if not b.skipped), mm.blocks[0])  # geometry of a block with both sub-blocks
+    skipped = [f"L{b.index} {k}" for b in mm.blocks for k in b.skipped]
     doc = {"model": lm.describe(), "model_class": type(lm.model).__name__, "blocks": mm.blocks_path,
            "layers": mm.n_layers, "heads": b0.n_heads, "kv_heads": b0.n_kv_heads, "head_dim": b0.head_dim,
            "intermediate": b0.intermediate, "experts": b0.n_experts, "discovered": mm.discovered,
-           "params_total": total, "params_in_blocks": in_blocks, "components": mm.summary()}
+           "params_total": total, "params_in_blocks": in_blocks, "components": mm.summary(),
+           "sub_blocks_removed": skipped}
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -67,6 +69,8 @@ def info(args: argparse.Namespace) -> int:
         print(f"experts    {b0.n_experts} per MoE layer")
     if b0.intermediate:
         print(f"mlp        intermediate {b0.intermediate}")
+    if skipped:
+        print(f"removed    {len(skipped)} sub-blocks: {', '.join(skipped)}")
     print(f"params     {total:,} total, {in_blocks:,} in blocks ({100 * in_blocks / total:.1f}%)")
     print(f"\n{'component':<18} {'shape':<16} {'layers':>6} {'params':>13}  path")
     for row in doc["components"]:

@@ -118,6 +118,12 @@ def check_step(mm: ModelMap, method: str, args: argparse.Namespace) -> None:
         from pruning.methods.depth import layers_criterion
 
         layers_count(mm.n_layers, args.sparsity, layers_criterion(args))
+    elif method == "blocks":
+        from pruning.methods.blocks import blocks_options, check_blocks
+
+        if getattr(args, "scores", None):
+            raise ImpruneError("--method blocks measures its own ranking on --data; drop --scores")
+        check_blocks(mm, args.sparsity, blocks_options(args)[0])
     elif method in ("unstructured", "nm"):
         from pruning.methods.unstructured import config_from_args, select_components
 

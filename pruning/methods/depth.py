@@ -18,7 +18,7 @@ from importance.models.load import LoadedModel
 from importance.table import ImportanceTable
 from pruning.methods.checks import layers_count
 from pruning.methods.iterative import iterative_removal
-from pruning.methods.registry import PruneContext, PruneResult, arg, register_method, table_for
+from pruning.methods.registry import ITERATIVE, ITERATIVE_K, PruneContext, PruneResult, register_method, table_for
 from pruning.methods.structured import STRUCTURED_FLAGS, check_in_memory, component_sparsity
 from pruning.methods.surgery import drop_blocks, param_count
 
@@ -80,15 +80,8 @@ def layers_criterion(a: Any) -> str:
     return getattr(a, "criterion", None) or "residual_fisher"
 
 
-_ITERATIVE = arg("--iterative", action="store_true",
-                 help="layers with --criterion removal: remove one block at a time, re-measuring the calibration loss "
-                      "of the remaining candidates after each removal")
-_ITERATIVE_K = arg("--iterative-k", type=int, default=None,
-                   help="--iterative: re-measure only the k best candidates of the first round's ranking")
-
-
 @register_method("layers", "remove whole layers by their layer scores (block_influence, residual_fisher, removal, "
-                 "taylor, fisher ...)", args=[*STRUCTURED_FLAGS, _ITERATIVE, _ITERATIVE_K])
+                 "taylor, fisher ...)", args=[*STRUCTURED_FLAGS, ITERATIVE, ITERATIVE_K])
 def layers_method(ctx: PruneContext) -> PruneResult:
     a = ctx.args
     criterion = layers_criterion(a)

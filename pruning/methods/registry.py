@@ -66,13 +66,19 @@ CRITERION: Arg = (("--criterion",), dict(
     default=None,
     help="ranking: magnitude | wanda | activation | taylor | fisher | sparsegpt (unstructured, nm); "
          "taylor | fisher | activation | magnitude (structured; default fisher); layers also "
-         "residual_fisher | removal | block_influence (default residual_fisher)"))
+         "residual_fisher | removal | block_influence (default residual_fisher); blocks removal | gate_fisher "
+         "(default removal)"))
 ALLOCATION: Arg = (("--allocation",), dict(
     default="uniform",
     help="per-layer x component ratios: uniform | importance (bounded by --band around the target) | "
          "global (one threshold, unstructured only)"))
 BAND: Arg = (("--band",), dict(type=float, default=0.1,
                                help="largest per-layer deviation from the target ratio (--allocation importance)"))
+ITERATIVE: Arg = (("--iterative",), dict(
+    action="store_true", help="layers with --criterion removal, blocks: remove one layer / sub-block at a time, "
+                              "re-measuring the calibration loss of the remaining candidates after each removal"))
+ITERATIVE_K: Arg = (("--iterative-k",), dict(
+    type=int, default=None, help="--iterative: re-measure only the k best candidates of the first round's ranking"))
 DAMP: Arg = (("--damp",), dict(type=float, default=0.01,
                                help="second-order dampening (sparsegpt; structured --reconstruct), as a fraction of "
                                     "mean(diag H)"))
@@ -129,7 +135,8 @@ def arg(*flags: str, **kwargs: Any) -> Arg:
     return flags, kwargs
 
 
-METHOD_MODULES = ("pruning.methods.unstructured", "pruning.methods.structured", "pruning.methods.depth")
+METHOD_MODULES = ("pruning.methods.unstructured", "pruning.methods.structured", "pruning.methods.depth",
+                  "pruning.methods.blocks")
 
 
 def load_methods() -> None:

@@ -1,0 +1,56 @@
+"""The stand-in for a removed residual branch (an attention or MLP sub-block skipped by ``--method blocks``).
+
+A pre-norm block adds each branch's output to the residual stream; a removed branch adds exactly zero. The
+stand-in takes the removed module's place, holds no parameter and returns zeros shaped like its input
+(attention: ``(zeros, None)``, the (output, attention weights) pair every decoder attention returns), so the
+block's own forward runs unchanged and the residual passes through. It computes nothing but one zero tensor.
+
+A skipped attention still tells a KV cache that tokens went by: it writes a one-number key and value per
+token (``[B, 1, T, 1]``) into its layer's slot, so that the cache's sequence length (read from layer 0 by
+generation) and the masks built from it stay right even when layer 0's attention is gone.
+
+Kept free of the rest of ``importance.arch`` so that the canonical map can recognise it without a cycle.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+BRANCHES = ("attn", "mlp")
+
+
+class SkippedBranch(nn.Module):
+    """A removed attention (``kind='attn'``) or MLP (``kind='mlp'``) sub-block: adds nothing to the residual."""
+
+    def __init__(self, kind: str, layer_idx: int | None = None) -> None:
+        super().__init__()
+        if kind not in BRANCHES:
+            raise ValueError(f"kind must be one of {BRANCHES}, not {kind!r}")
+        self.kind = kind
+        self.layer_idx = layer_idx  # the KV-cache slot (renumbered with the block when layers are dropped)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, layer_idx={self.layer_idx}"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, d]
+        zero = torch.zeros_like(hidden)
+        if self.kind == "mlp":
+            return zero
+        cache = _cache_in(args[1:], kwargs)
+        if cache is not None and self.layer_idx is not None:
+            stub = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[1], 1)  # [B, 1, T, 1]
+            cache.update(stub, stub, self.layer_idx)
+        return zero, None
+
+
+def _cache_in(args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The transformers ``Cache`` among a call's arguments (None when generation passes none)."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)
