@@ -90,7 +90,8 @@ def _accuracy_lines(acc: dict | None) -> list[str]:
     names = [n for n in b if n in a]
     mean = lambda d, f: sum(d[n][f] for n in names) / len(names)  # noqa: E731
     per = ", ".join(f"{n} {b[n]['acc']:.2f}->{a[n]['acc']:.2f}" for n in names)
-    return [f"  accuracy     {mean(b, 'acc'):.3f} -> {mean(a, 'acc'):.3f} mean acc over {len(names)} probes x "
+    mid = f"{mean(acc['pruned'], 'acc'):.3f} pruned -> " if isinstance(acc.get("pruned"), dict) else ""
+    return [f"  accuracy     {mean(b, 'acc'):.3f} -> {mid}{mean(a, 'acc'):.3f} mean acc over {len(names)} probes x "
             f"{acc['items_per_task']} items (chance {mean(b, 'chance'):.3f}; acc_norm {mean(b, 'acc_norm'):.3f} -> "
             f"{mean(a, 'acc_norm'):.3f})", f"               {per}"]
 

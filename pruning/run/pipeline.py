@@ -193,6 +193,10 @@ class Pipeline:
             self.log("[3/6] evaluating the pruned model, then healing it")
             self._stage("eval_pruned", {"prune": k_prune, "eval": k_eval}, out / "stages" / "eval_pruned.out.json",
                         lambda p: self._evaluate(self.pruned(), p), False)
+            if k_acc is not None:
+                self._stage("accuracy_pruned", {"prune": k_prune, "accuracy": k_acc},
+                            out / "stages" / "accuracy_pruned.out.json", lambda p: self._accuracy(self.pruned(), p),
+                            False)
             k_prune = self._stage("heal", heal_s, out / "healed", self._heal, True)  # "after" is the healed model
         self.log("[4/6] evaluating the " + ("healed" if heal_s else "pruned") + " model")
         self._stage("eval_after", {"prune": k_prune, "eval": k_eval}, out / "stages" / "eval_after.out.json",
@@ -365,6 +369,7 @@ class Pipeline:
         accuracy = None
         if self.cfg.task_limit and self.cfg.tasks:
             accuracy = {"before": read("accuracy_before"), "after": read("accuracy_after"),
+                        **({"pruned": read("accuracy_pruned")} if self.heal_step is not None else {}),
                         "items_per_task": self.cfg.task_limit,
                         "metric": "multiple choice over the probes' distractors: acc = highest summed "
                                   "log-likelihood, acc_norm = per character; chance = mean 1 / choices"}
