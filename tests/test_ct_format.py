@@ -24,8 +24,14 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("model_type", ["llama", "phi3", "qwen2"])
-@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+# every registered or discovered causal-LM family whose linears are plain torch.nn.Linear (GPT-2's Conv1D cannot be
+# stored; Falcon's FalconLinear and fused MoE experts are refused below); both grids on three of them
+ROUND_TRIP = [(t, sym) for t in ("llama", "phi3", "qwen2") for sym in (False, True)] + [
+    (t, False) for t in ("mistral", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "olmo2", "cohere",
+                         "gpt_neox", "opt", "bloom", "phi", "stablelm", "starcoder2", "glm4", "gptj")]
+
+
+@pytest.mark.parametrize("model_type, sym", ROUND_TRIP, ids=[f"{t}-{'sym' if s else 'asym'}" for t, s in ROUND_TRIP])
 def test_round_trip_equals_the_fake_quantized_model(tmp_path, model_type, sym):
     lm = fresh(model_type, scale=0.1)
     windows = _windows(lm.model.config.vocab_size)
@@ -45,6 +51,21 @@ def test_round_trip_equals_the_fake_quantized_model(tmp_path, model_type, sym):
     assert widths == [2, 3, 4, 8] and config["quant_method"] == "compressed-tensors"
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
     assert torch.allclose(_logits(again, windows.input_ids), fake, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type, message", [("falcon", "FalconLinear, a torch.nn.Linear subclass"),
+                                                 ("mixtral", "holds fused MoE experts")])
+def test_writer_refuses_what_transformers_cannot_reload(tmp_path, model_type, message):
+    from importance.errors import ImpruneError
+    from pruning.quant.bits import BitPlan
+
+    lm = fresh(model_type, scale=0.1)
+    units, _ = quant_units(lm.model, group_size=16, linear_only=True)
+    plan = BitPlan({u.name: 4 for u in units}, tuple(units), (4,), 4.0, "test", "test", 0.0)
+    quantized = quantize_model_gptq_(lm.model, plan, None, GPTQConfig("rtn"))
+    with pytest.raises(ImpruneError, match=message):
+        save_compressed_tensors(lm, tmp_path / "ct", plan, quantized, {})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_guided_plan_meets_the_budget_and_prefers_sensitive_units():

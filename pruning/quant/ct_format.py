@@ -91,6 +91,14 @@ def compress_copy(model: Any, plan: BitPlan, quantized: dict[str, Quantized], em
     if bad:
         raise ImpruneError(f"{bad[0]} is not a torch.nn.Linear, which compressed-tensors cannot store; --keep it "
                            "or use --fake")
+    own = [u.name for u in plan.units if type(model.get_submodule(u.name)) is not torch.nn.Linear]
+    if own:  # e.g. Falcon's FalconLinear: the loader's weight init reads .weight, which the packed layout removes
+        raise ImpruneError(f"{own[0]} is a {type(model.get_submodule(own[0])).__name__}, a torch.nn.Linear subclass "
+                           "that transformers cannot reload from compressed-tensors; use --fake (or --format quanto)")
+    fused = next((n for n, p in model.named_parameters() if p.dim() == 3), None)
+    if fused is not None:  # measured: the save writes per-expert keys that the quantized load cannot merge back
+        raise ImpruneError(f"{fused} holds fused MoE experts, which transformers cannot reload from a "
+                           "compressed-tensors folder; use --fake")
     missing = [u.name for u in plan.units if u.name not in quantized]
     if missing:
         raise ImpruneError(f"no quantized weights for {missing[0]}; quantize the whole plan before writing it")
