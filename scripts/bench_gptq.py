@@ -193,9 +193,18 @@ def main() -> int:
         vwin = load_data("austen:eval", base.tokenizer, seq_len=a.seq_len, tokens=a.validate_windows * a.seq_len,
                          sampling="sequential")
         start = time.perf_counter()
-        check = check_estimate(base, sample, vwidths, calib, vwin, cfg, fisher_table(), a.batch_size)
-        check.update(seconds=round(time.perf_counter() - start, 1), windows=len(vwin), seq_len=vwin.seq_len,
-                     widths=list(vwidths))
+        def partial(c: dict[str, Any]) -> None:  # every measured row is kept even if the run is cut off
+            nonlocal check
+            r = c["rows"][-1]
+            print(f"  {r['unit']} {r['bits']}-bit: predicted {r['predicted']:.4g}, measured {r['measured']:+.4f} nats",
+                  flush=True)
+            check = {**c, "seconds": round(time.perf_counter() - start, 1), "windows": len(vwin),
+                     "seq_len": vwin.seq_len, "widths": list(vwidths), "complete": False}
+            dump(partial=True)
+
+        check = check_estimate(base, sample, vwidths, calib, vwin, cfg, fisher_table(), a.batch_size, partial)
+        check.update(complete=True, seconds=round(time.perf_counter() - start, 1), windows=len(vwin),
+                     seq_len=vwin.seq_len, widths=list(vwidths))
         print(_check_line(check), flush=True)
         dump(partial=True)
     print(dump(partial=False))

@@ -13,6 +13,7 @@ only the estimate, not the width, can order them).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,9 +50,10 @@ def sample_units(units: list[QuantUnit], n: int, seed: int = 0) -> list[QuantUni
 
 @torch.no_grad()
 def check_estimate(lm: Any, units: list[QuantUnit], widths: tuple[int, ...], calib: Windows, evalw: Windows,
-                   cfg: GPTQConfig, table: ImportanceTable, batch_size: int = 4) -> dict[str, Any]:
+                   cfg: GPTQConfig, table: ImportanceTable, batch_size: int = 4,
+                   on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Rows {unit, layer, components, bits, predicted, rtn_fisher, measured} and the Spearman correlations
-    (module docstring); ``lm.model`` is left as it was."""
+    (module docstring); ``lm.model`` is left as it was. ``on_row(partial result)`` after every measured row."""
     model = lm.model
     kept: dict[str, dict[int, torch.Tensor]] = {}
 
@@ -72,6 +74,9 @@ def check_estimate(lm: Any, units: list[QuantUnit], widths: tuple[int, ...], cal
                 rows.append({"unit": u.name, "layer": u.layer, "components": list(u.components), "bits": b,
                              "predicted": predicted[u.name][b], "rtn_fisher": baseline[u.name][b],
                              "measured": nll - dense})
+                if on_row is not None:
+                    on_row({"estimator": how, "dense_nll": dense, "rows": list(rows),
+                            **correlations(rows, widths)})
         finally:
             view.copy_(orig)
     return {"estimator": how, "dense_nll": dense, "rows": rows, **correlations(rows, widths)}
