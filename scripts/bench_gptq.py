@@ -13,14 +13,21 @@ Rows (each a fresh copy of the model, quantized, evaluated; weights on the compr
   sparsegpt 50%                      the pass the quantization time is compared with (same windows)
   gptq 4-bit natural static          natural column order, group parameters from the initial weights (the way
                                      llm-compressor computes them)
+  validate (the width estimate)      for --validate-units sampled linears x --validate-widths, the predicted cost
+                                     the knapsack uses vs the measured eval NLL increase of that linear alone
+                                     GPTQ-quantized (``pruning.quant.estimate_check``), on the first
+                                     --validate-windows Persuasion windows; Spearman in the output and the JSON
 Columns: average bits, weight bytes as stored (packed codes + scales + zero points; embeddings float32),
 perplexity, loss vs dense, / random loss at the same budget, quantization seconds, / SparseGPT seconds.
 
 Reference setting: SmolLM2-135M float32; calibration 32 x 256 ``austen:train`` windows (seed 0); evaluation
 the first 16,384 tokens of Persuasion in windows of 256. ``--quick``: 8 x 256 calibration, 4,096 evaluation
-tokens, one random seed. ``--rows`` picks rows by prefix (e.g. ``--rows gptq4,guided``).
+tokens, one random seed. ``--rows`` picks rows by name (e.g. ``--rows gptq4,guided``); ``--name`` the result files'
+stem (default bench_gptq, bench_gptq_quick).
 
-    python scripts/bench_gptq.py [--quick] [--group-size 64] [--rows ...] [--seeds 3] [--out scripts/results]
+    python scripts/bench_gptq.py [--quick] [--group-size 64] [--rows ...] [--seeds 3] [--name STEM]
+                                 [--validate-units 12 --validate-widths 2,3,4 --validate-windows 8]
+                                 [--out scripts/results]
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchlib import add_reference_args  # noqa: E402  (scripts/ is on the path when a script runs)
 
 BUDGETS = {4.0: "3,4,8", 4.5: "3,4,8", 5.0: "4,8"}
-ROWS = ("rtn4", "gptq4", "gptq8", "guided", "random", "joint", "sparsegpt", "static4")
+ROWS = ("rtn4", "gptq4", "gptq8", "guided", "random", "joint", "sparsegpt", "static4", "validate")
 
 
 def _args() -> argparse.Namespace:
@@ -49,6 +56,10 @@ def _args() -> argparse.Namespace:
     p.add_argument("--budgets", default="4.0,4.5,5.0")
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--seeds", type=int, default=None, help="random plans per budget (default 3, quick 1)")
+    p.add_argument("--validate-units", type=int, default=12)
+    p.add_argument("--validate-widths", default="2,3,4")
+    p.add_argument("--validate-windows", type=int, default=8)
+    p.add_argument("--name", default=None, help="stem of the result files")
     add_reference_args(p)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     return p.parse_args()
@@ -57,6 +68,7 @@ def _args() -> argparse.Namespace:
 def main() -> int:
     import torch
 
+    from importance.data.sources import load_data
     from importance.models.load import load_model
     from importance.scoring import score
     from importance.store.meta import versions, write_json
@@ -64,6 +76,7 @@ def main() -> int:
     from pruning.methods.unstructured import UnstructuredConfig, prune_unstructured
     from pruning.quant.bits import _units, random_plan
     from pruning.quant.ct_format import packed_bytes
+    from pruning.quant.estimate_check import check_estimate, sample_units
     from pruning.quant.gptq_model import GPTQConfig, gptq_errors, plan_from_errors, plan_gptq, quantize_model_gptq_
     from pruning.quant.quantize import float32_bytes
     from pruning.second_order.gptq import GPTQ_BITS
@@ -77,6 +90,8 @@ def main() -> int:
           "seeds": a.seeds or (1 if a.quick else 3), "calib_windows": a.calib_windows or (8 if a.quick else 32),
           "seq_len": a.seq_len, "eval_tokens": a.eval_tokens or (4096 if a.quick else 16384),
           "batch_size": a.batch_size, "seed": a.seed, "threads": torch.get_num_threads()}
+    if "validate" in rows_wanted:
+        st["validate"] = {"units": a.validate_units, "widths": a.validate_widths, "windows": a.validate_windows}
     print("settings: " + ", ".join(f"{k}={v}" for k, v in st.items()), flush=True)
     base = load_model(a.model)
     calib, evalw = reference_data(base, st)
@@ -85,7 +100,13 @@ def main() -> int:
     cfg = GPTQConfig("gptq", sym=a.sym)
     results: list[dict[str, Any]] = []
 
-    plan_s, errors, how, sgpt_s = None, None, "", None
+    plan_s, errors, how, sgpt_s, check = None, None, "", None, None
+    tables: dict[str, Any] = {}
+
+    def fisher_table() -> Any:  # one scoring pass shared by the guided rows and the estimate check
+        if "fisher" not in tables:
+            tables["fisher"] = score(base, calib, ["fisher"], elements=True, batch_size=a.batch_size, progress=False)
+        return tables["fisher"]
 
     def dump(partial: bool) -> str:
         """Ratios, markdown and JSON of the rows so far (after every row, so a cut-off run keeps its rows)."""
@@ -95,12 +116,13 @@ def main() -> int:
             rand = [x["ppl"] - dense for x in results if x["row"].startswith("random") and x["budget"] == r["budget"]]
             r["loss_vs_random"] = r["ppl_loss"] / (sum(rand) / len(rand)) if rand and r["budget"] else None
             r["time_vs_sparsegpt"] = r["seconds"] / sgpt_s if sgpt_s and r["seconds"] else None
-        md = _markdown(results, st, evalw, plan_s)
+        md = _markdown(results, st, evalw, plan_s) + ("" if check is None else "\n\n" + _check_line(check))
         out = Path(a.out)
-        stem = "bench_gptq_quick" if a.quick else "bench_gptq"
+        stem = a.name or ("bench_gptq_quick" if a.quick else "bench_gptq")
         write_json(out / f"{stem}.json", {"settings": st, "complete": not partial, "eval": dict(evalw.meta),
                                           "calibration": dict(calib.meta), "planning_seconds": plan_s,
                                           "estimator": how, "errors": errors, "rows": results,
+                                          "estimate_check": check,
                                           "versions": versions()})
         (out / f"{stem}.md").write_text(md + "\n")
         return md + f"\nwrote {out / (stem + '.json')} and .md"
@@ -147,7 +169,7 @@ def main() -> int:
         run("joint 50% + gptq 4-bit", uniform(4), GPTQConfig("gptq", sym=a.sym, sparsity=0.5))
         run("joint 2:4 + gptq 4-bit", uniform(4), GPTQConfig("gptq", sym=a.sym, nm=(2, 4)))
     if "guided" in rows_wanted:
-        table = score(base, calib, ["fisher"], elements=True, batch_size=a.batch_size, progress=False)
+        table = fisher_table()
         units, kept = _units(base.model, (), gs, True)
         widths = tuple(sorted({int(w) for b in budgets for w in st["budgets"][b].split(",")}))
         start = time.perf_counter()
@@ -164,8 +186,40 @@ def main() -> int:
                 run(f"random {b:g} ({st['budgets'][b]}) seed {k}",
                     random_plan(base.model, b, st["budgets"][b], k, group_size=gs, linear_only=True,
                                 supported=GPTQ_BITS), budget=b)
+    if "validate" in rows_wanted:
+        units, _ = _units(base.model, (), gs, True)
+        sample = sample_units(units, a.validate_units, a.seed)
+        vwidths = tuple(sorted(int(w) for w in a.validate_widths.split(",") if w.strip()))
+        vwin = load_data("austen:eval", base.tokenizer, seq_len=a.seq_len, tokens=a.validate_windows * a.seq_len,
+                         sampling="sequential")
+        start = time.perf_counter()
+        def partial(c: dict[str, Any]) -> None:  # every measured row is kept even if the run is cut off
+            nonlocal check
+            r = c["rows"][-1]
+            print(f"  {r['unit']} {r['bits']}-bit: predicted {r['predicted']:.4g}, measured {r['measured']:+.4f} nats",
+                  flush=True)
+            check = {**c, "seconds": round(time.perf_counter() - start, 1), "windows": len(vwin),
+                     "seq_len": vwin.seq_len, "widths": list(vwidths), "complete": False}
+            dump(partial=True)
+
+        check = check_estimate(base, sample, vwidths, calib, vwin, cfg, fisher_table(), a.batch_size, partial)
+        check.update(complete=True, seconds=round(time.perf_counter() - start, 1), windows=len(vwin),
+                     seq_len=vwin.seq_len, widths=list(vwidths))
+        print(_check_line(check), flush=True)
+        dump(partial=True)
     print(dump(partial=False))
     return 0
+
+
+def _check_line(c: dict[str, Any]) -> str:
+    """The estimate check in one line (``pruning.quant.estimate_check``)."""
+    s, r = c["spearman"], c["spearman_rtn_fisher"]
+    per = lambda d: ", ".join(f"{b}-bit {v:.2f}" for b, v in d["per_width"].items())  # noqa: E731
+    units = len({x["unit"] for x in c["rows"]})
+    return (f"validate-estimate: {units} linears x widths {c['widths']}, measured = eval NLL increase of that linear "
+            f"alone GPTQ-quantized ({c['windows']} x {c['seq_len']} Persuasion tokens; {c['seconds']:.0f} s): "
+            f"Spearman(predicted after compensation, measured) pooled **{s['pooled']:.3f}** (per width {per(s)}); "
+            f"before compensation (sum F (w - RTN(w))^2) pooled {r['pooled']:.3f} (per width {per(r)})")
 
 
 def _markdown(rows: list[dict[str, Any]], st: dict[str, Any], evalw: Any, plan_s: float | None) -> str:

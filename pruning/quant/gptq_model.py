@@ -23,6 +23,7 @@ Group sizes: widths below 8 use the unit's group size; 8 bits one scale per outp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,8 +189,10 @@ def _row_sensitivity(unit: QuantUnit, table: ImportanceTable | None, xtx: torch.
 @torch.no_grad()
 def gptq_errors(model: Any, units: list[QuantUnit], choices: tuple[int, ...], windows: Windows,
                 cfg: GPTQConfig, table: ImportanceTable | None = None, batch_size: int = 4,
-                progress: bool = False) -> tuple[dict[str, dict[int, float]], str]:
-    """{unit: {width: estimated loss increase after compensation}} and the estimator (module docstring)."""
+                progress: bool = False, on_result: Callable[[QuantUnit, int, Quantized], None] | None = None
+                ) -> tuple[dict[str, dict[int, float]], str]:
+    """{unit: {width: estimated loss increase after compensation}} and the estimator (module docstring).
+    ``on_result(unit, width, quantized)`` sees every GPTQ result (e.g. to measure what one unit alone costs)."""
     by_layer = _by_layer(units)
     mm = model_map(model)
     out: dict[str, dict[int, float]] = {}
@@ -211,6 +214,8 @@ def gptq_errors(model: Any, units: list[QuantUnit], choices: tuple[int, ...], wi
                 d = (w - q.weight).double()
                 e = ((d @ xtx) * d).sum(1)  # [out] per-row output error
                 out.setdefault(u.name, {})[b] = float(e.sum() if s is None else (s * e).sum())
+                if on_result is not None:
+                    on_result(u, b, q)
         if st is not None:
             st.xtx.clear()
 
