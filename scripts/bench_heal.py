@@ -65,7 +65,8 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {r['row']} | {r['placement']} | {r['pruned']:.2f} | **{r['healed']:.2f}** | "
                      f"{r['gap_closed']:.0%} | {r['tokens']:,} | {r['heal_seconds'] / 60:.1f} min | "
                      f"{r['trainable']:,} | "
-                     f"{r['zero_share_before']:.4f} -> {r['zero_share_after']:.4f} | "
+                     f"{r['zero_share_before']:.4f} -> " + (f"{r['zero_share_after']:.4f}" if r.get('zero_share_after')
+                                                             is not None else "(run)") + " | "
                      f"{'same' if r['params_before'] == r['params_after'] else 'CHANGED'} |")
     return "\n".join(lines)
 
