@@ -128,10 +128,11 @@ def table_facts(table: Any, where: str, record: Mapping[str, Any] | None = None)
         str(meta.get("model_type") or model.get("model_type") or "") or None,
         _int(meta.get("layers")), _int(meta.get("heads")), _int(meta.get("kv_heads")), _int(meta.get("head_dim")),
         tuple(str(c) for c in comps) if isinstance(comps, list) else None, _shapes(meta.get("shapes")),
-        *_lineage(record))
+        *lineage(record))
 
 
-def _lineage(record: Mapping[str, Any] | None) -> tuple[dict[str, Any] | None, tuple[int, ...] | None, bool]:
+def lineage(record: Mapping[str, Any] | None) -> tuple[dict[str, Any] | None, tuple[int, ...] | None, bool]:
+    """(source model, layers_kept, pruned) as a pruning record states them: the lineage fields of ``ModelFacts``."""
     if not isinstance(record, Mapping):
         return None, None, False
     source = record.get("source_model")
@@ -147,7 +148,7 @@ def model_facts(lm: Any, mm: Any | None = None) -> ModelFacts:
     record = read_record(lm.source) if lm.source and Path(str(lm.source)).is_dir() else None
     return ModelFacts(f"--model {lm.spec}", lm.spec, str(mm.model_type), mm.n_layers, b0.n_heads, b0.n_kv_heads,
                       b0.head_dim, tuple(mm.component_names()),
-                      {f"{c.layer}|{c.name}": tuple(c.shape) for c in mm.components()}, *_lineage(record))
+                      {f"{c.layer}|{c.name}": tuple(c.shape) for c in mm.components()}, *lineage(record))
 
 
 def identity(spec: Any) -> str | None:

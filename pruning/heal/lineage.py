@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from importance.errors import ImpruneError
-from importance.models.identity import check_same_model, model_facts, record_layers_kept
+from importance.models.identity import check_same_model, lineage, model_facts
 from importance.models.load import LoadedModel
 
 _VOLATILE = ("source_model", "versions", "reload", "layer_shapes", "perplexity", "heal")
@@ -47,9 +47,8 @@ def check_pair(student: LoadedModel, teacher: LoadedModel, n_student_layers: int
     fix = "pass as --teacher the model that --model was pruned from"
     s_facts = replace(model_facts(student), where=f"--model {student.spec}")
     if isinstance(record, Mapping):
-        source = record.get("source_model")
-        s_facts = replace(s_facts, source=dict(source) if isinstance(source, Mapping) else None,
-                          layers_kept=record_layers_kept(record), pruned=True)
+        source, kept_layers, pruned = lineage(record)
+        s_facts = replace(s_facts, source=source, layers_kept=kept_layers, pruned=pruned)
     t_facts = replace(model_facts(teacher), where=f"--teacher {teacher.spec}")
     kept = check_same_model(t_facts, s_facts, fix, derived=True)
     s_vocab = student.model.get_output_embeddings().weight.shape[0]

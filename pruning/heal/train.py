@@ -158,7 +158,7 @@ def heal(student: LoadedModel, teacher: LoadedModel | None, train: Windows, cfg:
     try:
         for step in range(start, total):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            batch = train.subset(idx).batches(len(idx)).__next__().to(device)
+            batch = next(train.subset(idx).batches(len(idx))).to(device)
             for group in opt.param_groups:
                 group["lr"] = learning_rate(step, cfg)
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout, if the model has any
