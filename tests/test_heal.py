@@ -164,6 +164,22 @@ def test_importance_placement_spends_the_uniform_budget() -> None:
     assert all(ranks[t.path] == per_layer[t.layer] for t in targets)
 
 
+def test_uniform_placement_under_a_budget_gives_every_layer_the_same_rank() -> None:
+    lm = fresh("llama")
+    mlp = lm.model.model.layers[1].mlp  # a width-pruned layer: half its MLP channels, so it costs less per rank
+    keep = mlp.up_proj.out_features // 2
+    for name, shape in (("gate_proj", (keep, mlp.gate_proj.in_features)), ("up_proj", (keep, mlp.up_proj.in_features)),
+                        ("down_proj", (mlp.down_proj.out_features, keep))):
+        setattr(mlp, name, torch.nn.Linear(shape[1], shape[0], bias=False))
+    targets = block_linears(lm.model)
+    costs = [sum(t.cost for t in targets if t.layer == j) for j in range(2)]
+    assert costs[0] > costs[1]
+    _, per_layer, _ = plan_ranks(lm, None, _cfg(budget=uniform_budget(targets, 4)), [0, 1], None)
+    assert per_layer == [4, 4]
+    _, per_layer, _ = plan_ranks(lm, None, _cfg(budget=uniform_budget(targets, 2)), [0, 1], None)
+    assert per_layer == [2, 2]
+
+
 def test_a_budget_larger_than_the_model_is_refused() -> None:
     lm = fresh("llama")
     with pytest.raises(ImpruneError, match="larger than the model"):

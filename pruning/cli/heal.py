@@ -43,9 +43,8 @@ from pruning.heal.config import HEAL_ARGS, heal_config
     arg("--out", required=True, help="output folder for the healed model"), OVERWRITE, QUIET])
 def heal_cmd(args: argparse.Namespace) -> int:
     from pruning.eval.perplexity import perplexity
-    from pruning.heal.lineage import check_pair, check_record, check_student, healed_record
-    from pruning.heal.train import heal
-    from pruning.io import save_model
+    from pruning.heal.job import prepare
+    from pruning.heal.lineage import check_record, check_student
 
     positive(args.eval_tokens, "--eval-tokens")
     cfg = heal_config(args, args.seq_len, args.seed, progress=not args.quiet)
@@ -63,25 +62,17 @@ def heal_cmd(args: argparse.Namespace) -> int:
     check_student(student, record)
     teacher = load_model(teacher_spec, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                          allow_pickle=args.allow_pickle) if teacher_spec and (needs_teacher or args.teacher) else None
-    from importance.arch.canonical import model_map
-
-    n_layers = model_map(student.model).n_layers
-    origin = check_pair(student, teacher, n_layers, record) if teacher is not None else list(range(n_layers))
+    job = prepare(student, teacher, record, args.data, cfg, args.seq_len, args.seed)
     limit = getattr(student.model.config, "max_position_embeddings", None)
-    train = load_data(args.data, student.tokenizer, seq_len=args.seq_len, tokens=cfg.tokens, seed=args.seed,
-                      max_positions=limit)
-    evaluate = not args.no_eval
     held = load_data(args.eval_data, student.tokenizer, seq_len=args.seq_len, tokens=args.eval_tokens,
                      sampling="sequential", max_positions=limit, flags=("--eval-tokens", "--seq-len")) \
-        if evaluate else None
+        if not args.no_eval else None
     ckpt = _checkpoint_dir(out, args, teacher_spec, cfg.key_settings())
     before = perplexity(student.model, held, student.task, progress=not args.quiet) if held else None
-    result = heal(student, teacher, train, cfg, origin, ckpt)
+    result = job.run(ckpt)
     after = perplexity(student.model, held, student.task, progress=not args.quiet) if held else None
     ppl = {"pruned": before.to_dict(), "healed": after.to_dict()} if before and after else None
-    heal_rec = {**result.record(), "data": dict(train.meta), "teacher": teacher_spec}
-    save_model(student, out, healed_record(record, origin, heal_rec, ppl), overwrite=args.overwrite,
-               source=(record or {}).get("source_model"))
+    job.save(result, out, teacher=teacher_spec, perplexity=ppl, overwrite=args.overwrite)
     _remove_checkpoints(out)
     if before and after:
         print(f"perplexity {before.ppl:.2f} -> {after.ppl:.2f} after healing ({after.windows} x {after.seq_len} "

@@ -115,8 +115,8 @@ def plan_ranks(student: LoadedModel, teacher: LoadedModel | None, cfg: HealConfi
         errors = layer_errors(student.model, teacher.model, windows, origin)
         per_layer = allocate_ranks(costs, errors, cfg.rank, budget, floor=cfg.placement_floor)
     else:
-        per_layer = allocate_ranks(costs, [1.0] * n_layers, cfg.rank, budget) if cfg.budget is not None \
-            else [cfg.rank] * n_layers
+        per_layer = [cfg.rank] * n_layers if cfg.budget is None else \
+            allocate_ranks(costs, [1.0] * n_layers, cfg.rank, budget, floor=1.0)  # equal ranks, budget-scaled
     per_layer = [min(r, min((min(t.fan_in, t.fan_out) for t in targets if t.layer == j), default=r))
                  for j, r in enumerate(per_layer)]
     return {t.path: per_layer[t.layer] for t in targets}, per_layer, errors

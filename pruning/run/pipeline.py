@@ -316,26 +316,20 @@ class Pipeline:
         import shutil
 
         from importance.models.identity import read_record
-        from pruning.heal.lineage import check_pair, check_student, healed_record
-        from pruning.heal.train import heal
-        from pruning.io import save_model
+        from pruning.heal.job import prepare
+        from pruning.heal.lineage import check_student
 
         c, cfg = self.cfg, self.heal_config()
         student = self.pruned()
         self._pruned = None  # healed in place: the pruned copy is on disk only
         record = read_record(self.out / "model")
         check_student(student, record)
-        teacher = self.dense()
-        origin = check_pair(student, teacher, model_map(student.model).n_layers, record)
-        limit = getattr(student.model.config, "max_position_embeddings", None)
-        train = load_data(c.data, student.tokenizer, seq_len=c.seq_len, tokens=cfg.tokens, seed=c.seed,
-                          max_positions=limit)
+        job = prepare(student, self.dense(), record, c.data, cfg, c.seq_len, c.seed)
         ckpt = self.out / "stages" / "heal.ckpt"
-        result = heal(student, teacher, train, cfg, origin, ckpt)
+        result = job.run(ckpt)
         self._dense = None  # the teacher's memory back before scoring
         self._healed = student
-        save_model(student, path, healed_record(record, origin, {**result.record(), "data": dict(train.meta)}),
-                   source=(record or {}).get("source_model"))
+        job.save(result, path)
         shutil.rmtree(ckpt, ignore_errors=True)
 
     def _namespace(self, step: Step) -> Any:
