@@ -15,7 +15,7 @@ from importance.errors import ImpruneError
 from pruning.heal import train as heal_train
 from pruning.heal.adapters import block_linears, uniform_budget
 from pruning.heal.config import HealConfig
-from pruning.heal.placement import allocate_ranks, layer_errors
+from pruning.heal.placement import allocate_by_spectrum, allocate_ranks, gradient_spectra, layer_errors
 from pruning.heal.train import HealResult, heal, heal_loss, plan_ranks
 
 SEQ = 32
@@ -178,6 +178,58 @@ def test_uniform_placement_under_a_budget_gives_every_layer_the_same_rank() -> N
     assert per_layer == [4, 4]
     _, per_layer, _ = plan_ranks(lm, None, _cfg(budget=uniform_budget(targets, 2)), [0, 1], None)
     assert per_layer == [2, 2]
+
+
+def test_allocate_by_spectrum_exact_cases() -> None:
+    spectra = {"a": torch.tensor([3.0, 2.0, 0.5]), "b": torch.tensor([1.5, 0.1, 0.05])}
+    # sigma^2 / cost: a 0.3, 0.133, 0.008; b 0.225, 0.001, 0.00025; a2 (cost 30) no longer fits at the end
+    assert allocate_by_spectrum({"a": 30, "b": 10}, spectra, rank=2, budget=80, floor=0.0) == {"a": 2, "b": 2}
+    assert allocate_by_spectrum({"a": 10, "b": 10}, spectra, rank=2, budget=40, floor=0.0) == {"a": 3, "b": 1}
+    assert allocate_by_spectrum({"a": 10, "b": 10}, spectra, rank=2, budget=40, floor=1.0) == {"a": 2, "b": 2}
+    assert allocate_by_spectrum({"a": 10, "b": 10}, spectra, rank=1, budget=40, cap=2.0, floor=0.0) == \
+        {"a": 2, "b": 2}  # the cap (2 x rank) stops a at 2
+    with pytest.raises(ImpruneError, match="floor"):
+        allocate_by_spectrum({"a": 10, "b": 10}, spectra, rank=4, budget=20, floor=1.0)
+
+
+def test_gradient_spectra_are_the_singular_values_of_the_masked_loss_gradient() -> None:
+    lm = fresh("llama", scale=0.05)
+    _sparsify(lm, 0.5)
+    targets = block_linears(lm.model)
+    w = _windows(4)
+    loss_of = lambda b: lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float().pow(2).mean()
+    flags = [p.requires_grad for p in lm.model.parameters()]
+    spectra = gradient_spectra(lm.model, targets, w, loss_of, batch_size=2)
+    assert [p.requires_grad for p in lm.model.parameters()] == flags
+    assert all(p.grad is None for p in lm.model.parameters())
+    weights = [t.module.weight for t in targets]
+    for x in weights:
+        x.requires_grad_(True)
+    grads = [torch.zeros_like(x) for x in weights]
+    for b in w.batches(2):  # independent: autograd.grad batch by batch, masked afterwards
+        for g, d in zip(grads, torch.autograd.grad(loss_of(b), weights), strict=True):
+            g += d
+    for t, g in zip(targets, grads, strict=True):
+        g = g.T if t.transposed else g
+        masked = g * t.mask if t.mask is not None else g
+        assert t.mask is not None and torch.allclose(spectra[t.path], torch.linalg.svdvals(masked), rtol=1e-4,
+                                                     atol=1e-9)
+
+
+def test_gradient_placement_spends_the_budget_per_module_and_keeps_the_zeros() -> None:
+    teacher = fresh("llama", scale=0.05)
+    student = copy.deepcopy(teacher)
+    _sparsify(student, 0.5)
+    _damage(student, layer=1, factor=0.5)
+    targets = block_linears(student.model)
+    budget = uniform_budget(targets, 4)
+    ranks, per_layer, _ = plan_ranks(student, teacher, _cfg(placement="gradient", rank=4), [0, 1], _windows(4))
+    spent = sum(ranks[t.path] * t.cost for t in targets)
+    assert spent <= budget and budget - spent < max(t.cost for t in targets)
+    assert len(set(ranks.values())) > 1 and min(ranks.values()) >= 2  # unequal, above the floor (half of 4)
+    zeros = _zeros(student)
+    heal(student, teacher, _windows(8), _cfg(placement="gradient", rank=4))
+    assert [torch.equal(a, b) for a, b in zip(zeros, _zeros(student), strict=True)] == [True] * len(zeros)
 
 
 def test_a_budget_larger_than_the_model_is_refused() -> None:

@@ -14,7 +14,7 @@ from pruning.methods.registry import Arg, arg
 
 METHODS = ("lora", "full")
 LOSSES = ("kd", "lm", "kd+lm")
-PLACEMENTS = ("uniform", "importance")
+PLACEMENTS = ("uniform", "importance", "gradient")
 DEFAULT_LR = {"lora": 1e-3, "full": 5e-5}
 
 
@@ -35,7 +35,7 @@ class HealConfig:
     weight_decay: float = 0.0
     rank: int = 8  # LoRA rank of the uniform placement; it sets the trainable-parameter budget
     budget: int | None = None  # trainable LoRA parameters (default: what rank `rank` on every linear takes)
-    placement: str = "uniform"  # uniform | importance (ranks per layer where the teacher says the cut hurt)
+    placement: str = "uniform"  # uniform | importance (per layer, by error) | gradient (per module)
     placement_windows: int = 4  # calibration windows that measure each layer's error for the placement
     placement_floor: float = 0.5  # share of the budget the importance placement spreads uniformly
     seed: int = 0
@@ -86,9 +86,10 @@ HEAL_ARGS: tuple[Arg, ...] = (
         help="trainable LoRA parameters (default: rank --rank on every block linear)"),
     arg("--placement", default="uniform", choices=list(PLACEMENTS),
         help="uniform: rank --rank everywhere | importance: the same budget, ranks per layer by how far each "
-             "pruned layer's output is from the teacher's (measured on calibration windows)"),
+             "pruned layer's output is from the teacher's (measured on calibration windows) | gradient: the same "
+             "budget, ranks per module where the heal loss's gradient has most to gain per parameter"),
     arg("--placement-floor", type=float, default=0.5,
-        help="share of the budget --placement importance still spreads as uniform does (the rest by the error)"),
+        help="share of the budget --placement importance / gradient still spreads as uniform does"),
     arg("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"),
     arg("--autocast", default="auto", choices=["auto", "bf16", "off"],
         help="auto: bf16 autocast on a CUDA device that supports it, off on CPU"),

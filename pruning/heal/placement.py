@@ -12,11 +12,17 @@ layer that does nothing of what it should.
 ``cap`` x r, the remainder spread by largest remainder; each layer's cost per rank is its linears' ``in + out``,
 so the total never exceeds the budget. A floor keeps capacity everywhere: the plain next-token part of the
 loss (``--loss kd+lm``) gains from every layer, not only from the damaged ones (measured in the README).
+
+``gradient_spectra`` + ``allocate_by_spectrum`` place ranks per module (layer x component) instead: the
+singular values of each weight's heal-loss gradient (masked to the kept weights) say how much a rank-r
+update there can lower the loss to first order; ranks go greedily to the largest ``sigma^2`` per parameter,
+under the same budget, above a uniform floor.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -99,4 +105,64 @@ def allocate_ranks(costs: list[int], errors: list[float], rank: int, budget: int
             ranks[i] = top
             free.discard(i)
         left = total - sum(r * c for r, c in zip(ranks, costs))
+    return ranks
+
+
+def gradient_spectra(student: torch.nn.Module, targets: list, windows: Windows, loss_of: Callable,
+                     batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """Singular values (descending) of the heal loss's gradient with respect to every target weight, summed
+    over ``windows``, restricted to its kept weights (``Target.mask``): the update a masked LoRA of rank r can
+    make along the loss's steepest directions gains, to first order, ``sqrt(sum of the top r sigma^2)`` per
+    unit of Frobenius norm. ``loss_of(batch)``: the heal loss of a batch (a scalar with gradient)."""
+    flags = {id(p): p.requires_grad for p in student.parameters()}
+    was = student.training
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    weights = [t.module.weight for t in targets]
+    for w in weights:
+        w.requires_grad_(True)
+        w.grad = None
+    try:
+        device = weights[0].device
+        for batch in windows.batches(batch_size):
+            loss_of(batch.to(device)).backward()
+        spectra = {}
+        for t, w in zip(targets, weights, strict=True):
+            g = w.grad.detach().float() if w.grad is not None else torch.zeros_like(w, dtype=torch.float32)
+            g = g.T if t.transposed else g  # [out, in]
+            if t.mask is not None:
+                g = g * t.mask.to(g.device, g.dtype)
+            spectra[t.path] = torch.linalg.svdvals(g).cpu()  # [min(out, in)]
+    finally:
+        for w in weights:
+            w.grad = None
+        for p in student.parameters():
+            p.requires_grad_(flags[id(p)])
+        student.train(was)
+    return spectra
+
+
+def allocate_by_spectrum(costs: dict[str, int], spectra: dict[str, torch.Tensor], rank: int, budget: int,
+                         cap: float = 4.0, floor: float = 0.5) -> dict[str, int]:
+    """Rank per module under ``budget`` parameters: ``round(floor x rank)`` everywhere, then the rest one rank
+    at a time to the module whose next singular direction gains most per parameter (``sigma^2 / cost``),
+    each module capped at ``cap x rank`` and at its full rank. Per module the values fall, so greedy takes
+    prefixes: the plan that, to first order, lets the budget's update lower the loss most."""
+    if set(costs) != set(spectra) or not costs:
+        raise ImpruneError("one cost and one gradient spectrum per module are needed to place ranks")
+    if not 0.0 <= floor <= 1.0:
+        raise ImpruneError(f"the uniform share of the placement must be in [0, 1], got {floor}")
+    top = max(1, math.ceil(cap * rank))
+    base = int(round(floor * rank))
+    ranks = {p: min(base, len(spectra[p])) for p in costs}
+    left = budget - sum(ranks[p] * costs[p] for p in costs)
+    if left < 0:
+        raise ImpruneError(f"a budget of {budget:,} cannot give every module the floor's rank {base}")
+    items = sorted((-(float(s) ** 2) / costs[p], p, i) for p in costs for i, s in enumerate(spectra[p].tolist())
+                   if ranks[p] <= i < min(top, len(spectra[p])))  # best gain per parameter first; ties by index
+    for _, p, i in items:
+        if i == ranks[p] and costs[p] <= left:
+            ranks[p] += 1
+            left -= costs[p]
     return ranks

@@ -30,7 +30,7 @@ from importance.models.load import LoadedModel
 from importance.store.cache import atomic_file
 from pruning.heal.adapters import Trainable, attach, block_linears, uniform_budget
 from pruning.heal.config import HealConfig
-from pruning.heal.placement import allocate_ranks, layer_errors
+from pruning.heal.placement import allocate_by_spectrum, allocate_ranks, gradient_spectra, layer_errors
 
 CHECKPOINT_SCHEMA = "imprune.heal-checkpoint/1"
 
@@ -109,6 +109,15 @@ def plan_ranks(student: LoadedModel, teacher: LoadedModel | None, cfg: HealConfi
         raise ImpruneError(f"--budget {budget:,} is larger than the model's LoRA can take ({largest:,} parameters "
                            "at full rank on every block linear); lower --budget or --rank")
     errors = None
+    if cfg.placement == "gradient":
+        if windows is None or (teacher is None and cfg.loss != "lm"):
+            raise ImpruneError("--placement gradient measures the heal loss's gradient: pass --teacher")
+        spectra = gradient_spectra(student.model, targets, windows, lambda b: _batch_loss(student, teacher, b, cfg))
+        ranks = allocate_by_spectrum({t.path: t.cost for t in targets}, spectra, cfg.rank, budget,
+                                     floor=cfg.placement_floor)
+        per_layer = [round(sum(ranks[t.path] * t.cost for t in targets if t.layer == j) / costs[j])
+                     for j in range(n_layers)]  # the parameter-weighted mean rank of each layer
+        return ranks, per_layer, None
     if cfg.placement == "importance":
         if teacher is None or windows is None:
             raise ImpruneError("--placement importance measures each layer against the teacher: pass --teacher")
@@ -162,15 +171,7 @@ def heal(student: LoadedModel, teacher: LoadedModel | None, train: Windows, cfg:
             for group in opt.param_groups:
                 group["lr"] = learning_rate(step, cfg)
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout, if the model has any
-            with _autocast(cfg, device):
-                t_logits = None
-                if teacher is not None and cfg.loss != "lm":
-                    with torch.no_grad():
-                        t_logits = teacher.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                                 use_cache=False).logits
-                s_logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 use_cache=False).logits
-                loss = heal_loss(s_logits, t_logits, batch.input_ids, batch.loss_mask, cfg)
+            loss = _batch_loss(student, teacher, batch, cfg)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([trainable.params[n] for n in names], 1.0)
             opt.step()
@@ -198,19 +199,28 @@ def heal(student: LoadedModel, teacher: LoadedModel | None, train: Windows, cfg:
     return result
 
 
+def _batch_loss(student: LoadedModel, teacher: LoadedModel | None, batch: Any, cfg: HealConfig) -> torch.Tensor:
+    """The heal loss of one batch (on the model's device): the teacher's logits without gradient, the
+    student's with it (when gradients are enabled)."""
+    with _autocast(cfg, batch.input_ids.device):
+        t_logits = None
+        if teacher is not None and cfg.loss != "lm":
+            with torch.no_grad():
+                t_logits = teacher.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                         use_cache=False).logits
+        s_logits = student.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 use_cache=False).logits
+        return heal_loss(s_logits, t_logits, batch.input_ids, batch.loss_mask, cfg)
+
+
 @torch.no_grad()
 def _heldout(student: LoadedModel, teacher: LoadedModel | None, windows: Windows, cfg: HealConfig) -> float:
     """The heal loss over ``windows`` (no gradient), weighted by target positions."""
     device = next(student.model.parameters()).device
     num = den = 0.0
     for batch in windows.batches(cfg.batch_size):
-        batch = batch.to(device)
-        with _autocast(cfg, device):
-            t = teacher.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              use_cache=False).logits if teacher is not None and cfg.loss != "lm" else None
-            s = student.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-            n = int(batch.loss_mask[:, 1:].sum())
-            num += float(heal_loss(s, t, batch.input_ids, batch.loss_mask, cfg)) * n
+        n = int(batch.loss_mask[:, 1:].sum())
+        num += float(_batch_loss(student, teacher, batch.to(device), cfg)) * n
         den += n
     return round(num / max(den, 1), 6)
 
