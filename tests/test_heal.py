@@ -228,8 +228,10 @@ def test_gradient_placement_spends_the_budget_per_module_and_keeps_the_zeros() -
     assert spent <= budget and budget - spent < max(t.cost for t in targets)
     assert len(set(ranks.values())) > 1 and min(ranks.values()) >= 2  # unequal, above the floor (half of 4)
     zeros = _zeros(student)
-    heal(student, teacher, _windows(8), _cfg(placement="gradient", rank=4))
+    result = heal(student, teacher, _windows(8), _cfg(placement="gradient", rank=4))
     assert [torch.equal(a, b) for a, b in zip(zeros, _zeros(student), strict=True)] == [True] * len(zeros)
+    assert set(result.module_ranks) == {t.path for t in targets}  # the record says which module got which rank
+    assert sum(result.module_ranks[t.path] * t.cost for t in targets) == result.trainable <= budget
 
 
 def test_a_budget_larger_than_the_model_is_refused() -> None:

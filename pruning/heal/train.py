@@ -46,6 +46,7 @@ class HealResult:
     kind: str
     curve: list[float]  # training loss of every step
     ranks: list[int] = field(default_factory=list)  # LoRA rank per layer (empty for full)
+    module_ranks: dict[str, int] = field(default_factory=dict)  # LoRA rank of every block linear, by path
     layer_errors: list[float] | None = None  # the measured placement errors, when placement is importance
     resumed_from: int = 0
     heldout: dict[str, float] = field(default_factory=dict)  # the heal loss on held-out windows before / after
@@ -193,7 +194,7 @@ def heal(student: LoadedModel, teacher: LoadedModel | None, train: Windows, cfg:
         p.requires_grad_(False)
     seconds = spent + time.perf_counter() - began
     result = HealResult(total, total * cfg.batch_size * train.seq_len, round(seconds, 2), trainable.n_params,
-                        trainable.kind, curve, per_layer, errors, start, settings=cfg.key_settings())
+                        trainable.kind, curve, per_layer, dict(ranks), errors, start, settings=cfg.key_settings())
     if heldout is not None and before is not None:
         result.heldout = {"before": before, "after": _heldout(student, teacher, heldout, cfg)}
     return result
