@@ -61,9 +61,12 @@ def markdown(doc: dict[str, Any]) -> str:
     """The README table of a results file."""
     lines = ["| row | placement | pruned | healed | gap closed | tokens | heal time | trainable | zero share before -> "
              "after | params |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in doc["rows"].values():
+    order = {name: i for i, name in enumerate(ROWS)}
+    rows = sorted(doc["rows"].values(), key=lambda r: (order.get(r["row"], len(order)), r["placement"] != "uniform",
+                                                      r["placement"]))
+    for r in rows:
         lines.append(f"| {r['row']} | {r['placement']} | {r['pruned']:.2f} | **{r['healed']:.2f}** | "
-                     f"{r['gap_closed']:.0%} | {r['tokens']:,} | {r['heal_seconds'] / 60:.1f} min | "
+                     f"{r['gap_closed']:.1%} | {r['tokens']:,} | {r['heal_seconds'] / 60:.1f} min | "
                      f"{r['trainable']:,} | "
                      f"{r['zero_share_before']:.4f} -> " + (f"{r['zero_share_after']:.4f}" if r.get('zero_share_after')
                                                              is not None else "(run)") + " | "
