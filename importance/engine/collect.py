@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from importance.arch.branches import BRANCHES, block_branch
 from importance.arch.canonical import Block, Component, ModelMap, model_map
 from importance.data.sources import Batch, Windows
+from importance.engine.gates import token_gate_sums
 from importance.engine.objective import require_loss, token_nll
 from importance.engine.offload import bare_forward, offloaded_weight
 from importance.engine.stats import CollectConfig, Statistics
@@ -182,8 +183,14 @@ class _Pass:
     @torch.no_grad()
     def _column_backward(self, comp: Component, x: torch.Tensor, gx: torch.Tensor) -> None:
         key = (comp.layer, comp.name)
-        c = _per_seq(x.float() * gx.float(), self.batch_size)  # [B, in]
+        p = x.float() * gx.float()  # [B, T, in] d loss / d per-token gate of each input column
+        c = _per_seq(p, self.batch_size)  # [B, in]
         self.cols[key] = self.cols[key] + c if key in self.cols else c
+        if self.cfg.token_fisher:
+            mask = None if self.all_valid else _token_mask(self.mask, p)
+            for group, v in token_gate_sums(p, comp.in_group, comp.head_dim,
+                                            self.mm.blocks[comp.layer].n_kv_heads, mask).items():
+                self.stats.add(f"{comp.layer}|{group}|tok_sq", v)
 
     # -------------------------------------------------------------------------------- norms
     def _norm_forward(self, comp: Component):
