@@ -43,6 +43,9 @@ from importance.arch.canonical import Block, Component, ModelMap
 from importance.engine.stats import Statistics
 
 GROUPS = ("head", "kv_group", "mlp_channel", "expert")
+# The head scorer that predicts measured head removal best (scripts/bench_faithfulness.py and
+# scripts/bench_layer_draws.py --granularity head, SmolLM2): what head heatmaps and `imprune probe` draw by default.
+HEAD_SCORER = "fisher"
 
 
 @dataclass(frozen=True)
