@@ -125,6 +125,8 @@ def test_probe_validate_writes_the_causal_matrix_and_the_report(tmp_path: Path) 
     assert set(rec["agreement"]) == {"fisher", "token_fisher", "taylor"}
     causal = rec["causal"]
     assert len(causal["nll_rise"]) == 2 and causal["k"] == 2 and len(causal["heads"]["math"]) == 2
+    nll = torch.tensor(causal["nll_rise"])
+    assert causal["summary"]["nll_rise"]["diagonal_mean"] == pytest.approx(float(nll.diagonal().mean()))
     report = (out / "report.md").read_text()
     for g in rec["agreement"]["fisher"]:
         assert (SHARED_MARK in report) == any(not x["specific"] for x in rec["agreement"]["fisher"])

@@ -72,7 +72,7 @@ class CausalMatrix:
     def to_dict(self) -> dict[str, Any]:
         return {"tasks": list(self.tasks), "k": self.k, "scorer": self.scorer, "heads": self.heads,
                 "base": [b.to_dict() for b in self.base], "nll_rise": self.nll_rise.tolist(),
-                "acc_drop": self.acc_drop.tolist(), **self.summary()}
+                "acc_drop": self.acc_drop.tolist(), "summary": self.summary()}
 
 
 def causal_matrix(lm: LoadedModel, maps: Mapping[str, ImportanceTable], scorer: str, k: int, limit: int,
