@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -192,10 +193,6 @@ def probe_cmd(args: argparse.Namespace) -> int:
     from importance.models.load import load_model
     from importance.scorers import HEAD_SCORER
     from importance.scoring import parse_scorers
-    from importance.store.meta import versions, write_json
-    from importance.store.outputs import publish
-    from importance.viz import heatmap as H
-    from importance.viz.tasks import causal_figure, task_grid_figure
     from pruning.eval.probe import ProbeConfig, markdown, run_probe
 
     names = parse_tasks(args.tasks)
@@ -216,7 +213,37 @@ def probe_cmd(args: argparse.Namespace) -> int:
     lm = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                     allow_pickle=args.allow_pickle)
     start = time.perf_counter()
-    res = run_probe(lm, names, cfg, progress=not args.quiet)  # everything is computed before anything is written
+    maps_cfg = dataclasses.replace(cfg, validate=False)  # the maps are written first; the causal check then adds to it
+    res = run_probe(lm, names, maps_cfg, progress=not args.quiet)  # computed before anything is written
+    _write_probe(out, args, lm, names, scorers, scorer, res, overwrite=args.overwrite)
+    if args.validate:
+        from pruning.eval.probe import add_causal
+
+        if not args.quiet:
+            print(f"wrote the maps to {out}; causal check: top {cfg.validate_heads} heads of each task removed",
+                  flush=True)
+        add_causal(lm, res, cfg, progress=not args.quiet)
+        _write_probe(out, args, lm, names, scorers, scorer, res, overwrite=True)
+    report = markdown(res, scorer, lm.spec) if len(names) > 1 else ""
+    if report and not args.quiet:
+        print(report)
+    items = sorted({int(t.meta.get("data", {}).get("windows", 0)) for t in res.tables})  # a task may have fewer
+    count = str(items[0]) if len(items) == 1 else f"{items[0]}-{items[-1]}"
+    print(f"probed {lm.spec} on {len(names)} task(s) x {count} items in {time.perf_counter() - start:.1f} s "
+          f"-> {out} (heads.png{', causal.png' if res.causal else ''}, tables per task"
+          f"{', report.md' if report else ''}; maps by {scorer})")
+    return 0
+
+
+def _write_probe(out: Path, args: argparse.Namespace, lm, names: list[str], scorers: list[str], scorer: str, res,
+                 overwrite: bool) -> None:
+    """The probe folder: a table per task, heads.png, causal.png (with --validate), report.md, probe.json."""
+    from importance.store.meta import versions, write_json
+    from importance.store.outputs import publish
+    from importance.viz import heatmap as H
+    from importance.viz.tasks import causal_figure, task_grid_figure
+    from pruning.eval.probe import markdown
+
     if len(names) > 1:
         fig = task_grid_figure(res.tables, names, scorer, res.panels(scorer), args.aggregation, args.norm, args.log)
     else:
@@ -227,7 +254,7 @@ def probe_cmd(args: argparse.Namespace) -> int:
         figures["causal.png"] = H.figure_bytes(causal_figure(c.nll_rise, c.acc_drop, c.tasks, c.k, c.scorer,
                                                              lm.spec), "png")
     report = markdown(res, scorer, lm.spec) if len(names) > 1 else ""
-    with publish(out, overwrite=args.overwrite) as tmp:  # the old folder goes only once the new one is complete
+    with publish(out, overwrite=overwrite) as tmp:  # the old folder goes only once the new one is complete
         for name, table in zip(names, res.tables):
             table.save(tmp / name)
         for fname, data in figures.items():
@@ -238,10 +265,3 @@ def probe_cmd(args: argparse.Namespace) -> int:
                                          "samples": args.samples, "scorers": scorers, "scorer": scorer,
                                          "seed": args.seed, "figure": "heads.png", **res.to_dict(),
                                          "versions": versions()})
-    if report and not args.quiet:
-        print(report)
-    items = sorted({int(t.meta.get("data", {}).get("windows", 0)) for t in res.tables})  # a task may have fewer
-    count = str(items[0]) if len(items) == 1 else f"{items[0]}-{items[-1]}"
-    print(f"probed {lm.spec} on {len(names)} task(s) x {count} items in {time.perf_counter() - start:.1f} s "
-          f"-> {out} ({', '.join(figures)}, tables per task{', report.md' if report else ''}; maps by {scorer})")
-    return 0

@@ -91,19 +91,25 @@ def run_probe(lm: LoadedModel, names: Sequence[str], cfg: ProbeConfig, progress:
         raise ImpruneError(f"scorer '{cfg.scorer}' has no head values; draw fisher, token_fisher or taylor")
     t1 = time.perf_counter()
     accuracy = probe_accuracy(lm, list(names), cfg.samples, cfg.seed, cfg.batch_size)
-    t2 = time.perf_counter()
     agreement, cross = {}, {}
     for s in cfg.scorers if len(names) > 1 else ():  # similarity needs other tasks
         if tables[0].has(s, "head"):
             agreement[s], m = map_agreement(dict(zip(names, halves)), s)
             cross[s] = m.tolist()
     result = ProbeResult(list(names), tables, halves, accuracy, agreement, cross,
-                         seconds={"scoring": t1 - t0, "accuracy": t2 - t1})
+                         seconds={"scoring": t1 - t0, "accuracy": time.perf_counter() - t1})
     if cfg.validate:
-        base = accuracy if cfg.validate_items == cfg.samples else None
-        result.causal = causal_matrix(lm, dict(zip(names, tables)), cfg.scorer, cfg.validate_heads,
-                                      cfg.validate_items, cfg.seed, cfg.batch_size, base, progress)
-        result.seconds["causal"] = time.perf_counter() - t2
+        add_causal(lm, result, cfg, progress)
+    return result
+
+
+def add_causal(lm: LoadedModel, result: ProbeResult, cfg: ProbeConfig, progress: bool = False) -> ProbeResult:
+    """The causal matrix of ``result``'s maps (``pruning.eval.causal``), set on ``result``."""
+    start = time.perf_counter()
+    base = result.accuracy if cfg.validate_items == cfg.samples else None
+    result.causal = causal_matrix(lm, dict(zip(result.tasks, result.tables)), cfg.scorer, cfg.validate_heads,
+                                  cfg.validate_items, cfg.seed, cfg.batch_size, base, progress)
+    result.seconds["causal"] = time.perf_counter() - start
     return result
 
 
