@@ -12,9 +12,10 @@ weight-gradient matmul is never paid. Per sequence b (``s`` sums over the tokens
 with ``gx`` the gradient reaching this module's input (caught on an alias of the input, so it is this
 module's share even where q/k/v read the same tensor). Group sums (heads, KV groups, MLP channels,
 experts, components, layers) are sums of these per-sequence vectors, squared only after a whole batch
-has been backpropagated. Norm weights are handled through ``a = dy/dw`` (a forward-mode derivative, so
-Gemma's ``1 + w`` needs no special case) and stacked MoE experts by recomputing each expert's small MLP
-on its routed tokens inside the backward hook. Forward-only statistics: per-channel sums of squares of
+has been backpropagated (with ``token_fisher``, the column products are also folded per token into the gate
+Fisher of heads / KV groups / MLP channels, ``importance.engine.gates``). Norm weights are handled through
+``a = dy/dw`` (a forward-mode derivative, so Gemma's ``1 + w`` needs no special case) and stacked MoE experts by
+recomputing each expert's small MLP on its routed tokens inside the backward hook. Forward-only statistics: per-channel sums of squares of
 inputs and outputs over non-padding tokens, and 1 - cos(block input, block output) per token.
 """
 
