@@ -15,8 +15,9 @@ experts, components, layers) are sums of these per-sequence vectors, squared onl
 has been backpropagated (with ``token_fisher``, the column products are also folded per token into the gate
 Fisher of heads / KV groups / MLP channels, ``importance.engine.gates``). Norm weights are handled through
 ``a = dy/dw`` (a forward-mode derivative, so Gemma's ``1 + w`` needs no special case) and stacked MoE experts by
-recomputing each expert's small MLP on its routed tokens inside the backward hook. Forward-only statistics: per-channel sums of squares of
-inputs and outputs over non-padding tokens, and 1 - cos(block input, block output) per token.
+recomputing each expert's small MLP on its routed tokens inside the backward hook. Forward-only statistics:
+per-channel sums of squares of inputs and outputs over non-padding tokens, and 1 - cos(block input, block output)
+per token.
 """
 
 from __future__ import annotations
