@@ -47,6 +47,7 @@ def accuracy_markdown(models: dict[str, list[dict[str, Any]]], limit: int) -> st
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=DENSE, help="the dense model (another one needs its own --work)")
     p.add_argument("--limit", type=int, default=64, help="items per probe for accuracy")
     p.add_argument("--rows", default="sparsegpt50,width20,layers25")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "imprune" / "bench_heal"),
@@ -71,14 +72,16 @@ def main() -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; use any of {', '.join(ROWS)}")
+    if args.model != DENSE and Path(args.work) == Path.home() / ".cache" / "imprune" / "bench_heal":
+        raise SystemExit("--model other than the reference needs its own --work folder (bench_heal's holds SmolLM2's)")
     work = Path(args.work)
     models: dict[str, list[dict[str, Any]]] = {}
     seconds: dict[str, float] = {}
     for name in ["dense", *rows]:
-        folder = DENSE if name == "dense" else work / name
+        folder = args.model if name == "dense" else work / name
         if name != "dense" and not (folder / "imprune.json").is_file():
             t = time.perf_counter()
-            cli(["prune", "--model", DENSE, *ROWS[name], "--out", str(folder), "--quiet"])
+            cli(["prune", "--model", args.model, *ROWS[name], "--out", str(folder), "--quiet"])
             print(f"{name}: pruned in {time.perf_counter() - t:.0f} s", flush=True)
         lm = load_model(str(folder))
         t = time.perf_counter()
@@ -100,12 +103,12 @@ def main() -> None:
         from importance.data.tasks import task_names
         from pruning.eval.probe import ProbeConfig, markdown, run_probe
 
-        lm = load_model(DENSE)
+        lm = load_model(args.model)
         cfg = ProbeConfig(samples=args.samples, validate=True, validate_items=args.validate_items,
                           validate_heads=args.validate_heads)
         res = run_probe(lm, task_names(), cfg, progress=True)
         doc["maps"] = res.to_dict()
-        md += "\n" + markdown(res, cfg.scorer, DENSE).split("\n", 1)[1]
+        md += "\n" + markdown(res, cfg.scorer, args.model).split("\n", 1)[1]
     write_results(args.out, doc)
     Path(args.out).with_suffix(".md").write_text(md)
     print(md)
