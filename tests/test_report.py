@@ -137,7 +137,7 @@ def test_single_table_and_compare(tmp_path: Path, tables) -> None:
     parsed = check_self_contained(build_report(a))
     assert [f["id"] for f in parsed.all("figure")] == ["components", "heads", "layers"]
     parsed = check_self_contained(build_report(a, compare=b))
-    assert [f["id"] for f in parsed.all("figure")] == ["components", "heads", "layers", "delta"]
+    assert [f["id"] for f in parsed.all("figure")] == ["delta", "components", "heads", "layers"]  # before / after leads
     assert load_run(a, compare=b).after_label == "b"
 
 
