@@ -21,8 +21,14 @@ gate row + up row + down column, an expert, a component, a whole block):
                     windows when the block is bypassed (output = input); the perplexity criterion of depth
                     pruning, L partial forwards with the cached-input replay of ``importance.validate.ablation``
 
+  token_fisher      head / KV group / MLP channel only: sum_b sum_t (g_bt . y_bt)^2 / N, y_bt the group's slice of
+                    the attn.o (mlp.down) input at token t and g_bt the gradient there: the Fisher of a separate gate
+                    on the group's output at every token (``importance.engine.gates``); a KV group gates its query
+                    heads together
+
 b runs over sequences (or over batches with ``fisher_unit='batch'``; residual_fisher is always per token).
-Layer-only scorers (kind 'layer') have no element, channel, head or component values.
+Layer-only scorers (kind 'layer') have no element, channel, head or component values; group-only scorers (kind
+'group') have head / KV-group / MLP-channel values and nothing else.
 """
 
 from __future__ import annotations
@@ -37,11 +43,15 @@ from importance.arch.canonical import Block, Component, ModelMap
 from importance.engine.stats import Statistics
 
 GROUPS = ("head", "kv_group", "mlp_channel", "expert")
+# The head scorer that predicts measured head removal best (scripts/bench_faithfulness.py and
+# scripts/bench_layer_draws.py --granularity head, SmolLM2): what head heatmaps and `imprune probe` draw by default.
+HEAD_SCORER = "fisher"
 
 
 @dataclass(frozen=True)
 class Scorer:
-    """A registered scorer: ``kind`` 'additive' (sum of element scores) or 'mask' (folded group sums)."""
+    """A registered scorer: ``kind`` 'additive' (sum of element scores), 'mask' (folded group sums), 'layer' or
+    'group' (per-token group sums only)."""
 
     name: str
     kind: str
@@ -153,6 +163,13 @@ def _removal(ctx: Context, block: Block) -> float:
     return float(_block_stat(ctx, block, "removal", "removal")[0]) / tokens
 
 
+@register_scorer("token_fisher", "group", "head / KV group / MLP channel: sum over sequences b and tokens t of "
+                 "(g_bt . y_bt)^2 / N, y_bt the group's slice of the attn.o / mlp.down input (Fisher of a "
+                 "separate gate on the group's output at every token)", needs_grad=True)
+def _token_fisher(ctx: Context, comp: Component) -> torch.Tensor:
+    raise KeyError("token_fisher has group values only (heads, KV groups, MLP channels)")
+
+
 def element_scores(name: str, ctx: Context, comp: Component) -> torch.Tensor:
     return _ELEMENT_FNS[name](ctx, comp)
 
@@ -194,6 +211,11 @@ def groups(name: str, ctx: Context, block: Block) -> dict[str, torch.Tensor]:
     """Per-block group scores: 'head' [H], 'kv_group' [Hkv], 'mlp_channel' [I], 'expert' [E] (present ones)."""
     c = block.components
     out: dict[str, torch.Tensor] = {}
+    if SCORERS[name].kind == "group":
+        for g in GROUPS:
+            if (tok := ctx.stats.get(block.index, g, "tok_sq")) is not None:
+                out[g] = tok / ctx.n_targets
+        return out
     if SCORERS[name].kind == "mask":
         for g in GROUPS:
             wg = ctx.stats.get(block.index, g, "wg")

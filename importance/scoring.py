@@ -15,6 +15,7 @@ from importance.engine.blockwise import collect_blockwise
 from importance.engine.collect import CollectConfig, collect
 from importance.engine.distributed import all_reduce_statistics, process_state, shard_windows
 from importance.engine.offload import is_offloaded
+from importance.engine.stats import Statistics
 from importance.errors import ImpruneError
 from importance.models.load import LoadedModel
 from importance.scorers import SCORERS
@@ -48,6 +49,28 @@ def score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequence
     offloaded model, peak memory is about one block plus the hidden states. ``removal_tokens`` caps the
     windows the ``removal`` scorer measures on (whole windows, at least one; None: all of them).
     """
+    return _score(model, data, scorers, tokenizer, task, seq_len, tokens, samples, seed, batch_size, elements,
+                  fisher_unit, obd, blockwise, removal_tokens, progress)[0]
+
+
+def score_parts(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequence[str] = DEFAULT_SCORERS,
+                parts: int = 2, *, tokenizer: Any = None, task: str | None = None, seq_len: int = 256,
+                samples: int | None = None, seed: int = 0, batch_size: int = 4, fisher_unit: str = "sequence",
+                progress: bool = True) -> list[ImportanceTable]:
+    """``[whole, part 1, ..., part n]``: ``parts`` interleaved parts of the windows (window i in part i % parts),
+    each collected alone, and the whole table from the parts' summed statistics: exactly the table of one pass
+    over every window (each statistic is a sum), so a split-half reliability costs no second pass. Arguments as
+    ``score``; not with the ``removal`` scorer or several processes."""
+    if parts < 2:
+        raise ImpruneError(f"score_parts needs at least 2 parts, got {parts}; use score for one table")
+    return _score(model, data, scorers, tokenizer, task, seq_len, None, samples, seed, batch_size, False,
+                  fisher_unit, False, False, REMOVAL_TOKENS, progress, split=parts)
+
+
+def _score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequence[str], tokenizer: Any,
+           task: str | None, seq_len: int, tokens: int | None, samples: int | None, seed: int, batch_size: int,
+           elements: bool, fisher_unit: str, obd: bool, blockwise: bool, removal_tokens: int | None, progress: bool,
+           split: int = 1) -> list[ImportanceTable]:
     names = parse_scorers(scorers)
     if isinstance(model, LoadedModel):
         hf, tokenizer, task, ident = model.model, tokenizer or model.tokenizer, task or model.task, model.describe()
@@ -65,11 +88,15 @@ def score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequence
     cfg = CollectConfig(grad=need_grad, elements=elements and need_grad,
                         activation=any(SCORERS[n].needs_activation for n in names),
                         block_influence="block_influence" in names, fisher_unit=fisher_unit,
-                        residual_fisher="residual_fisher" in names)
+                        residual_fisher="residual_fisher" in names, token_fisher="token_fisher" in names)
     mm = model_map(hf)
     if "removal" in names and (blockwise or is_offloaded(hf)):
         raise ImpruneError("the removal scorer replays whole-model forwards and needs the model in memory; drop "
                            "--max-memory / --blockwise or use --scorers block_influence")
+    if split > 1 and (blockwise or "removal" in names or process_state() is not None):
+        raise ImpruneError("split scoring (per-part tables) runs one in-memory process without the removal scorer")
+    if split > 1 and len(data) < split:
+        raise ImpruneError(f"{len(data)} window(s) cannot be split into {split} parts; give at least {split}")
     removal = removal_windows(data, removal_tokens) if "removal" in names else None
     removal_meta = {"windows": len(removal), "tokens": removal.n_tokens} if removal is not None else None
     state = process_state()  # a multi-process launch: score a shard, then add the sums of every process
@@ -78,8 +105,15 @@ def score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequence
         if removal is not None:
             removal = shard_windows(removal, batch_size, state.process_index, state.num_processes)
         progress = progress and state.is_main_process
+    parts = None
     if blockwise:
         stats = collect_blockwise(hf, data, cfg, batch_size=batch_size, progress=progress, mm=mm)
+    elif split > 1:  # interleaved parts (window i goes to part i % split), each collected alone
+        parts = [collect(hf, data.subset(slice(i, None, split)), task, cfg, batch_size=batch_size,
+                         progress=progress, mm=mm) for i in range(split)]
+        stats = Statistics(meta={**parts[0].meta, "seconds": sum(p.meta.get("seconds", 0.0) for p in parts)})
+        for part in parts:
+            stats.merge(part)
     else:
         stats = collect(hf, data, task, cfg, batch_size=batch_size, progress=progress, mm=mm)
     if removal is not None:
@@ -91,7 +125,14 @@ def score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequence
             "versions": versions()}
     if removal_meta is not None:
         meta["removal"] = removal_meta
-    return build_table(stats, mm, names, elements=elements, obd=obd, meta=meta)
+    if parts is not None:  # the sums of disjoint parts add up to the whole: one table per part, then the whole
+        tables = []
+        for i, part in enumerate(parts):
+            data_meta = {**meta["data"], "windows": int(part.count("sequences")), "part": f"{i + 1}/{len(parts)}"}
+            part_meta = {**meta, "data": data_meta}
+            tables.append(build_table(part, mm, names, elements=elements, obd=obd, meta=part_meta))
+        return [build_table(stats, mm, names, elements=elements, obd=obd, meta=meta), *tables]
+    return [build_table(stats, mm, names, elements=elements, obd=obd, meta=meta)]
 
 
 def removal_windows(data: Windows, removal_tokens: int | None = REMOVAL_TOKENS) -> Windows:

@@ -276,6 +276,12 @@ def build_table(stats: Statistics, mm: ModelMap, scorers: list[str], elements: b
                                                                                     for gc in group_counts if g in gc))
     for scorer in scorers:
         spec = S.SCORERS[scorer]
+        if spec.kind == "group":  # group values only (heads, KV groups, MLP channels)
+            found = {g: [S.groups(scorer, ctx, b).get(g) for b in mm.blocks] for g in S.GROUPS}
+            for g, vals in found.items():
+                if any(v is not None for v in vals):
+                    tensors[f"{scorer}/{g}"] = _padded(vals, max(v.numel() for v in vals if v is not None))
+            continue
         tensors[f"{scorer}/layer"] = torch.tensor([S.layer(scorer, ctx, b) for b in mm.blocks])
         if spec.kind == "layer":
             continue

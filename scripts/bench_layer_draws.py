@@ -1,13 +1,15 @@
-"""Layer scorers against measured layer removal on several held-out draws: is a layer ranking's agreement a
-property of the scorer, or of one lucky set of held-out windows?
+"""Scorers against measured removal on several held-out draws: is a ranking's agreement a property of the scorer,
+or of one lucky set of held-out windows? Layers (default) or heads (``--granularity head``).
 
-One table from the reference calibration (32 x 256 Austen windows, seed 0) with every layer scorer (the one-pass
-ones plus the measured ``removal`` on its first 2,048 tokens); then every layer of the model bypassed alone on
-``--draws`` seeded draws of held-out windows (``--eval-tokens`` each) and one larger draw (``--large-tokens``),
-and the Spearman correlation of each scorer's layer ranking with each measurement, plus the measurements'
-agreement with each other (how far any scorer could go).
+One table from the reference calibration (32 x 256 Austen windows, seed 0) with every scorer of the granularity
+(layers: the one-pass ones plus the measured ``removal`` on its first 2,048 tokens; heads: the default scorers plus
+the per-token gate ``token_fisher``); then every layer bypassed (every head zeroed) alone on ``--draws`` seeded
+draws of held-out windows (``--eval-tokens`` each) and one larger draw (``--large-tokens``), and the Spearman
+correlation of each scorer's ranking with each measurement, plus the measurements' agreement with each other (how
+far any scorer could go). Draw seed 0 of 1,024 tokens is bench_faithfulness's held-out set.
 
-    python scripts/bench_layer_draws.py [--draws 4] [--eval-tokens 1024] [--large-tokens 4096]
+    python scripts/bench_layer_draws.py [--granularity layer|head] [--draws 4] [--eval-tokens 1024]
+        [--large-tokens 4096]
 """
 
 from __future__ import annotations
@@ -42,43 +44,57 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=1024)
     p.add_argument("--large-tokens", type=int, default=4096, help="one more draw of this size (seed 100); 0: none")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="scripts/results/bench_layer_draws.json")
+    p.add_argument("--granularity", default="layer", choices=["layer", "head"])
+    p.add_argument("--out", default=None, help="default scripts/results/bench_{layer,head}_draws.json")
     args = p.parse_args()
+    args.out = args.out or f"scripts/results/bench_{args.granularity}_draws.json"
+    gran = args.granularity
     torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     mm = model_map(lm.model)
     calib = load_data("austen:train", lm.tokenizer, seq_len=args.seq_len, samples=args.windows, seed=0)
     start = time.perf_counter()
-    table = score(lm, calib, [*DEFAULT_SCORERS, "removal"], progress=False)
+    extra = ["removal"] if gran == "layer" else ["token_fisher"]
+    table = score(lm, calib, [*DEFAULT_SCORERS, *extra], progress=False)
     score_seconds = time.perf_counter() - start
-    names = [s for s in table.scorers if table.has(s, "layer")]
-    predicted = {s: table.layer_scores(s) for s in names}
+    names = [s for s in table.scorers if table.has(s, gran)]
+    predicted = {s: table.layer_scores(s) if gran == "layer" else table.matrix(s, "head", "sum").flatten()
+                 for s in names}
     draws = [(f"{args.eval_tokens} tok seed {k}", args.eval_tokens, k) for k in range(args.draws)]
     if args.large_tokens:
         draws.append((f"{args.large_tokens} tok seed 100", args.large_tokens, 100))
-    measured = {}
+    measured: dict[str, torch.Tensor] = {}
     for label, tokens, seed in draws:
         held = load_data("austen:eval", lm.tokenizer, seq_len=args.seq_len, tokens=tokens, seed=seed)
-        result = measure_ablation(lm.model, held, lm.task, ("layer",), progress=False, mm=mm)
-        measured[label] = result.matrix("layer", mm.n_layers, 0)
-        print(f"measured {label}: {result.seconds['layer']:.0f} s", flush=True)
+        result = measure_ablation(lm.model, held, lm.task, (gran,), progress=False, mm=mm)
+        width = 0 if gran == "layer" else mm.blocks[0].n_heads
+        measured[label] = result.matrix(gran, mm.n_layers, width).flatten()
+        print(f"measured {label}: {result.seconds[gran]:.0f} s", flush=True)
+        report(args, names, predicted, measured, {"score_seconds": score_seconds, "calibration": dict(calib.meta),
+                                                  "removal": table.meta.get("removal")},
+               final=len(measured) == len(draws))  # written after every draw: a stopped run keeps what it measured
+
+
+def report(args: argparse.Namespace, names: list[str], predicted: dict[str, torch.Tensor],
+           measured: dict[str, torch.Tensor], extra: dict, final: bool) -> None:
     rho = {s: {d: spearman(predicted[s], m) for d, m in measured.items()} for s in names}
-    print("\n| scorer | " + " | ".join(measured) + " | mean | min |")
-    print("|---|" + "---|" * (len(measured) + 2))
-    for s in sorted(names, key=lambda n: -statistics.mean(rho[n].values())):
-        v = list(rho[s].values())
-        kind = " (layer-only)" if layer_only(s) else ""
-        print(f"| {s}{kind} | " + " | ".join(f"{x:.3f}" for x in v) + f" | {statistics.mean(v):.3f} | {min(v):.3f} |")
     pairs = [spearman(measured[a], measured[b]) for i, a in enumerate(measured) for b in list(measured)[i + 1:]]
     agreement = {"min": min(pairs), "max": max(pairs)} if pairs else None  # needs two draws
-    if agreement:
-        print(f"\nmeasurement vs measurement (every pair of draws): Spearman {min(pairs):.3f} .. {max(pairs):.3f}")
-    write_results(args.out, {"settings": vars(args), "versions": versions(), "score_seconds": score_seconds,
-                             "calibration": dict(calib.meta), "removal": table.meta.get("removal"),
+    if final:
+        print("\n| scorer | " + " | ".join(measured) + " | mean | min |")
+        print("|---|" + "---|" * (len(measured) + 2))
+        for s in sorted(names, key=lambda n: -statistics.mean(rho[n].values())):
+            v = list(rho[s].values())
+            kind = " (layer-only)" if layer_only(s) else ""
+            print(f"| {s}{kind} | " + " | ".join(f"{x:.3f}" for x in v)
+                  + f" | {statistics.mean(v):.3f} | {min(v):.3f} |")
+        if agreement:
+            print(f"\nmeasurement vs measurement (every pair of draws): Spearman {agreement['min']:.3f} .. "
+                  f"{agreement['max']:.3f}")
+    write_results(args.out, {"settings": vars(args), "versions": versions(), **extra, "complete": final,
                              "spearman": rho, "measured": {d: m.tolist() for d, m in measured.items()},
                              "predicted": {s: v.tolist() for s, v in predicted.items()},
                              "measurement_agreement": agreement})
-
 
 if __name__ == "__main__":
     main()

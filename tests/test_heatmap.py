@@ -321,23 +321,23 @@ def test_probe_command_scores_each_task(tmp_path) -> None:
     from importance.models.load import load_model
 
     out = tmp_path / "probe"
-    argv = ["probe", "--model", "random:llama", "--tasks", "math,logic", "--samples", "3", "--scorers", "taylor",
+    argv = ["probe", "--model", "random:llama", "--tasks", "math,logic", "--samples", "4", "--scorers", "taylor",
             "--out", str(out), "--quiet"]
     assert main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["heads.png", "logic", "math", "probe.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["heads.png", "logic", "math", "probe.json", "report.md"]
     assert json.loads((out / "probe.json").read_text())["tasks"] == ["math", "logic"]  # marks it as imprune's
     assert (out / "heads.png").read_bytes().startswith(b"\x89PNG")
     lm = load_model("random:llama")
     for task in ("math", "logic"):
         got = ImportanceTable.load(out / task)
-        assert got.meta["data"]["data"] == f"tasks:{task}" and got.meta["data"]["windows"] == 3
-        windows = load_data(f"tasks:{task}", lm.tokenizer, seq_len=128, samples=3, seed=0)
+        assert got.meta["data"]["data"] == f"tasks:{task}" and got.meta["data"]["windows"] == 4
+        windows = load_data(f"tasks:{task}", lm.tokenizer, seq_len=128, samples=4, seed=0)
         want = score(lm, windows, ["taylor"], progress=False)
         assert got.meta["counts"]["targets"] == int(windows.loss_mask.sum())  # answer tokens only
         torch.testing.assert_close(got.tensors["taylor/head"], want.tensors["taylor/head"], equal_nan=True)
     assert main(argv) == 2  # exists
     assert main([*argv[:4], "math,nope", *argv[5:], "--overwrite"]) == 2
-    assert sorted(p.name for p in out.iterdir()) == ["heads.png", "logic", "math", "probe.json"]  # untouched
+    assert sorted(p.name for p in out.iterdir()) == ["heads.png", "logic", "math", "probe.json", "report.md"]
 
 
 def test_a_font_cache_without_matplotlibs_own_fonts_gets_them_and_log_axes_draw_silently(caplog, tmp_path) -> None:

@@ -110,7 +110,13 @@ def test_run_report_has_everything(run_dir: Path, tables) -> None:
     page = build_report(run_dir)
     parsed = check_self_contained(page)
     figures = [a["id"] for a in parsed.all("figure")]
-    assert figures == ["components", "heads", "layers", "delta", "plan"]
+    assert figures == ["plan", "components", "heads", "layers", "delta"]  # the plan's map leads
+    # the headline first (ppl, mean accuracy, parameters before -> after with the ratio), the settings last
+    h2 = [i for i, t in enumerate(parsed.text) if t in ("Headline", "Metrics", "Figures", "Settings")]
+    assert [parsed.text[i] for i in h2] == ["Headline", "Metrics", "Figures", "Settings"]
+    head = " ".join(parsed.text[h2[0]:h2[1]])
+    assert "43.22" in head and "51.9" in head and "0.8125" in head and "0.6875" in head and "0.75" in head
+    assert "1.201" in head  # 51.9034 / 43.2187: the perplexity ratio, computed
     imgs = parsed.all("img")
     assert len(imgs) == 5 and all(a["src"].startswith("data:image/png;base64,") and a["alt"] for a in imgs)
     text = " ".join(parsed.text)
@@ -131,7 +137,7 @@ def test_single_table_and_compare(tmp_path: Path, tables) -> None:
     parsed = check_self_contained(build_report(a))
     assert [f["id"] for f in parsed.all("figure")] == ["components", "heads", "layers"]
     parsed = check_self_contained(build_report(a, compare=b))
-    assert [f["id"] for f in parsed.all("figure")] == ["components", "heads", "layers", "delta"]
+    assert [f["id"] for f in parsed.all("figure")] == ["delta", "components", "heads", "layers"]  # before / after leads
     assert load_run(a, compare=b).after_label == "b"
 
 

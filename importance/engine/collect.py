@@ -12,10 +12,12 @@ weight-gradient matmul is never paid. Per sequence b (``s`` sums over the tokens
 with ``gx`` the gradient reaching this module's input (caught on an alias of the input, so it is this
 module's share even where q/k/v read the same tensor). Group sums (heads, KV groups, MLP channels,
 experts, components, layers) are sums of these per-sequence vectors, squared only after a whole batch
-has been backpropagated. Norm weights are handled through ``a = dy/dw`` (a forward-mode derivative, so
-Gemma's ``1 + w`` needs no special case) and stacked MoE experts by recomputing each expert's small MLP
-on its routed tokens inside the backward hook. Forward-only statistics: per-channel sums of squares of
-inputs and outputs over non-padding tokens, and 1 - cos(block input, block output) per token.
+has been backpropagated (with ``token_fisher``, the column products are also folded per token into the gate
+Fisher of heads / KV groups / MLP channels, ``importance.engine.gates``). Norm weights are handled through
+``a = dy/dw`` (a forward-mode derivative, so Gemma's ``1 + w`` needs no special case) and stacked MoE experts by
+recomputing each expert's small MLP on its routed tokens inside the backward hook. Forward-only statistics:
+per-channel sums of squares of inputs and outputs over non-padding tokens, and 1 - cos(block input, block output)
+per token.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from tqdm.auto import tqdm
 from importance.arch.branches import BRANCHES, block_branch
 from importance.arch.canonical import Block, Component, ModelMap, model_map
 from importance.data.sources import Batch, Windows
+from importance.engine.gates import token_gate_sums
 from importance.engine.objective import require_loss, token_nll
 from importance.engine.offload import bare_forward, offloaded_weight
 from importance.engine.stats import CollectConfig, Statistics
@@ -182,8 +185,14 @@ class _Pass:
     @torch.no_grad()
     def _column_backward(self, comp: Component, x: torch.Tensor, gx: torch.Tensor) -> None:
         key = (comp.layer, comp.name)
-        c = _per_seq(x.float() * gx.float(), self.batch_size)  # [B, in]
+        p = x.float() * gx.float()  # [B, T, in] d loss / d per-token gate of each input column
+        c = _per_seq(p, self.batch_size)  # [B, in]
         self.cols[key] = self.cols[key] + c if key in self.cols else c
+        if self.cfg.token_fisher:
+            mask = None if self.all_valid else _token_mask(self.mask, p)
+            for group, v in token_gate_sums(p, comp.in_group, comp.head_dim,
+                                            self.mm.blocks[comp.layer].n_kv_heads, mask).items():
+                self.stats.add(f"{comp.layer}|{group}|tok_sq", v)
 
     # -------------------------------------------------------------------------------- norms
     def _norm_forward(self, comp: Component):

@@ -48,8 +48,9 @@ class Statistics:
 class CollectConfig:
     """What the pass gathers: ``grad`` (taylor/fisher), ``elements`` (per-weight tensors), ``activation``,
     ``block_influence``, ``residual_fisher`` (needs ``grad``), ``branch_fisher`` (needs ``grad``: the same gate
-    Fisher per residual branch, ``{l}|block|attn_fisher`` / ``mlp_fisher``); ``fisher_unit`` is 'sequence' or
-    'batch' (the b of sum_b g_b^2)."""
+    Fisher per residual branch, ``{l}|block|attn_fisher`` / ``mlp_fisher``), ``token_fisher`` (needs ``grad``: the
+    per-token gate Fisher of heads / KV groups / MLP channels, ``importance.engine.gates``); ``fisher_unit`` is
+    'sequence' or 'batch' (the b of sum_b g_b^2)."""
 
     grad: bool = True
     elements: bool = False
@@ -58,3 +59,4 @@ class CollectConfig:
     fisher_unit: str = "sequence"
     residual_fisher: bool = False
     branch_fisher: bool = False
+    token_fisher: bool = False

@@ -30,6 +30,7 @@ from matplotlib import colors
 from matplotlib.figure import Figure
 
 from importance.errors import ImpruneError
+from importance.scorers import HEAD_SCORER
 from importance.store.cache import atomic_file
 from importance.table import AGGREGATIONS, NORMALIZATIONS, ImportanceTable, LayerMap, layer_map_matrix, normalize
 
@@ -207,11 +208,14 @@ def sized_figure(n_layers: int, width: int, rows: int = 1, cols: int = 1, extra:
 # ------------------------------------------------------------------------------------------------ matrices
 
 def pick_scorer(table: ImportanceTable, scorer: str | None, granularity: str) -> str:
-    """``scorer`` checked against the table, or the default: taylor if it has ``granularity``, else the first."""
+    """``scorer`` checked against the table, or the default: for heads and KV groups the head scorer the
+    validation trusts (``importance.scorers.HEAD_SCORER``), else taylor, if the table has it at ``granularity``;
+    else the first scorer that has it."""
     if granularity not in GRANULARITIES:
         raise ImpruneError(f"unknown granularity '{granularity}'; use one of {', '.join(GRANULARITIES)}")
     if scorer is None:
-        options = [s for s in ["taylor", *table.scorers] if s in table.scorers and table.has(s, granularity)]
+        first = [HEAD_SCORER] if granularity in ("head", "kv_group") else []
+        options = [s for s in [*first, "taylor", *table.scorers] if s in table.scorers and table.has(s, granularity)]
         if not options:
             raise ImpruneError(f"the table has no {granularity} scores (scorers: {', '.join(table.scorers)}); "
                                "score it with taylor, fisher, activation or magnitude")

@@ -140,7 +140,7 @@ def _eval_tasks(args: argparse.Namespace, out) -> int:
         from pruning.eval.harness import harness
 
         more, res = harness(lm, others, args.limit, args.num_fewshot, args.batch_size, seed=args.seed,
-                            manager=manager)
+                            manager=manager, progress=not args.quiet)
         rows += more
         raw = json.loads(json.dumps({k: res.get(k) for k in ("results", "n-shot", "configs")}, default=str))
     print(table(rows))

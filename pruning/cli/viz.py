@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -167,62 +168,100 @@ def parse_tasks(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-@command("probe", "score each built-in task probe separately -> DIR/<task>/ tables and DIR/heads.png (one panel "
-         "per task)", [
+@command("probe", "score each built-in task probe separately -> DIR/<task>/ tables, DIR/heads.png (one panel per "
+         "task, with accuracy and map reliability), DIR/report.md; --validate adds the causal matrix (DIR/causal.png)",
+         [
              MODEL, DTYPE, DEVICE, TRUST, ALLOW_PICKLE,
              arg("--tasks", default="all", help="all, or comma-separated: knowledge, retrieval, logic, decision, "
                                                 "semantic, syntax, inference, math"),
-             arg("--samples", type=int, default=64, help="prompt/answer items per task"),
-             arg("--scorers", default="taylor,fisher", help="comma-separated scorers (one pass per task)"),
+             arg("--samples", type=int, default=64, help="prompt/answer items per task (at least 4: two halves)"),
+             arg("--scorers", default="fisher,token_fisher,taylor", help="comma-separated scorers (one pass per task)"),
              arg("--seq-len", type=int, default=128, help="longest prompt + answer in tokens"), SEED,
              arg("--batch-size", type=int, default=16, help="items per forward pass (they are short)"),
-             SCORER, AGGREGATION,
+             arg("--scorer", default=None, help="the map drawn and validated (default: the head scorer that predicts "
+                                                "measured head removal best, when among --scorers)"),
+             AGGREGATION,
              arg("--norm", default="global", choices=["none", "layer", "component", "global"],
                  help="heads.png: global (default) makes each task's panel a share of 1, so tasks compare"),
              arg("--log", action=argparse.BooleanOptionalAction, default=True, help="heads.png on a log scale"),
+             arg("--validate", action="store_true", help="causal check: remove each task's top heads, measure every "
+                                                         "task (8 x 8 answer-loss and accuracy matrix)"),
+             arg("--validate-heads", type=int, default=10, help="heads removed per task by --validate (default 10)"),
+             arg("--validate-items", type=int, default=32, help="items per task measured by --validate (default 32)"),
              arg("--out", required=True, help="output folder"), OVERWRITE, QUIET])
 def probe_cmd(args: argparse.Namespace) -> int:
-    from importance.data.sources import load_data
     from importance.models.load import load_model
-    from importance.scoring import parse_scorers, score
-    from importance.store.meta import versions, write_json
-    from importance.store.outputs import publish
-    from importance.viz import heatmap as H
+    from importance.scorers import HEAD_SCORER
+    from importance.scoring import parse_scorers
+    from pruning.eval.probe import ProbeConfig, markdown, run_probe
 
     names = parse_tasks(args.tasks)
     scorers = parse_scorers(args.scorers)
     positive(args.samples, "--samples")
     positive(args.batch_size, "--batch-size")
-    if args.scorer is not None and args.scorer not in scorers:
-        raise ImpruneError(f"--scorer {args.scorer} is not among --scorers {','.join(scorers)}; draw one of those "
+    positive(args.validate_heads, "--validate-heads")
+    positive(args.validate_items, "--validate-items")
+    scorer = args.scorer or (HEAD_SCORER if HEAD_SCORER in scorers else scorers[0])
+    cfg = ProbeConfig(args.samples, tuple(scorers), scorer, args.seq_len, args.seed, args.batch_size, args.validate,
+                      args.validate_heads, args.validate_items)
+    if scorer not in scorers:
+        raise ImpruneError(f"--scorer {scorer} is not among --scorers {','.join(scorers)}; draw one of those "
                            "or add it to --scorers")
+    if args.validate and len(names) < 2:
+        raise ImpruneError("--validate compares a task with the others: probe at least two tasks")
     out = check_output(args.out, args.overwrite, protect={"--model": args.model})
     lm = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                     allow_pickle=args.allow_pickle)
-    limit = getattr(lm.model.config, "max_position_embeddings", None)
     start = time.perf_counter()
-    tables = []
-    for name in names:  # everything is scored and drawn before anything is written
-        windows = load_data(f"tasks:{name}", lm.tokenizer, seq_len=args.seq_len, samples=args.samples,
-                            seed=args.seed, max_positions=limit)
-        t0 = time.perf_counter()
-        tables.append(score(lm, windows, scorers, seed=args.seed, batch_size=args.batch_size,
-                            progress=not args.quiet))
+    maps_cfg = dataclasses.replace(cfg, validate=False)  # the maps are written first; the causal check then adds to it
+    res = run_probe(lm, names, maps_cfg, progress=not args.quiet)  # computed before anything is written
+    _write_probe(out, args, lm, names, scorers, scorer, res, overwrite=args.overwrite)
+    if args.validate:
+        from pruning.eval.probe import add_causal
+
         if not args.quiet:
-            print(f"  {name:<10} {len(windows)} items, {int(tables[-1].meta['counts'].get('targets', 0))} answer "
-                  f"tokens, {time.perf_counter() - t0:.1f} s")
-    scorer = H.pick_scorer(tables[0], args.scorer, "head")
-    fig = H.heads_figure(tables, names, scorer, args.aggregation, args.norm, args.log)
-    png = H.figure_bytes(fig, "png")
-    with publish(out, overwrite=args.overwrite) as tmp:  # the old folder goes only once the new one is complete
-        for name, table in zip(names, tables):
-            table.save(tmp / name)
-        (tmp / "heads.png").write_bytes(png)
-        write_json(tmp / PROBE_MARKER, {"schema": PROBE_SCHEMA, "model": lm.describe(), "tasks": names,
-                                         "samples": args.samples, "scorers": scorers, "seed": args.seed,
-                                         "figure": "heads.png", "versions": versions()})
-    items = sorted({int(t.meta.get("data", {}).get("windows", 0)) for t in tables})  # a task may have fewer
+            print(f"wrote the maps to {out}; causal check: top {cfg.validate_heads} heads of each task removed",
+                  flush=True)
+        add_causal(lm, res, cfg, progress=not args.quiet)
+        _write_probe(out, args, lm, names, scorers, scorer, res, overwrite=True)
+    report = markdown(res, scorer, lm.spec) if len(names) > 1 else ""
+    if report and not args.quiet:
+        print(report)
+    items = sorted({int(t.meta.get("data", {}).get("windows", 0)) for t in res.tables})  # a task may have fewer
     count = str(items[0]) if len(items) == 1 else f"{items[0]}-{items[-1]}"
     print(f"probed {lm.spec} on {len(names)} task(s) x {count} items in {time.perf_counter() - start:.1f} s "
-          f"-> {out} (tables per task, heads.png)")
+          f"-> {out} (heads.png{', causal.png' if res.causal else ''}, tables per task"
+          f"{', report.md' if report else ''}; maps by {scorer})")
     return 0
+
+
+def _write_probe(out: Path, args: argparse.Namespace, lm, names: list[str], scorers: list[str], scorer: str, res,
+                 overwrite: bool) -> None:
+    """The probe folder: a table per task, heads.png, causal.png (with --validate), report.md, probe.json."""
+    from importance.store.meta import versions, write_json
+    from importance.store.outputs import publish
+    from importance.viz import heatmap as H
+    from importance.viz.tasks import causal_figure, task_grid_figure
+    from pruning.eval.probe import markdown
+
+    if len(names) > 1:
+        fig = task_grid_figure(res.tables, names, scorer, res.panels(scorer), args.aggregation, args.norm, args.log)
+    else:
+        fig = H.heads_figure(res.tables, names, scorer, args.aggregation, args.norm, args.log)
+    figures = {"heads.png": H.figure_bytes(fig, "png")}
+    if res.causal is not None:
+        c = res.causal
+        figures["causal.png"] = H.figure_bytes(causal_figure(c.nll_rise, c.acc_drop, c.tasks, c.k, c.scorer,
+                                                             lm.spec), "png")
+    report = markdown(res, scorer, lm.spec) if len(names) > 1 else ""
+    with publish(out, overwrite=overwrite) as tmp:  # the old folder goes only once the new one is complete
+        for name, table in zip(names, res.tables):
+            table.save(tmp / name)
+        for fname, data in figures.items():
+            (tmp / fname).write_bytes(data)
+        if report:
+            (tmp / "report.md").write_text(report)
+        write_json(tmp / PROBE_MARKER, {"schema": PROBE_SCHEMA, "model": lm.describe(), "tasks": names,
+                                         "samples": args.samples, "scorers": scorers, "scorer": scorer,
+                                         "seed": args.seed, "figure": "heads.png", **res.to_dict(),
+                                         "versions": versions()})

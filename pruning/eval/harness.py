@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -141,19 +142,27 @@ def task_manager(tasks: Sequence[str], include_path: str | Path | None = None) -
     if unknown:
         raise ImpruneError(f"unknown task(s) {', '.join(unknown)}: neither a built-in probe nor an lm-eval task "
                            "(`python -m lm_eval ls tasks` lists lm-eval's; --include-path adds your YAMLs)")
+    for name in tasks:  # a multiple-choice YAML without choices fails deep inside lm-eval with an empty TypeError
+        entry = manager.task_index.get(name)
+        cfg = getattr(entry, "cfg", None) or {}
+        if cfg.get("output_type") == "multiple_choice" and "doc_to_choice" not in cfg and "include" not in cfg:
+            where = getattr(entry, "yaml_path", None) or name
+            raise ImpruneError(f"lm-eval task '{name}' ({where}) is multiple_choice but has no doc_to_choice; add "
+                               "`doc_to_choice:` (the list of choices, e.g. \"{{choices}}\")")
     return manager
 
 
 def harness(lm: Any, tasks: Sequence[str], limit: int | None = None, num_fewshot: int | None = None,
             batch_size: int = 8, include_path: str | Path | None = None, seed: int = 0,
-            manager: Any = None) -> tuple[list[TaskAccuracy], dict[str, Any]]:
-    """lm-eval's ``simple_evaluate`` on ``lm`` through ``ImpruneLM``: (one row per task, lm-eval's results)."""
+            manager: Any = None, progress: bool = True) -> tuple[list[TaskAccuracy], dict[str, Any]]:
+    """lm-eval's ``simple_evaluate`` on ``lm`` through ``ImpruneLM``: (one row per task, lm-eval's results);
+    ``progress=False`` silences lm-eval's own progress bars."""
     lm_eval = require_lm_eval()
     if lm.task != "causal-lm":
         raise ImpruneError("lm-eval tasks need a causal language model (log-likelihoods of continuations)")
     manager = manager or task_manager(tasks, include_path)
     try:
-        with _offline_when_unreachable():
+        with _offline_when_unreachable(), _progress(progress):
                 res = lm_eval.simple_evaluate(model=wrapper_class()(lm, batch_size=batch_size), tasks=list(tasks),
                                           num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                                           log_samples=True, random_seed=seed, numpy_random_seed=seed,
@@ -167,6 +176,21 @@ def harness(lm: Any, tasks: Sequence[str], limit: int | None = None, num_fewshot
             from None
     return [_row(name, metrics, res.get("samples", {}).get(name, []))
             for name, metrics in res["results"].items() if "acc,none" in metrics], res
+
+
+@contextlib.contextmanager
+def _progress(show: bool) -> Iterator[None]:
+    """lm-eval draws tqdm bars on stderr; tqdm reads TQDM_DISABLE at each bar's creation."""
+    old = os.environ.get("TQDM_DISABLE")
+    if not show:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
 
 
 @contextlib.contextmanager

@@ -10,8 +10,9 @@ accuracies, as lm-evaluation-harness defines them for multiple choice:
 
 A tie at the top counts as 1 / (number of tied choices) when the answer is among them: the expected score of
 breaking the tie at random, so a model that cannot tell the choices apart scores the chance level, not 0 or 1.
-``chance`` = mean over items of 1 / number of choices; ``stderr`` = sqrt(p (1 - p) / n). Items with a single
-choice (no distractor) are skipped and counted.
+``chance`` = mean over items of 1 / number of choices; ``stderr`` = sqrt(p (1 - p) / n); ``answer_nll`` = the
+answers' summed NLL over their summed token count (the probes' task loss). Items with a single choice (no
+distractor) are skipped and counted.
 
 ``loglikelihoods`` is the one scoring loop; ``pruning.eval.harness`` serves lm-eval's requests through it.
 Inputs that end the same way are run once: all one-token choices of a prompt share the prompt's forward.
@@ -48,6 +49,7 @@ class TaskAccuracy:
     stderr_norm: float
     skipped: int = 0
     source: str = "probe"
+    answer_nll: float = float("nan")  # mean NLL per answer token (the task loss) over the scored items
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,17 +147,19 @@ def accuracy(model: Any, tokenizer: Any, items: Sequence[TaskItem], task: str = 
     used = [it for it in items if it.distractors]
     pairs = [(it.prompt, c) for it in used for c in it.choices]
     lls = [ll for ll, _ in loglikelihoods(model, tokenizer, pairs, batch_size, progress)] if pairs else []
-    acc = norm = chance = 0.0
-    at = 0
+    acc = norm = chance = nll = 0.0
+    at = answer_tokens = 0
     for it in used:
         k = len(it.choices)
         a, b = score_choices(lls[at:at + k], it.choices)
+        nll, answer_tokens = nll - lls[at], answer_tokens + len(_encode(tokenizer, it.answer))
         acc, norm, chance, at = acc + a, norm + b, chance + 1.0 / k, at + k
     n = len(used)
     if n == 0:
         raise ImpruneError(f"task '{task}' has no item with distractors; multiple-choice accuracy needs choices")
     acc, norm, chance = acc / n, norm / n, chance / n
-    return TaskAccuracy(task, acc, norm, chance, n, stderr(acc, n), stderr(norm, n), len(items) - n, source)
+    return TaskAccuracy(task, acc, norm, chance, n, stderr(acc, n), stderr(norm, n), len(items) - n, source,
+                        nll / max(answer_tokens, 1))
 
 
 def probe_names(spec: str) -> tuple[list[str], list[str]]:

@@ -22,8 +22,10 @@ RUN_DIR may also be a single table folder (table.json + table.safetensors): the 
 alone, and its validation from TABLE/validation/ when there is one. ``compare`` (``--compare TABLE``) replaces
 scores_after as the second table of before / after / delta.
 
-Page: settings, metrics when present, the layer x component and layer x head heatmaps, every scorer's layer
-ranking side by side, before / after / difference when there is a second table, the healing loss curve,
+Page: the headline (perplexity and mean probe accuracy before / after, parameters, non-zeros, weight bytes,
+speed where measured) and the figure a reader wants first (the plan's sparsity / bits map, else before / after,
+else the component heatmap), then metrics when present, the layer x component and layer x head heatmaps, every
+scorer's layer ranking side by side, before / after / difference when there is a second table, the healing loss curve,
 the sparsity or bits map beside the importance it came from, and the top and bottom components and heads
 as tables. With a validation folder, a section "Does the importance predict removal?": one row per scorer with
 its Spearman, Kendall and bottom-fraction overlap against the measured loss increase at the validated granularity
@@ -33,6 +35,7 @@ that is not valid JSON, has another schema, lacks the agreement numbers or names
 stops the report with a one-line ``ImpruneError``; a figure file that is missing is noted on the page. A small
 inline script records script errors and whether every image decoded on ``<body>`` (``data-images``,
 ``data-decoded``, ``data-errors``): the browser test reads them, and anyone can check a page the same way.
+The settings close the page.
 """
 
 from __future__ import annotations
@@ -262,23 +265,70 @@ def _ranking_tables(table: ImportanceTable, scorer: str, label: str) -> str:
     return "".join(out)
 
 
+def _headline(metrics: dict[str, Any]) -> str:
+    """Before / (pruned) / after of what a reader asks first: perplexity, mean probe accuracy (with chance),
+    parameters, non-zeros, weight bytes, speed where measured; '' when the run measured none of them."""
+    ppl = metrics.get("perplexity") if isinstance(metrics.get("perplexity"), dict) else {}
+    acc = metrics.get("accuracy") if isinstance(metrics.get("accuracy"), dict) else {}
+    stages = [k for k in ("before", "pruned", "after") if isinstance(ppl.get(k), dict) or isinstance(acc.get(k), dict)]
+    rows: list[tuple[str, dict[str, Any]]] = []
+    if ppl:
+        first = next((v for v in ppl.values() if isinstance(v, dict)), {})
+        note = f" ({fmt(first.get('predicted'))} tokens, windows of {fmt(first.get('seq_len'))})" if first else ""
+        rows.append(("perplexity" + note, {k: (ppl.get(k) or {}).get("ppl") for k in stages}))
+    tasks = [n for n, v in (acc.get("before") or {}).items() if isinstance(v, dict)]
+    if tasks:
+        mean = lambda rows_, key: sum(rows_[n][key] for n in tasks if n in rows_) / len(tasks)  # noqa: E731
+        chance = mean(acc["before"], "chance")
+        rows.append((f"mean probe accuracy ({len(tasks)} probes, chance {chance:.3f})",
+                     {k: mean(acc[k], "acc") for k in stages if isinstance(acc.get(k), dict)}))
+    memory = metrics.get("memory") if isinstance(metrics.get("memory"), dict) else {}
+    for label, block in (("parameters", metrics.get("params")), ("non-zero parameters", metrics.get("nonzero_params")),
+                         ("weight bytes", {"before": memory.get("weight_bytes_before"),
+                                           "after": memory.get("weight_bytes_after")}),
+                         ("forward seconds", metrics.get("speed"))):
+        if isinstance(block, dict) and block.get("before") is not None and block.get("after") is not None:
+            rows.append((label, {"before": block["before"], "after": block["after"]}))
+    if not rows:
+        return ""
+    head = "".join(f"<th>{esc(k)}</th>" for k in ["", *stages, "after / before"])
+    body = ""
+    for label, vals in rows:
+        b, a = vals.get("before"), vals.get("after")
+        ratio = a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+        body += (f"<tr><th>{esc(label)}</th>" + "".join(f"<td class='num'>{esc(fmt(vals.get(k)))}</td>" for k in stages)
+                 + f"<td class='num'>{esc(fmt(ratio) if ratio is not None else '')}</td></tr>")
+    return f"<table class='headline'><tr>{head}</tr>{body}</table>"
+
+
+LEAD_FIGURES = ("plan", "delta", "components")  # the figure a reader wants first, by what the run has
+
+
 def render(run: Run, figures: dict[str, tuple[str, bytes]], scorer: str | None = None) -> str:
-    """The page as a string, from a loaded run and its figures rendered to PNG bytes ({stem: (caption, png)})."""
+    """The page as a string, from a loaded run and its figures rendered to PNG bytes ({stem: (caption, png)}):
+    the headline (before / after numbers) and the lead figure first, details next, settings at the end."""
     model, data = H.describe(run.before)
     title = f"imprune report: {model}"
     body = [f"<h1>{esc(title)}</h1>",
             f"<p class='muted'>{esc('run folder' if run.is_run else 'table')}: <code>{esc(run.root)}</code>; "
-            f"scored on <code>{esc(data)}</code></p>", "<h2>Settings</h2>", kv_table(_settings(run))]
+            f"scored on <code>{esc(data)}</code></p>"]
+    headline = _headline(run.metrics) if run.metrics else ""
+    if headline:
+        body += ["<h2>Headline</h2>", headline]
+    lead = next((k for k in LEAD_FIGURES if k in figures), None)
+    if lead is not None:
+        body.append(figure_html(lead, *figures[lead]))
     if run.metrics:
         body += ["<h2>Metrics</h2>", _metrics_section(run.metrics)]
     body.append("<h2>Figures</h2>")
-    body += [figure_html(stem, caption, png) for stem, (caption, png) in figures.items()]
+    body += [figure_html(stem, caption, png) for stem, (caption, png) in figures.items() if stem != lead]
     rank_scorer = H.pick_scorer(run.before, scorer, "component")
     body += ["<h2>Top and bottom</h2>", _ranking_tables(run.before, rank_scorer, "before" if run.after else "table")]
     if run.after is not None and rank_scorer in run.after.scorers:
         body.append(_ranking_tables(run.after, rank_scorer, run.after_label))
     if run.validation is not None:
         body.append(_validation_section(run.validation))
+    body += ["<h2>Settings</h2>", kv_table(_settings(run))]
     versions = run.before.meta.get("versions") or {}
     if versions:
         body.append("<p class='muted'>" + esc(", ".join(f"{k} {v}" for k, v in versions.items())) + "</p>")
