@@ -134,6 +134,8 @@ _SAMPLE = {  # model type -> (map kind, the stages that must end ok, {stage: sta
     "falcon": ("registered", ("score", "prune", "heads", "eval"), {}),
     "glm4": ("discovered", ("score", "prune", "heads", "eval"), {}),
     "bloom": ("registered", ("score", "prune", "eval"), {"heads": "refused"}),
+    "gpt_oss": ("discovered", ("score", "prune", "heads", "eval"), {}),
+    "deepseek_v3": ("discovered", ("score", "prune", "heads", "eval"), {}),
     "mamba": ("refused", (), {"score": "skipped"}),
 }
 
