@@ -143,10 +143,14 @@ def _finite_forward(model: torch.nn.Module, windows: Any) -> None:
 def preload() -> None:
     """Import everything ``run_stages`` uses (a parent process then forks workers that share it)."""
     import importance.arch.canonical  # noqa: F401
+    import importance.arch.check  # noqa: F401
+    import importance.arch.discover  # noqa: F401
     import importance.models.load  # noqa: F401
+    import importance.models.tiny  # noqa: F401
     import importance.scoring  # noqa: F401
     import pruning.eval.perplexity  # noqa: F401
     import pruning.methods.structured  # noqa: F401
+    import pruning.methods.surgery  # noqa: F401
     import pruning.methods.unstructured  # noqa: F401
 
 
