@@ -152,6 +152,9 @@ def preload() -> None:
     import pruning.methods.structured  # noqa: F401
     import pruning.methods.surgery  # noqa: F401
     import pruning.methods.unstructured  # noqa: F401
+    from importance.models.load import load_model
+
+    load_model("random:llama")  # transformers' modeling stack (tens of seconds of imports on a busy machine)
 
 
 def run_stages(model_type: str, progress: Callable[[str], None] | None = None) -> Coverage:
