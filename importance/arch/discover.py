@@ -83,6 +83,13 @@ def discover(model: nn.Module) -> ArchSpec:
     prefix = bname.split(".")[-1] if "." not in bname else ".".join(bname.split(".")[-2:])
 
     attn = attn_path
+    attn_paths = {(e.path if isinstance(e, Fused) else e) for k, e in found.items() if k.startswith("attn.")}
+    for i, block in enumerate(blist):
+        if not all(_is_linear(_get(block, p)) for p in attn_paths):  # hybrids: linear / full attention, ...
+            kinds = sorted({type(_get(b, attn) if attn else b).__name__ for b in blist})
+            raise ImpruneError(f"model type '{model_type}' mixes attention layouts across its blocks ("
+                               f"{', '.join(kinds)}; block {i} lacks {sorted(attn_paths)[0]}); imprune maps one "
+                               "attention layout per model: " + how)
     mlp = parent_path(found, "mlp.up", "mlp.down") if {"mlp.up", "mlp.down"} <= set(found) else ""
     # heads / channels are cut only where pruning.methods.surgery.trial_cut proves a cut on a copy of block 0
     if mla:

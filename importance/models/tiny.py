@@ -98,7 +98,7 @@ def parse_random_spec(spec: str) -> tuple[str, dict[str, Any]]:
 # these tiny values where the type's own default config has them larger
 SHRINK: dict[str, int] = dict(
     moe_intermediate_size=32, n_routed_experts=4, num_experts=4, num_local_experts=4, moe_num_experts=4,
-    num_experts_per_tok=2, moe_top_k=2, n_shared_experts=1, shared_expert_intermediate_size=64,
+    num_experts_per_tok=2, moe_top_k=2, n_group=1, topk_group=1, n_shared_experts=1, shared_expert_intermediate_size=64,
     shared_experts_intermediate_size=64, moe_shared_expert_intermediate_size=64, expert_ffn_hidden_size=32,
     shared_intermediate_size=64, dense_intermediate_size=128, intermediate_size_mlp=128,
     q_lora_rank=32, kv_lora_rank=32, o_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
