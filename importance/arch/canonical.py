@@ -337,6 +337,9 @@ _ATTN_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
 def _geometry(model: nn.Module) -> tuple[int, int]:
     """(num_attention_heads, head_dim) from the config; head_dim from hidden size where not given."""
     cfg = model.config
+    if not (getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)) and \
+            hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()  # a composite model (vision + text): its language model's config
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
     if not heads:
         raise ImpruneError(f"config of model type '{cfg.model_type}' names no attention head count")

@@ -63,6 +63,13 @@ def discover(model: nn.Module) -> ArchSpec:
         found.update({"mlp.gate": Fused(gate_up[0], "halves", 0), "mlp.up": Fused(gate_up[0], "halves", 1)})
     kinds = {type(m).__name__ for m in blist[0].modules()}
     if not any(re.search(r"attention|attn", k, re.IGNORECASE) and "Rwkv" not in k for k in kinds):
+        later = next((i for i, b in enumerate(blist) if any(re.search(r"attention|attn", type(m).__name__, re.I)
+                                                            for m in b.modules())), None)
+        if later is not None:  # a hybrid: linear attention / state-space blocks, and attention in block `later`
+            mixers = ", ".join(sorted({n.split(".")[0] for n in linears})) or "no linear"
+            raise ImpruneError(f"model type '{model_type}' is a hybrid: block 0 mixes tokens with {mixers} modules, "
+                               f"attention first comes in block {later}; imprune maps one attention layout per "
+                               "model: " + how)
         raise ImpruneError(f"model type '{model_type}' has no attention layers (its blocks mix tokens with "
                            f"{', '.join(sorted({n.split('.')[0] for n in linears})) or 'no linear'} modules); "
                            "imprune maps attention + MLP blocks only: " + how)

@@ -37,6 +37,11 @@ TINY_EXTRA: dict[str, dict[str, Any]] = {
     "gptj": dict(rotary_dim=16),  # rotary dimensions within the tiny head_dim
     "codegen": dict(rotary_dim=16),
 }
+# types the tiny builder does not size, with what is missing (a real checkpoint still loads with --model)
+NOT_SIZED: dict[str, str] = {
+    "blt": "the byte latent transformer's four sub-models (patcher, local encoder / decoder, global) and its "
+           "500k-row hash embeddings",
+}
 OVERRIDE_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
                   "kv_heads": "num_key_value_heads", "head_dim": "head_dim", "intermediate": "intermediate_size",
                   "seed": "seed", "positions": "max_position_embeddings"}
@@ -98,7 +103,8 @@ def parse_random_spec(spec: str) -> tuple[str, dict[str, Any]]:
 # these tiny values where the type's own default config has them larger
 SHRINK: dict[str, int] = dict(
     moe_intermediate_size=32, n_routed_experts=4, num_experts=4, num_local_experts=4, moe_num_experts=4,
-    num_experts_per_tok=2, moe_top_k=2, n_group=1, topk_group=1, n_shared_experts=1, shared_expert_intermediate_size=64,
+    num_experts_per_tok=2, moe_top_k=2, moe_k=2, n_group=1, topk_group=1, n_shared_experts=1,
+    shared_expert_intermediate_size=64,
     shared_experts_intermediate_size=64, moe_shared_expert_intermediate_size=64, expert_ffn_hidden_size=32,
     shared_intermediate_size=64, dense_intermediate_size=128, intermediate_size_mlp=128,
     q_lora_rank=32, kv_lora_rank=32, o_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
@@ -178,6 +184,9 @@ def random_config(model_type: str, **overrides: Any) -> Any:
     if model_type not in CONFIG_MAPPING_NAMES:
         raise ImpruneError(f"unknown model type '{model_type}' for random:<model_type>; use a transformers "
                            "model_type such as llama, qwen3, gpt2, bert, mixtral")
+    if model_type in NOT_SIZED and not overrides:
+        raise ImpruneError(f"random:{model_type}: the tiny builder does not size {NOT_SIZED[model_type]}; try a real "
+                           "checkpoint with --model")
     default = _defaults(model_type)
     subs = dict(getattr(default, "sub_configs", None) or {})
     if "text_config" in subs and default is not None:  # composite: the language model is the text config
