@@ -172,6 +172,8 @@ def _tiny_kwargs(model_type: str, default: Any, overrides: dict[str, Any]) -> di
         kwargs["num_experts_per_tok"] = 2  # a default (deepseek_v2) that routes to None experts
     if "qk_rope_head_dim" in kwargs and "head_dim" not in overrides:  # MLA: the rotary width is the rope part
         kwargs["head_dim"] = kwargs["qk_rope_head_dim"]
+    if "kv_lora_rank" in kwargs and "num_key_value_heads" not in overrides:  # MLA expands k / v to every head
+        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
     kwargs.update(_layer_lists(default, int(kwargs["num_hidden_layers"]), kwargs))
     return kwargs
 
