@@ -223,10 +223,11 @@ def groups(name: str, ctx: Context, block: Block) -> dict[str, torch.Tensor]:
                 out[g] = _mask_value(name, ctx, wg, ctx.stats.get(block.index, g, "wg_sq"))
         return out
     if "attn.q" in c and "attn.o" in c:
-        out["head"] = _heads(rows(name, ctx, c["attn.q"]), block.head_dim) + _heads(cols(name, ctx, c["attn.o"]),
-                                                                                    block.head_dim)
+        q, o = c["attn.q"], c["attn.o"]  # per-component head widths (MLA: q, k and v differ)
+        out["head"] = _heads(rows(name, ctx, q), q.head_dim) + _heads(cols(name, ctx, o), o.head_dim)
     if "attn.k" in c and "attn.v" in c and "head" in out:
-        kv = _heads(rows(name, ctx, c["attn.k"]) + rows(name, ctx, c["attn.v"]), block.head_dim)
+        k, v = c["attn.k"], c["attn.v"]
+        kv = _heads(rows(name, ctx, k), k.head_dim) + _heads(rows(name, ctx, v), v.head_dim)
         out["kv_group"] = kv + out["head"].reshape(block.n_kv_heads, -1).sum(-1)
     if "mlp.up" in c and "mlp.down" in c:
         mlp = rows(name, ctx, c["mlp.up"]) + cols(name, ctx, c["mlp.down"])
@@ -252,12 +253,12 @@ def group_counts(block: Block) -> dict[str, torch.Tensor]:
     """Number of weights in each group of ``block`` (for 'mean' aggregation), by arithmetic on shapes."""
     c = block.components
     out: dict[str, torch.Tensor] = {}
-    hd = block.head_dim
     if "attn.q" in c and "attn.o" in c:
-        per_head = hd * c["attn.q"].shape[1] + c["attn.o"].shape[0] * hd
+        q, o = c["attn.q"], c["attn.o"]
+        per_head = q.head_dim * q.shape[1] + o.shape[0] * o.head_dim
         out["head"] = torch.full((block.n_heads,), float(per_head))
     if "attn.k" in c and "attn.v" in c and "head" in out:
-        per_group = hd * (c["attn.k"].shape[1] + c["attn.v"].shape[1])
+        per_group = c["attn.k"].head_dim * c["attn.k"].shape[1] + c["attn.v"].head_dim * c["attn.v"].shape[1]
         out["kv_group"] = per_group + out["head"].reshape(block.n_kv_heads, -1).sum(-1)
     if "mlp.up" in c and "mlp.down" in c:
         per_channel = c["mlp.up"].shape[1] + c["mlp.down"].shape[0] + (c["mlp.gate"].shape[1] if "mlp.gate" in c else 0)

@@ -24,13 +24,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # every model type with a registered map (importance.arch.canonical), in the order the issue lists them
 ARCH_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite", "olmo",
-              "olmo2", "cohere", "gpt2", "gpt_neox", "opt", "bert", "roberta", "mixtral", "qwen3_moe", "qwen2_moe"]
+              "olmo2", "olmo3", "cohere", "gpt2", "gpt_neox", "opt", "bert", "roberta", "mixtral", "qwen3_moe",
+              "qwen2_moe"]
 MOE_TYPES = ["mixtral", "qwen3_moe", "qwen2_moe"]
 # registered families whose modules take more than the hidden states (BLOOM's residual, ALiBi) or whose config
 # fields differ from the Llama names (Falcon): checked by importance.arch.check and the view tests
 FUSED_TYPES = ["falcon", "bloom"]
-# unregistered types that the generic discovery maps (with a warning); glm4 through its fused gate_up
-DISCOVERED_TYPES = ["phi", "stablelm", "starcoder2", "glm4", "gptj"]
+# unregistered types that the generic discovery maps (with a warning); glm4 through its fused gate_up, gpt_oss
+# through its stacked experts (transposed, interleaved, biased), deepseek_v3 through its latent attention (MLA)
+DISCOVERED_TYPES = ["phi", "stablelm", "starcoder2", "glm4", "gptj", "gpt_oss", "deepseek_v3"]
 # unregistered types with a fused attention layout discovery cannot know
 UNKNOWN_FUSED_TYPES = ["codegen", "persimmon"]
 

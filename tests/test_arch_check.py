@@ -134,6 +134,8 @@ _SAMPLE = {  # model type -> (map kind, the stages that must end ok, {stage: sta
     "falcon": ("registered", ("score", "prune", "heads", "eval"), {}),
     "glm4": ("discovered", ("score", "prune", "heads", "eval"), {}),
     "bloom": ("registered", ("score", "prune", "eval"), {"heads": "refused"}),
+    "gpt_oss": ("discovered", ("score", "prune", "heads", "eval"), {}),
+    "deepseek_v3": ("discovered", ("score", "prune", "heads", "eval"), {}),
     "mamba": ("refused", (), {"score": "skipped"}),
 }
 
@@ -170,3 +172,10 @@ def test_coverage_counts_and_readme_block() -> None:
     assert "- `b`: heads: no" in block and "- `c`: map: no" in block and "- `d`: score: " in block
     text = replace_readme_block("# T\n\nold\n", block)
     assert replace_readme_block(text, block) == text  # regenerating replaces, never appends twice
+
+
+def test_every_registered_map_is_in_the_test_grid() -> None:
+    """The README's registered maps come from the registry; each one is proven by the grid above."""
+    from importance.arch.canonical import registered_types
+
+    assert set(registered_types()) <= set(ARCH_TYPES + FUSED_TYPES)

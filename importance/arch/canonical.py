@@ -16,6 +16,7 @@ with well-known names), said in a warning and proven by ``importance.arch.check`
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,12 +24,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from importance.arch.experts import expert_layout
+from importance.arch.experts import rows as expert_rows
 from importance.arch.skipped import SkippedBranch
 from importance.engine.offload import offloaded_weight, write_offloaded_
 from importance.errors import ImpruneError
 
-LINEAR_NAMES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
-NORM_NAMES = ("norm.attn_in", "norm.attn_out", "norm.mlp_in", "norm.mlp_out", "norm.q", "norm.k")
+# attn.q_a / attn.kv_a: the low-rank down-projections of multi-head latent attention (DeepSeek-V2/V3's MLA),
+# shared by every head, with their norms norm.q_a / norm.kv_a
+LINEAR_NAMES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.q_a", "attn.kv_a", "mlp.gate", "mlp.up", "mlp.down")
+NORM_NAMES = ("norm.attn_in", "norm.attn_out", "norm.mlp_in", "norm.mlp_out", "norm.q", "norm.k", "norm.q_a",
+              "norm.kv_a")
 MOE_NAMES = ("mlp.router", "mlp.experts.gate", "mlp.experts.up", "mlp.experts.down",
              "mlp.shared.gate", "mlp.shared.up", "mlp.shared.down", "mlp.shared.router")
 CANONICAL_ORDER = LINEAR_NAMES + MOE_NAMES + NORM_NAMES
@@ -45,7 +51,8 @@ class Fused:
 
     ``layout``: 'qkv' = rows [q (H*d) | k (Hkv*d) | v (Hkv*d)]; 'qkv_heads' = per head [q_h | k_h | v_h]
     (GPT-NeoX, BLOOM); 'qkv_grouped' = per KV group [q_1 .. q_g | k | v] (Falcon-40B's new decoder
-    architecture; with g = 1 it is 'qkv_heads'); 'halves' = rows [gate | up]. ``part`` is this piece's index.
+    architecture; with g = 1 it is 'qkv_heads'); 'halves' = rows [gate | up]; 'mla_kv' = MLA's ``kv_b_proj``,
+    per head [k_nope (qk_nope_head_dim) | v (v_head_dim)]. ``part`` is this piece's index.
     """
 
     path: str
@@ -80,6 +87,7 @@ class ArchSpec:
     heads_fixed: str | None = None  # why heads cannot be removed structurally (None: they can)
     channels_fixed: str | None = None  # why MLP channels cannot be removed structurally
     layout_of: Callable[[object], str] | None = None  # fused attention layout chosen from the config (falcon)
+    mla: bool = False  # multi-head latent attention: per-component head widths from the config (see _mla_dims)
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -115,7 +123,7 @@ register_arch("cohere")(ArchSpec("model.layers", _LLAMA_LIN, {"norm.attn_in": "i
 register_arch("qwen3")(ArchSpec("model.layers", _LLAMA_LIN, {**_LLAMA_NORMS, **_QK_NORMS}))
 register_arch("gemma2")(ArchSpec("model.layers", _LLAMA_LIN, _GEMMA2_NORMS))
 register_arch("gemma3_text")(ArchSpec("model.layers", _LLAMA_LIN, {**_GEMMA2_NORMS, **_QK_NORMS}))
-register_arch("olmo2")(ArchSpec("model.layers", _LLAMA_LIN, {
+register_arch("olmo2", "olmo3")(ArchSpec("model.layers", _LLAMA_LIN, {
     "norm.attn_out": "post_attention_layernorm", "norm.mlp_out": "post_feedforward_layernorm", **_QK_NORMS}))
 register_arch("phi3")(ArchSpec("model.layers", {
     "attn.q": Fused("self_attn.qkv_proj", "qkv", 0), "attn.k": Fused("self_attn.qkv_proj", "qkv", 1),
@@ -301,7 +309,7 @@ class ModelMap:
             if first.rows is not None:
                 pattern += " (slice)" if isinstance(first.rows, slice) else " (interleaved rows)"
             if first.transposed:
-                pattern += " (Conv1D, transposed)"
+                pattern += " (stored transposed)" if first.kind == "experts" else " (Conv1D, transposed)"
             rows.append({"component": name, "path": pattern, "shape": list(first.shape), "layers": len(comps),
                          "params": sum(c.numel for c in comps)})
         return rows
@@ -323,14 +331,24 @@ def _find_blocks(model: nn.Module, blocks: str) -> tuple[str, nn.ModuleList]:
     return hits[0]
 
 
+_ATTN_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
+
+
 def _geometry(model: nn.Module) -> tuple[int, int]:
     """(num_attention_heads, head_dim) from the config; head_dim from hidden size where not given."""
     cfg = model.config
+    if not (getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)) and \
+            hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()  # a composite model (vision + text): its language model's config
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
     if not heads:
         raise ImpruneError(f"config of model type '{cfg.model_type}' names no attention head count")
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return int(heads), int(head_dim)
+    try:
+        head_dim = getattr(cfg, "head_dim", None)
+    except Exception:  # noqa: BLE001 - a per-layer field (gemma4): the attention modules' own width
+        head_dim = next((m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)
+                         and _ATTN_CLASS.search(type(m).__name__)), None)
+    return int(heads), int(head_dim or cfg.hidden_size // heads)
 
 
 def _is_linear(m: nn.Module | None) -> bool:
@@ -357,6 +375,21 @@ def _fused_rows(layout: str, part: int, out_total: int, head_dim: int, n_heads: 
     raise ImpruneError(f"unknown fused layout '{layout}'")
 
 
+def _mla_dims(config: object) -> dict[str, int]:
+    """MLA's per-head widths: q = qk_nope + qk_rope (the rope part of k is shared, from kv_a), k = qk_nope,
+    v = o = v_head_dim."""
+    nope, rope, v = (int(getattr(config, k)) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+    return {"attn.q": nope + rope, "attn.k": nope, "attn.v": v, "attn.o": v}
+
+
+def _mla_rows(part: int, out_total: int, dims: dict[str, int]) -> torch.Tensor:
+    """Rows of ``kv_b_proj`` [H * (nope + v), r] that are k_nope (part 0) or v (part 1), head by head."""
+    nope, v = dims["attn.k"], dims["attn.v"]
+    n = out_total // (nope + v)
+    start, width = (0, nope) if part == 0 else (nope, v)
+    return (torch.arange(n).view(n, 1) * (nope + v) + start + torch.arange(width)).flatten()
+
+
 def _layer_heads(block: nn.Module, spec: ArchSpec, n_heads_cfg: int, out_total: int, head_dim: int) -> int:
     """Query heads of one block with a fused [q | k | v] projection (may differ per layer after pruning)."""
     if not spec.gqa:  # q, k and v are equally wide
@@ -376,6 +409,9 @@ def branch_of(name: str) -> str:
 def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_heads_cfg: int,
                  head_dim: int, config: object = None) -> Block:
     comps: dict[str, Component] = {}
+    dims = _mla_dims(config) if spec.mla else {}  # per-component head widths (MLA); else head_dim for all
+    if dims:
+        head_dim = dims["attn.o"]
     skipped = tuple(k for k, p in (("attn", spec.attn), ("mlp", spec.mlp))
                     if p and isinstance(_get(block, p), SkippedBranch))
     # q / k / v / o / MLP linears (plain or fused)
@@ -394,10 +430,14 @@ def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_hea
         if isinstance(entry, Fused):
             out_total = mod.weight.shape[1 if transposed else 0]
             layout = spec.layout_of(config) if spec.layout_of and entry.layout == "qkv" else entry.layout
-            n_heads = _layer_heads(block, spec, n_heads_cfg, out_total, head_dim) if layout != "halves" else 0
-            rows = _fused_rows(layout, entry.part, out_total, head_dim, n_heads)
+            if layout == "mla_kv":
+                rows = _mla_rows(entry.part, out_total, dims)
+            else:
+                n_heads = _layer_heads(block, spec, n_heads_cfg, out_total, head_dim) if layout != "halves" else 0
+                rows = _fused_rows(layout, entry.part, out_total, head_dim, n_heads)
         comps[name] = Component(name, index, f"{bpath}.{path}", mod, "linear", rows=rows, transposed=transposed,
-                                head_dim=head_dim, out_group=_OUT_GROUP.get(name), in_group=_IN_GROUP.get(name))
+                                head_dim=dims.get(name, head_dim), out_group=_OUT_GROUP.get(name),
+                                in_group=_IN_GROUP.get(name))
     for name, path in spec.shared.items():
         mod = _get(block, path)
         if _is_linear(mod):
@@ -405,14 +445,16 @@ def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_hea
     experts = _get(block, spec.experts) if spec.experts else None
     n_experts = 0
     if experts is not None and hasattr(experts, "gate_up_proj"):
-        e, two_i, _ = experts.gate_up_proj.shape
-        n_experts, half = int(e), int(two_i) // 2
+        layout = expert_layout(experts)  # [E, 2I, H] / [E, H, 2I] (transposed); [gate | up] or interleaved
+        gu = experts.gate_up_proj
+        n_experts, two_i = int(gu.shape[0]), int(gu.shape[-1] if layout.transposed else gu.shape[1])
         epath = f"{bpath}.{spec.experts}"
         for part, name in enumerate(("mlp.experts.gate", "mlp.experts.up")):
             comps[name] = Component(name, index, epath, experts, "experts", param="gate_up_proj",
-                                    rows=slice(part * half, (part + 1) * half), out_group="expert")
+                                    rows=expert_rows(layout, two_i, part), transposed=layout.transposed,
+                                    out_group="expert")
         comps["mlp.experts.down"] = Component("mlp.experts.down", index, epath, experts, "experts",
-                                              param="down_proj", out_group="expert")
+                                              param="down_proj", transposed=layout.transposed, out_group="expert")
         router = _get(block, spec.router) if spec.router else None
         if router is not None and isinstance(getattr(router, "weight", None), torch.Tensor):
             comps["mlp.router"] = Component("mlp.router", index, f"{bpath}.{spec.router}", router, "linear",
@@ -428,8 +470,8 @@ def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_hea
         if isinstance(getattr(mod, "weight", None), torch.Tensor):  # parameter-free norms (OLMo-1) have nothing
             comps[name] = Component(name, index, f"{bpath}.{path}", mod, "norm")
     # geometry from the actual shapes (pruned models may differ per layer)
-    n_heads = comps["attn.q"].shape[0] // head_dim if "attn.q" in comps else 0
-    n_kv = comps["attn.k"].shape[0] // head_dim if "attn.k" in comps else 0
+    n_heads = comps["attn.q"].shape[0] // comps["attn.q"].head_dim if "attn.q" in comps else 0
+    n_kv = comps["attn.k"].shape[0] // comps["attn.k"].head_dim if "attn.k" in comps else 0
     if q_entry is not None and not spec.gqa:
         n_kv = n_heads
     inter = comps["mlp.up"].shape[0] if "mlp.up" in comps else 0

@@ -12,7 +12,8 @@
 4. every mapped linear runs in a real forward (a decoder's unused cross-attention does not);
 5. with the value view zeroed, the attention hands ``attn.o`` exactly zeros: the rows mapped as v are the
    values the heads mix (an interleaved fused q|k|v read as blocks fails here);
-6. expert 0 of stacked experts equals ``down_0(act(gate_0 x) * up_0 x)`` of its views.
+6. expert 0 of stacked experts equals ``down_0(g(gate_0 x, up_0 x))`` of its views, with the module's own gate
+   function ``g`` (``act(gate) * up``; gpt_oss's clamped ``(up + 1) * glu(gate)``), affine in the up rows.
 
 (3) compares the MLP module's output with one of its own outputs, so a residual added inside the module
 (BLOOM) cancels; (5) looks at the input of ``attn.o``, before any residual or post-norm. The real inputs
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from importance.arch import experts
 from importance.arch.canonical import Block, Component, ModelMap
 from importance.errors import ImpruneError
 
@@ -59,16 +61,16 @@ def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
 
 def check_shapes(mm: ModelMap, block: Block) -> None:
     c = block.components
-    d = block.head_dim
     if "attn.q" in c and "attn.o" in c:
-        q, o = c["attn.q"].shape, c["attn.o"].shape
-        if q[0] != block.n_heads * d or o[1] != q[0]:
+        (q, dq), (o, do) = ((c[n].shape, c[n].head_dim) for n in ("attn.q", "attn.o"))
+        if q[0] != block.n_heads * dq or o[1] != block.n_heads * do:
             raise _fail(mm, f"attn.q has {q[0]} rows and attn.o {o[1]} columns, not heads x head_dim = "
-                        f"{block.n_heads} x {d}")
+                        f"{block.n_heads} x {dq}" + (f" / {do}" if do != dq else ""))
     if "attn.k" in c and "attn.v" in c:
-        k, v = c["attn.k"].shape, c["attn.v"].shape
-        if k != v or k[0] % d or not block.n_kv_heads or block.n_heads % block.n_kv_heads:
-            raise _fail(mm, f"attn.k {list(k)} / attn.v {list(v)} do not form KV heads of {d} serving "
+        (k, dk), (v, dv) = ((c[n].shape, c[n].head_dim) for n in ("attn.k", "attn.v"))
+        if k[1] != v[1] or k[0] % dk or v[0] // dv != k[0] // dk or (dk == dv and k != v) or \
+                not block.n_kv_heads or block.n_heads % block.n_kv_heads:
+            raise _fail(mm, f"attn.k {list(k)} / attn.v {list(v)} do not form KV heads of {dk} serving "
                         f"{block.n_heads} query heads")
     if "mlp.up" in c and "mlp.down" in c:
         up, down = c["mlp.up"].shape[0], c["mlp.down"].shape[1]
@@ -207,11 +209,13 @@ def check_attention(mm: ModelMap, block: Block, call: tuple[tuple, dict], attn: 
 
 def check_experts(mm: ModelMap, block: Block) -> None:
     """Expert 0 of the stacked experts module, called with every token routed to it alone (weight 1), equals
-    ``down_0(act(gate_0 x) * up_0 x)`` from the expert views."""
+    ``down_0(g(gate_0 x + b, up_0 x + b)) + b`` from the expert views and the module's own gate function ``g``
+    (``act(gate) * up`` by default); and ``g`` is affine in the rows mapped as up (swapped or misread gate / up
+    rows are not)."""
     c = block.components
     gate, up, down = (c[f"mlp.experts.{n}"] for n in ("gate", "up", "down"))
     mod = down.module
-    act = getattr(mod, "act_fn", None)
+    layout = experts.expert_layout(mod)
     w = gate.weight
     x = torch.randn(5, w.shape[-1], generator=torch.Generator().manual_seed(0)).to(w)
     try:
@@ -221,10 +225,19 @@ def check_experts(mm: ModelMap, block: Block) -> None:
         raise _fail(mm, f"the stacked experts {type(mod).__name__} do not run as experts(hidden, top_k_index, "
                     f"top_k_weights) ({type(err).__name__})") from None
     with torch.no_grad():
-        ref = (act(x @ gate.weight[0].T) * (x @ up.weight[0].T)) @ down.weight[0].T if callable(act) else None
-    if ref is None or not _close(y, ref):
-        raise _fail(mm, f"expert 0 of {type(mod).__name__} is not down(act(gate x) * up x) of its views (a "
+        b_gu = mod.gate_up_proj_bias[0].float() if layout.bias else torch.zeros(2 * w.shape[1]).to(x)
+        b_g, b_u = experts.split(layout, b_gu)
+        g, u = x.float() @ gate.weight[0].float().T + b_g, x.float() @ up.weight[0].float().T + b_u
+        h = experts.hidden(mod, experts.join(layout, g, u))
+        ref = h @ down.weight[0].float().T + (mod.down_proj_bias[0].float() if layout.bias else 0)
+        u = u / (1 + float(u.abs().max()))  # |up| < 1: inside any clamp of the gate function (gpt_oss: 7)
+        h1, h2, h0 = (experts.hidden(mod, experts.join(layout, g, s * u)) for s in (1.0, 2.0, 0.0))
+    if not _close(y, ref):
+        raise _fail(mm, f"expert 0 of {type(mod).__name__} is not down(g(gate x, up x)) of its views (a "
                     "transposed, interleaved or biased expert layout imprune does not know)")
+    if not _close(h2 - h1, h1 - h0):
+        raise _fail(mm, f"the gate function of {type(mod).__name__} is not affine in the rows mapped as up: "
+                    "gate and up rows are swapped or misread")
 
 
 def _signature(mm: ModelMap) -> tuple:

@@ -50,6 +50,9 @@ def discover(model: nn.Module) -> ArchSpec:
             hits = [n for n in hits if not re.search(r"encoder_attn|cross", n, re.IGNORECASE)]
         if len(hits) == 1:
             found[canon] = hits[0]
+    mla = _mla(linears)
+    if mla and not {"attn.q", "attn.k", "attn.v"} & set(found):
+        found.update(mla)
     fused = [n for n in linears if re.search(_FUSED, n)]
     if len(fused) == 1 and not {"attn.q", "attn.k", "attn.v"} & set(found):  # try [q | k | v]; the check decides
         found.update({name: Fused(fused[0], "qkv", i) for i, name in enumerate(("attn.q", "attn.k", "attn.v"))})
@@ -60,6 +63,13 @@ def discover(model: nn.Module) -> ArchSpec:
         found.update({"mlp.gate": Fused(gate_up[0], "halves", 0), "mlp.up": Fused(gate_up[0], "halves", 1)})
     kinds = {type(m).__name__ for m in blist[0].modules()}
     if not any(re.search(r"attention|attn", k, re.IGNORECASE) and "Rwkv" not in k for k in kinds):
+        later = next((i for i, b in enumerate(blist) if any(re.search(r"attention|attn", type(m).__name__, re.I)
+                                                            for m in b.modules())), None)
+        if later is not None:  # a hybrid: linear attention / state-space blocks, and attention in block `later`
+            mixers = ", ".join(sorted({n.split(".")[0] for n in linears})) or "no linear"
+            raise ImpruneError(f"model type '{model_type}' is a hybrid: block 0 mixes tokens with {mixers} modules, "
+                               f"attention first comes in block {later}; imprune maps one attention layout per "
+                               "model: " + how)
         raise ImpruneError(f"model type '{model_type}' has no attention layers (its blocks mix tokens with "
                            f"{', '.join(sorted({n.split('.')[0] for n in linears})) or 'no linear'} modules); "
                            "imprune maps attention + MLP blocks only: " + how)
@@ -72,22 +82,59 @@ def discover(model: nn.Module) -> ArchSpec:
         hits = [n for n, m in blist[0].named_children() if re.search(pat, n) and hasattr(m, "weight")]
         if len(hits) == 1:
             norms[canon] = hits[0]
+    attn_path = parent_path(found, "attn.q", "attn.o")
+    for canon, child in (("norm.q", "q_norm"), ("norm.k", "k_norm")):  # qwen3 (per head) / olmo2 (full width)
+        path = f"{attn_path}.{child}" if attn_path else child
+        if isinstance(getattr(_get(blist[0], path), "weight", None), torch.Tensor):
+            norms[canon] = path
     prefix = bname.split(".")[-1] if "." not in bname else ".".join(bname.split(".")[-2:])
 
-    def parent(*canon: str) -> str:  # the deepest module holding all of them ('' = the block)
-        paths = [(e.path if isinstance(e, Fused) else e).split(".")[:-1] for e in (found[c] for c in canon)]
-        common: list[str] = []
-        for parts in zip(*paths, strict=False):
-            if len(set(parts)) > 1:
-                break
-            common.append(parts[0])
-        return ".".join(common)
-
-    attn = parent("attn.q", "attn.o")
-    mlp = parent("mlp.up", "mlp.down") if {"mlp.up", "mlp.down"} <= set(found) else ""
+    attn = attn_path
+    attn_paths = {(e.path if isinstance(e, Fused) else e) for k, e in found.items() if k.startswith("attn.")}
+    for i, block in enumerate(blist):
+        if not all(_is_linear(_get(block, p)) for p in attn_paths):  # hybrids: linear / full attention, ...
+            kinds = sorted({type(_get(b, attn) if attn else b).__name__ for b in blist})
+            raise ImpruneError(f"model type '{model_type}' mixes attention layouts across its blocks ("
+                               f"{', '.join(kinds)}; block {i} lacks {sorted(attn_paths)[0]}); imprune maps one "
+                               "attention layout per model: " + how)
+    mlp = parent_path(found, "mlp.up", "mlp.down") if {"mlp.up", "mlp.down"} <= set(found) else ""
     # heads / channels are cut only where pruning.methods.surgery.trial_cut proves a cut on a copy of block 0
-    return ArchSpec(prefix, found, norms, gqa=True, attn=attn, mlp=mlp, optional_norms=tuple(norms),
-                    optional_mlp=True, experts=experts, router=router)
+    if mla:
+        for canon, child in (("norm.q_a", "q_a_layernorm"), ("norm.kv_a", "kv_a_layernorm")):
+            if isinstance(getattr(_get(blist[0], f"{attn}.{child}"), "weight", None), torch.Tensor):
+                norms[canon] = f"{attn}.{child}"
+    return ArchSpec(prefix, found, norms, gqa=not mla, attn=attn, mlp=mlp, optional_norms=tuple(norms),
+                    optional_mlp=True, experts=experts, router=router, mla=bool(mla))
+
+
+def _mla(linears: dict[str, nn.Module]) -> dict[str, str | Fused]:
+    """DeepSeek-V2/V3-style multi-head latent attention: q (q_proj, or q_b_proj after the low-rank q_a_proj),
+    k_nope and v per head from ``kv_b_proj`` (rows per head [k_nope | v]), the shared ``kv_a_proj_with_mqa``
+    and ``o_proj``; {} where the block has none."""
+    kv_b = [n for n in linears if n.endswith("kv_b_proj")]
+    if len(kv_b) != 1:
+        return {}
+    p = kv_b[0][: -len("kv_b_proj")]
+    q = next((f"{p}{n}" for n in ("q_b_proj", "q_proj") if f"{p}{n}" in linears), None)
+    if q is None or f"{p}o_proj" not in linears or f"{p}kv_a_proj_with_mqa" not in linears:
+        return {}
+    out: dict[str, str | Fused] = {"attn.q": q, "attn.k": Fused(kv_b[0], "mla_kv", 0),
+                                   "attn.v": Fused(kv_b[0], "mla_kv", 1), "attn.o": f"{p}o_proj",
+                                   "attn.kv_a": f"{p}kv_a_proj_with_mqa"}
+    if f"{p}q_a_proj" in linears:
+        out["attn.q_a"] = f"{p}q_a_proj"
+    return out
+
+
+def parent_path(found: dict[str, str | Fused], *canon: str) -> str:
+    """The deepest module holding all of ``canon``'s modules ('' = the block)."""
+    paths = [(e.path if isinstance(e, Fused) else e).split(".")[:-1] for e in (found[c] for c in canon)]
+    common: list[str] = []
+    for parts in zip(*paths, strict=False):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
 
 
 def _stacked_experts(block: nn.Module) -> tuple[str | None, str | None]:

@@ -33,8 +33,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from importance.arch import experts
 from importance.arch.branches import BRANCHES, block_branch
 from importance.arch.canonical import Block, Component, ModelMap, model_map
+from importance.arch.experts import expert_layout
 from importance.data.sources import Batch, Windows
 from importance.engine.gates import token_gate_sums
 from importance.engine.objective import require_loss, token_nll
@@ -95,7 +97,7 @@ class _Pass:
             elif kind == "norm":
                 handles.append(mod.register_forward_hook(self._norm_forward(comps[0])))
             elif kind == "experts":
-                self._check_experts(mod)
+                expert_layout(mod)  # refuses, in one line, a layout it cannot recompute
                 handles.append(mod.register_forward_hook(self._experts_forward(comps), with_kwargs=True))
         if self.cfg.block_influence or (self.cfg.residual_fisher and self.cfg.grad):
             for block in self.mm.blocks:
@@ -240,13 +242,6 @@ class _Pass:
             self.stats.add(f"{comp.layer}|{comp.name}|grad_sq", gg.square().sum(0))
 
     # -------------------------------------------------------------------------------- MoE experts
-    @staticmethod
-    def _check_experts(mod: nn.Module) -> None:
-        if getattr(mod, "is_transposed", False) or not getattr(mod, "is_concatenated", True) or \
-                getattr(mod, "has_bias", False) or not getattr(mod, "has_gate", True):
-            raise ImpruneError(f"{type(mod).__name__}: this stacked-experts layout (transposed, interleaved or "
-                               "biased) is not supported yet; please open an issue with the model type")
-
     def _experts_forward(self, comps: list[Component]):
         named = {c.name: c for c in comps}
 
@@ -263,9 +258,12 @@ class _Pass:
 
     @staticmethod
     def _expert_mlp(module: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """gate, up, hidden = act(gate) * up, for expert ``e`` on routed tokens ``x`` [n, H] (fp32)."""
-        gate, up = (x @ module.gate_up_proj[e].detach().float().T).chunk(2, dim=-1)
-        return gate, up, module.act_fn(gate) * up
+        """gate, up, hidden (the module's own gate function) for expert ``e`` on routed tokens ``x`` [n, H]
+        (fp32, biases included)."""
+        layout = expert_layout(module)
+        gu = experts.gate_up(module, layout, e, x)  # [n, 2I] in the module's order
+        gate, up = experts.split(layout, gu)
+        return gate, up, experts.hidden(module, gu)
 
     @torch.no_grad()
     def _experts_activation(self, module: nn.Module, named: dict[str, Component], hidden: torch.Tensor,
@@ -280,7 +278,7 @@ class _Pass:
                 continue
             x, m = hidden[tok].float(), valid[tok].float()[:, None]
             gate, up, h = self._expert_mlp(module, e, x)
-            down = h @ module.down_proj[e].detach().float().T
+            down = experts.down(module, expert_layout(module), e, h)
             tokens[e] = m.sum()
             for name, xin, out in (("mlp.experts.gate", x, gate), ("mlp.experts.up", x, up),
                                    ("mlp.experts.down", h, down)):
@@ -307,8 +305,9 @@ class _Pass:
             with torch.enable_grad():
                 gate, up, _ = self._expert_mlp(module, e, x)
                 gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
-                h = module.act_fn(gate) * up
-                y = h @ module.down_proj[e].detach().float().T
+                layout = expert_layout(module)
+                h = experts.hidden(module, experts.join(layout, gate, up))
+                y = experts.down(module, layout, e, h)
                 dy = d[tok].float() * weights[tok, pos, None].float()  # routing weight scales the output
                 dgate, dup = torch.autograd.grad(y, (gate, up), dy)
             seq = tok // seq_len
@@ -447,7 +446,9 @@ def _frozen(model: nn.Module, grad: bool) -> Iterator[None]:
             emb = model.get_input_embeddings()
             embs = {id(emb): emb} | {id(m): m for m in model.modules() if isinstance(m, nn.Embedding)
                                       and m.weight.shape == emb.weight.shape}
-            handles = [m.register_forward_hook(lambda m, a, out: out.requires_grad_(True)) for m in embs.values()]
+            # a non-leaf copy: a model that adds to its embeddings in place (GIT) may not do so on a leaf
+            handles = [m.register_forward_hook(lambda m, a, out: out.requires_grad_(True).clone())
+                       for m in embs.values()]
         yield
     finally:
         for handle in handles:

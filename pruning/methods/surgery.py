@@ -124,14 +124,15 @@ def row_params(block: Block, name: str) -> int:
 
 def head_params(block: Block) -> tuple[int, int]:
     """(parameters of one query head: q rows + o columns (+ full-width q_norm), of one KV head: k + v rows)."""
-    d, c = block.head_dim, block.components
-    q = d * (row_params(block, "attn.q") + c["attn.o"].shape[0])
-    kv = d * (row_params(block, "attn.k") + row_params(block, "attn.v"))
+    c = block.components
+    dq, do, dk, dv = (c[n].head_dim for n in ("attn.q", "attn.o", "attn.k", "attn.v"))  # MLA's differ
+    q = dq * row_params(block, "attn.q") + do * c["attn.o"].shape[0]
+    kv = dk * row_params(block, "attn.k") + dv * row_params(block, "attn.v")
     for norm, proj in full_width_norms(block).items():
         if proj == "attn.q":
-            q += d * row_params(block, norm)
+            q += dq * row_params(block, norm)
         else:
-            kv += d * row_params(block, norm)
+            kv += dk * row_params(block, norm)
     return q, kv
 
 
@@ -162,8 +163,9 @@ def cut_block(mm: ModelMap, layer: int, heads: Sequence[int] = (), kv_heads: Seq
         raise ImpruneError(f"layer {layer}: channel ids out of range ({block.intermediate} channels)")
     if channels and len(set(channels)) >= block.intermediate:
         raise ImpruneError(f"layer {layer}: cannot remove every MLP channel; keep at least one")
-    q_rows = _head_rows(heads, d) if heads else None
-    kv_rows = _head_rows(kv_heads, d) if kv_heads else None
+    def head_rows(ids: Sequence[int], name: str) -> torch.Tensor | None:  # per-component widths (MLA's differ)
+        return _head_rows(ids, c[name].head_dim if name in c else d) if ids else None
+
     ch = torch.tensor(sorted(set(channels)), dtype=torch.long) if channels else None
     cuts: dict[int, tuple[nn.Module, set[int], set[int]]] = {}
 
@@ -173,12 +175,12 @@ def cut_block(mm: ModelMap, layer: int, heads: Sequence[int] = (), kv_heads: Seq
         entry = cuts.setdefault(id(comp.module), (comp.module, set(), set()))
         entry[1 if side == "out" else 2].update((module_rows(comp, local) if side == "out" else local).tolist())
 
-    cut(c.get("attn.q"), q_rows, "out")
-    cut(c.get("attn.o"), q_rows, "in")
-    cut(c.get("attn.k"), kv_rows, "out")
-    cut(c.get("attn.v"), kv_rows, "out")
+    cut(c.get("attn.q"), head_rows(heads, "attn.q"), "out")
+    cut(c.get("attn.o"), head_rows(heads, "attn.o"), "in")
+    cut(c.get("attn.k"), head_rows(kv_heads, "attn.k"), "out")
+    cut(c.get("attn.v"), head_rows(kv_heads, "attn.v"), "out")
     for norm, proj in full_width_norms(block).items():
-        cut(c[norm], q_rows if proj == "attn.q" else kv_rows, "out")
+        cut(c[norm], head_rows(heads if proj == "attn.q" else kv_heads, proj), "out")
     for name in ("mlp.gate", "mlp.up"):
         cut(c.get(name), ch, "out")
     cut(c.get("mlp.down"), ch, "in")
@@ -186,8 +188,19 @@ def cut_block(mm: ModelMap, layer: int, heads: Sequence[int] = (), kv_heads: Seq
         keep_out = _complement(drop_out, out_size(module)) if drop_out else None
         keep_in = _complement(drop_in, in_size(module)) if drop_in else None
         shrink_(module, keep_out, keep_in)
+    if heads:
+        _cut_per_head_params(block, mm.spec.attn, _complement(set(heads), block.n_heads))
     if heads or kv_heads:
         set_attention_heads(block, mm.spec, mm.model.config, kept_h, kept_kv)
+
+
+@torch.no_grad()
+def _cut_per_head_params(block: Block, attn_path: str, keep: torch.Tensor) -> None:
+    """The attention's own per-query-head vectors ([H], e.g. gpt_oss's softmax ``sinks``) keep ``keep``."""
+    attn = block.module.get_submodule(attn_path) if attn_path else None
+    for name, p in list(attn.named_parameters(recurse=False)) if attn is not None else []:
+        if p.dim() == 1 and p.numel() == block.n_heads != block.head_dim:
+            setattr(attn, name, _param(p[keep.to(p.device)], p))
 
 
 def _complement(drop: set[int], size: int) -> torch.Tensor:

@@ -104,6 +104,24 @@ def has_attention(model: torch.nn.Module) -> bool:
     return any(_ATTENTION_CLASS.search(n) and not _NOT_ATTENTION.search(n) for n in names)
 
 
+def declares_attention(model_type: str) -> bool | None:
+    """For a type whose tiny model could not be built: whether its modeling module defines an attention class
+    (None where even that cannot be imported)."""
+    import importlib
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        import transformers
+
+        cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+        module = importlib.import_module(cls.__module__)
+    except Exception:  # noqa: BLE001 - an optional dependency missing: unknown
+        return None
+    return any(isinstance(v, type) and issubclass(v, torch.nn.Module) and _ATTENTION_CLASS.search(n)
+               and not _NOT_ATTENTION.search(n) for n, v in vars(module).items())
+
+
 def coverage_windows(vocab: int, n: int = 4, t: int = 24, seed: int = 0) -> Any:
     """``n`` windows of ``t`` random byte-token ids (below ``vocab``), every token a target."""
     from importance.data.sources import Windows
@@ -125,11 +143,18 @@ def _finite_forward(model: torch.nn.Module, windows: Any) -> None:
 def preload() -> None:
     """Import everything ``run_stages`` uses (a parent process then forks workers that share it)."""
     import importance.arch.canonical  # noqa: F401
+    import importance.arch.check  # noqa: F401
+    import importance.arch.discover  # noqa: F401
     import importance.models.load  # noqa: F401
+    import importance.models.tiny  # noqa: F401
     import importance.scoring  # noqa: F401
     import pruning.eval.perplexity  # noqa: F401
     import pruning.methods.structured  # noqa: F401
+    import pruning.methods.surgery  # noqa: F401
     import pruning.methods.unstructured  # noqa: F401
+    from importance.models.load import load_model
+
+    load_model("random:llama")  # transformers' modeling stack (tens of seconds of imports on a busy machine)
 
 
 def run_stages(model_type: str, progress: Callable[[str], None] | None = None) -> Coverage:
@@ -148,6 +173,7 @@ def run_stages(model_type: str, progress: Callable[[str], None] | None = None) -
     say("build")
     lm = _stage(cov, "build", lambda: load_model(f"random:{model_type}"))
     if lm is None:
+        cov.has_attention = declares_attention(model_type)  # counted among the types with attention all the same
         return cov
     cov.has_attention = has_attention(lm.model)
     cov.info["task"] = lm.task
