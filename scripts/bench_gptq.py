@@ -53,6 +53,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--sym", action="store_true")
+    p.add_argument("--observer", default=None, help="group range observer: minmax | mse | mse-h (default: "
+                   "GPTQConfig's)")
     p.add_argument("--budgets", default="4.0,4.5,5.0")
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--seeds", type=int, default=None, help="random plans per budget (default 3, quick 1)")
@@ -85,7 +87,12 @@ def main() -> int:
     a = _args()
     rows_wanted = {r.strip() for r in a.rows.split(",") if r.strip()}
     budgets = [float(b) for b in a.budgets.split(",") if b.strip()]
+    from dataclasses import replace
+
+    cfg = GPTQConfig("gptq", sym=a.sym)
+    cfg = replace(cfg, observer=a.observer or cfg.observer)
     st = {"model": a.model, "quick": a.quick, "group_size": a.group_size, "symmetric": a.sym,
+          "observer": cfg.observer,
           "budgets": {b: BUDGETS.get(b, "3,4,8") for b in budgets}, "rows": sorted(rows_wanted),
           "seeds": a.seeds or (1 if a.quick else 3), "calib_windows": a.calib_windows or (8 if a.quick else 32),
           "seq_len": a.seq_len, "eval_tokens": a.eval_tokens or (4096 if a.quick else 16384),
@@ -97,7 +104,6 @@ def main() -> int:
     calib, evalw = reference_data(base, st)
     fp32 = float32_bytes(base.model)
     gs = a.group_size
-    cfg = GPTQConfig("gptq", sym=a.sym)
     results: list[dict[str, Any]] = []
 
     plan_s, errors, how, sgpt_s, check = None, None, "", None, None
@@ -158,16 +164,15 @@ def main() -> int:
         del lm
     uniform = lambda b: plan_gptq(base.model, None, float(b), str(b), calib, cfg, group_size=gs)  # noqa: E731
     if "rtn4" in rows_wanted:
-        run("rtn 4-bit", uniform(4), GPTQConfig("rtn", sym=a.sym))
+        run("rtn 4-bit", uniform(4), replace(cfg, method="rtn"))
     for b in (4, 8):
         if f"gptq{b}" in rows_wanted:
             run(f"gptq {b}-bit", uniform(b))
     if "static4" in rows_wanted:
-        run("gptq 4-bit natural order, static groups", uniform(4), GPTQConfig("gptq", sym=a.sym, act_order=False,
-                                                                            static_groups=True))
+        run("gptq 4-bit natural order, static groups", uniform(4), replace(cfg, act_order=False, static_groups=True))
     if "joint" in rows_wanted:
-        run("joint 50% + gptq 4-bit", uniform(4), GPTQConfig("gptq", sym=a.sym, sparsity=0.5))
-        run("joint 2:4 + gptq 4-bit", uniform(4), GPTQConfig("gptq", sym=a.sym, nm=(2, 4)))
+        run("joint 50% + gptq 4-bit", uniform(4), replace(cfg, sparsity=0.5))
+        run("joint 2:4 + gptq 4-bit", uniform(4), replace(cfg, nm=(2, 4)))
     if "guided" in rows_wanted:
         table = fisher_table()
         units, kept = _units(base.model, (), gs, True)
@@ -225,7 +230,8 @@ def _check_line(c: dict[str, Any]) -> str:
 def _markdown(rows: list[dict[str, Any]], st: dict[str, Any], evalw: Any, plan_s: float | None) -> str:
     lines = [f"Perplexity on {evalw.meta.get('data')} ({len(evalw)} x {evalw.seq_len} tokens), calibration "
              f"{st['calib_windows']} x {st['seq_len']} austen:train windows (seed {st['seed']}); grid "
-             f"{'symmetric' if st['symmetric'] else 'asymmetric'}, group {st['group_size']} below 8 bits, 8 bits per "
+             f"{'symmetric' if st['symmetric'] else 'asymmetric'}, {st['observer']} observer, "
+             f"group {st['group_size']} below 8 bits, 8 bits per "
              f"channel; embeddings / lm_head float32"
              + (f"; the guided rows share one planning pass of {plan_s:.0f} s." if plan_s else "."), "",
              "| row | avg bits | weight MB | x fp32 | perplexity | loss vs dense | / random loss | seconds | "
