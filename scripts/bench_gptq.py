@@ -22,7 +22,8 @@ perplexity, loss vs dense, / random loss at the same budget, quantization second
 
 Reference setting: SmolLM2-135M float32; calibration 32 x 256 ``austen:train`` windows (seed 0); evaluation
 the first 16,384 tokens of Persuasion in windows of 256. ``--quick``: 8 x 256 calibration, 4,096 evaluation
-tokens, one random seed. ``--rows`` picks rows by name (e.g. ``--rows gptq4,guided``); ``--name`` the result files'
+tokens, one random seed. ``--rows`` picks rows by name and runs them in that order (e.g. ``--rows guided,gptq4``;
+sparsegpt always first, validate last); ``--name`` the result files'
 stem (default bench_gptq, bench_gptq_quick).
 
     python scripts/bench_gptq.py [--quick] [--group-size 64] [--rows ...] [--seeds 3] [--name STEM]
@@ -85,7 +86,11 @@ def main() -> int:
     from scripts.benchlib import reference_data
 
     a = _args()
-    rows_wanted = {r.strip() for r in a.rows.split(",") if r.strip()}
+    rows_order = [r.strip() for r in a.rows.split(",") if r.strip()]
+    rows_wanted = set(rows_order)
+    unknown = rows_wanted - set(ROWS)
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}; use {', '.join(ROWS)}")
     budgets = [float(b) for b in a.budgets.split(",") if b.strip()]
     from dataclasses import replace
 
@@ -163,17 +168,9 @@ def main() -> int:
         results[-1]["weight_bytes"] = None
         del lm
     uniform = lambda b: plan_gptq(base.model, None, float(b), str(b), calib, cfg, group_size=gs)  # noqa: E731
-    if "rtn4" in rows_wanted:
-        run("rtn 4-bit", uniform(4), replace(cfg, method="rtn"))
-    for b in (4, 8):
-        if f"gptq{b}" in rows_wanted:
-            run(f"gptq {b}-bit", uniform(b))
-    if "static4" in rows_wanted:
-        run("gptq 4-bit natural order, static groups", uniform(4), replace(cfg, act_order=False, static_groups=True))
-    if "joint" in rows_wanted:
-        run("joint 50% + gptq 4-bit", uniform(4), replace(cfg, sparsity=0.5))
-        run("joint 2:4 + gptq 4-bit", uniform(4), replace(cfg, nm=(2, 4)))
-    if "guided" in rows_wanted:
+
+    def guided() -> None:
+        nonlocal errors, how, plan_s
         table = fisher_table()
         units, kept = _units(base.model, (), gs, True)
         widths = tuple(sorted({int(w) for b in budgets for w in st["budgets"][b].split(",")}))
@@ -185,12 +182,26 @@ def main() -> int:
             choices = tuple(int(w) for w in st["budgets"][b].split(","))
             run(f"guided gptq {b:g} ({st['budgets'][b]})", plan_from_errors(units, kept, errors, choices, b, how),
                 budget=b)
-    if "random" in rows_wanted:
-        for b in budgets:
-            for k in range(st["seeds"]):
+
+    def random_rows() -> None:
+        for k in range(st["seeds"]):  # seed-major: a cut-off run still has every budget
+            for b in budgets:
                 run(f"random {b:g} ({st['budgets'][b]}) seed {k}",
                     random_plan(base.model, b, st["budgets"][b], k, group_size=gs, linear_only=True,
                                 supported=GPTQ_BITS), budget=b)
+
+    def joint() -> None:
+        run("joint 50% + gptq 4-bit", uniform(4), replace(cfg, sparsity=0.5))
+        run("joint 2:4 + gptq 4-bit (natural order)", uniform(4), replace(cfg, nm=(2, 4), act_order=False))
+
+    steps = {"rtn4": lambda: run("rtn 4-bit", uniform(4), replace(cfg, method="rtn")),
+             "gptq4": lambda: run("gptq 4-bit", uniform(4)), "gptq8": lambda: run("gptq 8-bit", uniform(8)),
+             "static4": lambda: run("gptq 4-bit natural order, static groups", uniform(4),
+                                    replace(cfg, act_order=False, static_groups=True)),
+             "joint": joint, "guided": guided, "random": random_rows}
+    for name in rows_order:  # in the order --rows names them
+        if name in steps:
+            steps[name]()
     if "validate" in rows_wanted:
         units, _ = _units(base.model, (), gs, True)
         sample = sample_units(units, a.validate_units, a.seed)
