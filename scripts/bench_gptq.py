@@ -28,6 +28,7 @@ stem (default bench_gptq, bench_gptq_quick).
 
     python scripts/bench_gptq.py [--quick] [--group-size 64] [--rows ...] [--seeds 3] [--name STEM]
                                  [--validate-units 12 --validate-widths 2,3,4 --validate-windows 8]
+                                 [--observer minmax|mse|mse-h] [--dense-from RESULT.json]
                                  [--out scripts/results]
 """
 
@@ -63,6 +64,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--validate-widths", default="2,3,4")
     p.add_argument("--validate-windows", type=int, default=8)
     p.add_argument("--name", default=None, help="stem of the result files")
+    p.add_argument("--dense-from", default=None, metavar="JSON",
+                   help="take the dense row from an earlier result of this script on the same model and evaluation "
+                        "windows instead of evaluating it again (saves one evaluation pass on a busy machine)")
     add_reference_args(p)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     return p.parse_args()
@@ -157,7 +161,16 @@ def main() -> int:
         evaluate(name, model, plan, q, time.perf_counter() - start, budget)
         del model
 
-    evaluate("dense float32", base.model, None, None, None, None)
+    if a.dense_from:
+        import json
+
+        old = json.loads(Path(a.dense_from).read_text())
+        if old["settings"]["model"] != a.model or old["eval"] != dict(evalw.meta) or old["rows"][0]["avg_bits"]:
+            raise SystemExit(f"--dense-from {a.dense_from}: another model or other evaluation windows")
+        results.append({**old["rows"][0], "from": a.dense_from})
+        print(f"  dense float32: ppl {results[0]['ppl']:.3f} (from {a.dense_from})", flush=True)
+    else:
+        evaluate("dense float32", base.model, None, None, None, None)
     if "sparsegpt" in rows_wanted:
         lm = copy.copy(base)
         lm.model = copy.deepcopy(base.model)
