@@ -28,7 +28,7 @@ stem (default bench_gptq, bench_gptq_quick).
 
     python scripts/bench_gptq.py [--quick] [--group-size 64] [--rows ...] [--seeds 3] [--name STEM]
                                  [--validate-units 12 --validate-widths 2,3,4 --validate-windows 8]
-                                 [--observer minmax|mse|mse-h] [--dense-from RESULT.json]
+                                 [--observer minmax|mse|mse-h] [--append]
                                  [--out scripts/results]
 """
 
@@ -64,9 +64,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--validate-widths", default="2,3,4")
     p.add_argument("--validate-windows", type=int, default=8)
     p.add_argument("--name", default=None, help="stem of the result files")
-    p.add_argument("--dense-from", default=None, metavar="JSON",
-                   help="take the dense row from an earlier result of this script on the same model and evaluation "
-                        "windows instead of evaluating it again (saves one evaluation pass on a busy machine)")
+    p.add_argument("--append", action="store_true",
+                   help="add the rows to the result files of --name (same settings but --rows / --budgets / --seeds): "
+                        "their dense row, SparseGPT time and planning pass are kept (one table from several runs)")
     add_reference_args(p)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     return p.parse_args()
@@ -133,7 +133,6 @@ def main() -> int:
             r["time_vs_sparsegpt"] = r["seconds"] / sgpt_s if sgpt_s and r["seconds"] else None
         md = _markdown(results, st, evalw, plan_s) + ("" if check is None else "\n\n" + _check_line(check))
         out = Path(a.out)
-        stem = a.name or ("bench_gptq_quick" if a.quick else "bench_gptq")
         write_json(out / f"{stem}.json", {"settings": st, "complete": not partial, "eval": dict(evalw.meta),
                                           "calibration": dict(calib.meta), "planning_seconds": plan_s,
                                           "estimator": how, "errors": errors, "rows": results,
@@ -161,14 +160,21 @@ def main() -> int:
         evaluate(name, model, plan, q, time.perf_counter() - start, budget)
         del model
 
-    if a.dense_from:
+    stem = a.name or ("bench_gptq_quick" if a.quick else "bench_gptq")
+    if a.append and (Path(a.out) / f"{stem}.json").exists():
         import json
 
-        old = json.loads(Path(a.dense_from).read_text())
-        if old["settings"]["model"] != a.model or old["eval"] != dict(evalw.meta) or old["rows"][0]["avg_bits"]:
-            raise SystemExit(f"--dense-from {a.dense_from}: another model or other evaluation windows")
-        results.append({**old["rows"][0], "from": a.dense_from})
-        print(f"  dense float32: ppl {results[0]['ppl']:.3f} (from {a.dense_from})", flush=True)
+        old = json.loads((Path(a.out) / f"{stem}.json").read_text())
+        same = [k for k in st if k not in ("rows", "budgets", "seeds", "validate")]
+        diff = [k for k in same if str(old["settings"].get(k)) != str(st[k])]
+        if diff or old["eval"] != dict(evalw.meta):
+            raise SystemExit(f"--append: {stem}.json has other settings ({', '.join(diff) or 'eval windows'})")
+        results.extend(old["rows"])
+        st["rows"] = sorted(set(old["settings"]["rows"]) | rows_wanted)
+        st["budgets"] = {**{float(b): v for b, v in old["settings"]["budgets"].items()}, **st["budgets"]}
+        sgpt_s = next((r["seconds"] for r in results if r["row"].startswith("sparsegpt")), None)
+        plan_s, errors, how, check = old["planning_seconds"], old["errors"], old["estimator"], old["estimate_check"]
+        print(f"  appending to {stem}.json: {len(results)} rows kept", flush=True)
     else:
         evaluate("dense float32", base.model, None, None, None, None)
     if "sparsegpt" in rows_wanted:
