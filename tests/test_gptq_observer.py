@@ -131,3 +131,24 @@ def test_compressed_tensors_round_trip_with_the_mse_observer(tmp_path, sym: bool
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
     with torch.no_grad():
         assert torch.allclose(again(input_ids=windows.input_ids).logits, fake, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_observer_is_recorded_and_nm_takes_the_natural_order(tmp_path) -> None:
+    """--observer reaches the quantizer and imprune.json; --nm 2:4 without an order flag runs in the natural order
+    (N:M groups need it) instead of failing on the act-order default; --act-order with --nm is still refused."""
+    import json
+
+    from pruning.cli.core import main
+
+    base = ["quantize", "--model", "random:llama", "--data", "austen:train", "--tokens", "512", "--seq-len", "32",
+            "--budget", "4", "--choices", "4", "--group-size", "16", "--no-eval", "--quiet"]
+    assert main([*base, "--observer", "mse", "--nm", "2:4", "--out", str(tmp_path / "a")]) == 0
+    grid = json.loads((tmp_path / "a" / "imprune.json").read_text())["grid"]
+    assert grid["observer"] == "mse" and grid["act_order"] is False and grid["joint"]["nm"] == [2, 4]
+    assert main([*base, "--out", str(tmp_path / "b")]) == 0
+    grid = json.loads((tmp_path / "b" / "imprune.json").read_text())["grid"]
+    from pruning.quant.gptq_model import GPTQConfig
+
+    assert grid["act_order"] is True and grid["observer"] == GPTQConfig.observer  # the defaults
+    assert main([*base, "--nm", "2:4", "--act-order", "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()
