@@ -22,11 +22,13 @@ perplexity, loss vs dense, / random loss at the same budget, quantization second
 
 Reference setting: SmolLM2-135M float32; calibration 32 x 256 ``austen:train`` windows (seed 0); evaluation
 the first 16,384 tokens of Persuasion in windows of 256. ``--quick``: 8 x 256 calibration, 4,096 evaluation
-tokens, one random seed. ``--rows`` picks rows by name (e.g. ``--rows gptq4,guided``); ``--name`` the result files'
+tokens, one random seed. ``--rows`` picks rows by name and runs them in that order (e.g. ``--rows guided,gptq4``;
+sparsegpt always first, validate last); ``--name`` the result files'
 stem (default bench_gptq, bench_gptq_quick).
 
     python scripts/bench_gptq.py [--quick] [--group-size 64] [--rows ...] [--seeds 3] [--name STEM]
                                  [--validate-units 12 --validate-widths 2,3,4 --validate-windows 8]
+                                 [--observer minmax|mse|mse-h] [--append]
                                  [--out scripts/results]
 """
 
@@ -53,6 +55,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--sym", action="store_true")
+    p.add_argument("--observer", default=None, help="group range observer: minmax | mse | mse-h (default: "
+                   "GPTQConfig's)")
     p.add_argument("--budgets", default="4.0,4.5,5.0")
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--seeds", type=int, default=None, help="random plans per budget (default 3, quick 1)")
@@ -60,6 +64,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--validate-widths", default="2,3,4")
     p.add_argument("--validate-windows", type=int, default=8)
     p.add_argument("--name", default=None, help="stem of the result files")
+    p.add_argument("--append", action="store_true",
+                   help="add the rows to the result files of --name (same settings but --rows / --budgets / --seeds): "
+                        "their dense row, SparseGPT time and planning pass are kept (one table from several runs)")
     add_reference_args(p)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     return p.parse_args()
@@ -83,9 +90,18 @@ def main() -> int:
     from scripts.benchlib import reference_data
 
     a = _args()
-    rows_wanted = {r.strip() for r in a.rows.split(",") if r.strip()}
+    rows_order = [r.strip() for r in a.rows.split(",") if r.strip()]
+    rows_wanted = set(rows_order)
+    unknown = rows_wanted - set(ROWS)
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}; use {', '.join(ROWS)}")
     budgets = [float(b) for b in a.budgets.split(",") if b.strip()]
+    from dataclasses import replace
+
+    cfg = GPTQConfig("gptq", sym=a.sym)
+    cfg = replace(cfg, observer=a.observer or cfg.observer)
     st = {"model": a.model, "quick": a.quick, "group_size": a.group_size, "symmetric": a.sym,
+          "observer": cfg.observer,
           "budgets": {b: BUDGETS.get(b, "3,4,8") for b in budgets}, "rows": sorted(rows_wanted),
           "seeds": a.seeds or (1 if a.quick else 3), "calib_windows": a.calib_windows or (8 if a.quick else 32),
           "seq_len": a.seq_len, "eval_tokens": a.eval_tokens or (4096 if a.quick else 16384),
@@ -97,7 +113,6 @@ def main() -> int:
     calib, evalw = reference_data(base, st)
     fp32 = float32_bytes(base.model)
     gs = a.group_size
-    cfg = GPTQConfig("gptq", sym=a.sym)
     results: list[dict[str, Any]] = []
 
     plan_s, errors, how, sgpt_s, check = None, None, "", None, None
@@ -118,7 +133,6 @@ def main() -> int:
             r["time_vs_sparsegpt"] = r["seconds"] / sgpt_s if sgpt_s and r["seconds"] else None
         md = _markdown(results, st, evalw, plan_s) + ("" if check is None else "\n\n" + _check_line(check))
         out = Path(a.out)
-        stem = a.name or ("bench_gptq_quick" if a.quick else "bench_gptq")
         write_json(out / f"{stem}.json", {"settings": st, "complete": not partial, "eval": dict(evalw.meta),
                                           "calibration": dict(calib.meta), "planning_seconds": plan_s,
                                           "estimator": how, "errors": errors, "rows": results,
@@ -146,7 +160,23 @@ def main() -> int:
         evaluate(name, model, plan, q, time.perf_counter() - start, budget)
         del model
 
-    evaluate("dense float32", base.model, None, None, None, None)
+    stem = a.name or ("bench_gptq_quick" if a.quick else "bench_gptq")
+    if a.append and (Path(a.out) / f"{stem}.json").exists():
+        import json
+
+        old = json.loads((Path(a.out) / f"{stem}.json").read_text())
+        same = [k for k in st if k not in ("rows", "budgets", "seeds", "validate")]
+        diff = [k for k in same if str(old["settings"].get(k)) != str(st[k])]
+        if diff or old["eval"] != dict(evalw.meta):
+            raise SystemExit(f"--append: {stem}.json has other settings ({', '.join(diff) or 'eval windows'})")
+        results.extend(old["rows"])
+        st["rows"] = sorted(set(old["settings"]["rows"]) | rows_wanted)
+        st["budgets"] = {**{float(b): v for b, v in old["settings"]["budgets"].items()}, **st["budgets"]}
+        sgpt_s = next((r["seconds"] for r in results if r["row"].startswith("sparsegpt")), None)
+        plan_s, errors, how, check = old["planning_seconds"], old["errors"], old["estimator"], old["estimate_check"]
+        print(f"  appending to {stem}.json: {len(results)} rows kept", flush=True)
+    else:
+        evaluate("dense float32", base.model, None, None, None, None)
     if "sparsegpt" in rows_wanted:
         lm = copy.copy(base)
         lm.model = copy.deepcopy(base.model)
@@ -157,18 +187,9 @@ def main() -> int:
         results[-1]["weight_bytes"] = None
         del lm
     uniform = lambda b: plan_gptq(base.model, None, float(b), str(b), calib, cfg, group_size=gs)  # noqa: E731
-    if "rtn4" in rows_wanted:
-        run("rtn 4-bit", uniform(4), GPTQConfig("rtn", sym=a.sym))
-    for b in (4, 8):
-        if f"gptq{b}" in rows_wanted:
-            run(f"gptq {b}-bit", uniform(b))
-    if "static4" in rows_wanted:
-        run("gptq 4-bit natural order, static groups", uniform(4), GPTQConfig("gptq", sym=a.sym, act_order=False,
-                                                                            static_groups=True))
-    if "joint" in rows_wanted:
-        run("joint 50% + gptq 4-bit", uniform(4), GPTQConfig("gptq", sym=a.sym, sparsity=0.5))
-        run("joint 2:4 + gptq 4-bit", uniform(4), GPTQConfig("gptq", sym=a.sym, nm=(2, 4)))
-    if "guided" in rows_wanted:
+
+    def guided() -> None:
+        nonlocal errors, how, plan_s
         table = fisher_table()
         units, kept = _units(base.model, (), gs, True)
         widths = tuple(sorted({int(w) for b in budgets for w in st["budgets"][b].split(",")}))
@@ -180,12 +201,26 @@ def main() -> int:
             choices = tuple(int(w) for w in st["budgets"][b].split(","))
             run(f"guided gptq {b:g} ({st['budgets'][b]})", plan_from_errors(units, kept, errors, choices, b, how),
                 budget=b)
-    if "random" in rows_wanted:
-        for b in budgets:
-            for k in range(st["seeds"]):
+
+    def random_rows() -> None:
+        for k in range(st["seeds"]):  # seed-major: a cut-off run still has every budget
+            for b in budgets:
                 run(f"random {b:g} ({st['budgets'][b]}) seed {k}",
                     random_plan(base.model, b, st["budgets"][b], k, group_size=gs, linear_only=True,
                                 supported=GPTQ_BITS), budget=b)
+
+    def joint() -> None:
+        run("joint 50% + gptq 4-bit", uniform(4), replace(cfg, sparsity=0.5))
+        run("joint 2:4 + gptq 4-bit (natural order)", uniform(4), replace(cfg, nm=(2, 4), act_order=False))
+
+    steps = {"rtn4": lambda: run("rtn 4-bit", uniform(4), replace(cfg, method="rtn")),
+             "gptq4": lambda: run("gptq 4-bit", uniform(4)), "gptq8": lambda: run("gptq 8-bit", uniform(8)),
+             "static4": lambda: run("gptq 4-bit natural order, static groups", uniform(4),
+                                    replace(cfg, act_order=False, static_groups=True)),
+             "joint": joint, "guided": guided, "random": random_rows}
+    for name in rows_order:  # in the order --rows names them
+        if name in steps:
+            steps[name]()
     if "validate" in rows_wanted:
         units, _ = _units(base.model, (), gs, True)
         sample = sample_units(units, a.validate_units, a.seed)
@@ -225,7 +260,8 @@ def _check_line(c: dict[str, Any]) -> str:
 def _markdown(rows: list[dict[str, Any]], st: dict[str, Any], evalw: Any, plan_s: float | None) -> str:
     lines = [f"Perplexity on {evalw.meta.get('data')} ({len(evalw)} x {evalw.seq_len} tokens), calibration "
              f"{st['calib_windows']} x {st['seq_len']} austen:train windows (seed {st['seed']}); grid "
-             f"{'symmetric' if st['symmetric'] else 'asymmetric'}, group {st['group_size']} below 8 bits, 8 bits per "
+             f"{'symmetric' if st['symmetric'] else 'asymmetric'}, {st['observer']} observer, "
+             f"group {st['group_size']} below 8 bits, 8 bits per "
              f"channel; embeddings / lm_head float32"
              + (f"; the guided rows share one planning pass of {plan_s:.0f} s." if plan_s else "."), "",
              "| row | avg bits | weight MB | x fp32 | perplexity | loss vs dense | / random loss | seconds | "

@@ -2,6 +2,7 @@
 
     imprune quantize --model M [--scores DIR] --budget 4.5 --choices 3,4,8 [--data austen:train --tokens 8192
                      --seq-len 256 --seed 0] [--method gptq|rtn] [--sym|--asym] [--group-size G] [--no-act-order]
+                     [--observer minmax|mse|mse-h]
                      [--sparsity 0.5 | --nm 2:4] [--keep PATTERN ...] [--format compressed-tensors|quanto]
                      [--fake] [--random-seed S] [--quantize-embeddings 8] --out OUT
 
@@ -58,7 +59,7 @@ from pruning.quant.ct_format import packed_bytes, save_compressed_tensors
 from pruning.quant.embeddings import quantize_embeddings_
 from pruning.quant.gptq_model import METHODS, GPTQConfig, plan_gptq, quantize_model_gptq_
 from pruning.quant.quantize import fake_quantize_model_, float32_bytes, quantize_model_, save_quantized, weight_bytes
-from pruning.second_order.gptq import GPTQ_BITS
+from pruning.second_order.gptq import GPTQ_BITS, OBSERVERS
 
 
 def parse_keep(values: list[str] | None) -> tuple[str, ...]:
@@ -79,11 +80,15 @@ def parse_keep(values: list[str] | None) -> tuple[str, ...]:
     arg("--tokens", type=int, default=8192, help="calibration tokens (whole windows)"), SEED,
     arg("--sym", dest="sym", action="store_true", default=False, help="symmetric grid (zero point 0)"),
     arg("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points (default)"),
-    arg("--act-order", dest="act_order", action="store_true", default=True,
-        help="gptq: visit columns by descending Hessian diagonal, static groups (default; SmolLM2 4-bit g64: "
-             "46.66 vs 50.12 without)"),
+    arg("--act-order", dest="act_order", action="store_true", default=None,
+        help="gptq: visit columns by descending Hessian diagonal, static groups (default but with --nm, whose "
+             "groups need the natural order; SmolLM2 4-bit g64: 46.66 vs 50.12 without)"),
     arg("--no-act-order", dest="act_order", action="store_false", help="gptq: natural column order"),
     arg("--damp", type=float, default=0.01), arg("--blocksize", type=int, default=128),
+    arg("--observer", default=GPTQConfig.observer, choices=list(OBSERVERS),
+        help="how each group's range (scale, zero point) is chosen: minmax, or the clipping search mse (least "
+             "squared rounding error over shrunk ranges) / mse-h (weighted by the input energy); default "
+             f"{GPTQConfig.observer}"),
     arg("--sparsity", type=float, default=0.0, help="gptq: prune this fraction jointly (e.g. 0.5)"),
     arg("--nm", default=None, help="gptq: prune N:M jointly, e.g. 2:4"),
     arg("--group-size", type=int, default=None,
@@ -116,7 +121,9 @@ def quantize_cmd(args: argparse.Namespace) -> int:
     positive(args.eval_tokens, "--eval-tokens")
     positive(args.tokens, "--tokens")
     positive(args.batch_size, "--batch-size")
-    cfg = GPTQConfig(method, args.sym, args.blocksize, args.damp, args.act_order, args.sparsity, parse_nm(args.nm))
+    nm = parse_nm(args.nm)
+    act_order = nm is None if args.act_order is None else args.act_order
+    cfg = GPTQConfig(method, args.sym, args.blocksize, args.damp, act_order, args.sparsity, nm, observer=args.observer)
     cfg.validate()
     if method == "gptq" and not args.data:
         raise ImpruneError("--method gptq needs calibration data: pass --data (e.g. austen:train)")
@@ -168,6 +175,7 @@ def quantize_cmd(args: argparse.Namespace) -> int:
     record = {"method": "quantize", "quantizer": method if not legacy else "rtn (optimum-quanto grid)",
               "budget": args.budget, "format": "fake-quant" if args.fake else args.format,
               "grid": {"symmetric": cfg.sym, "act_order": cfg.act_order, "damp": cfg.damp,
+                       "observer": None if legacy else cfg.observer,
                        "joint": {"sparsity": cfg.sparsity, "nm": cfg.nm}},
               "calibration": dict(calib.meta) if calib is not None else None, "quantize_seconds": round(seconds, 1),
               "memory": {"bytes": stored, "float32_bytes": fp32, "ratio": stored / fp32},

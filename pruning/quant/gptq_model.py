@@ -35,7 +35,7 @@ from importance.errors import ImpruneError
 from importance.table import ImportanceTable
 from pruning.methods.masks import lowest_mask
 from pruning.quant.bits import BitPlan, QuantUnit, _units, check_budget, parse_choices, solve
-from pruning.second_order.gptq import GPTQ_BITS, Quantized, QuantSpec, gptq, rtn
+from pruning.second_order.gptq import GPTQ_BITS, OBSERVERS, Quantized, QuantSpec, gptq, rtn
 from pruning.second_order.sequential import InputStatistics, run_sequential
 
 METHODS = ("gptq", "rtn")
@@ -53,6 +53,7 @@ class GPTQConfig:
     sparsity: float = 0.0  # joint unstructured pruning (fraction of each row's weights)
     nm: tuple[int, int] | None = None  # joint N:M pruning
     static_groups: bool = False  # natural order: group parameters from the initial weights (llm-compressor's way)
+    observer: str = "minmax"  # how a group's range is chosen: minmax | mse | mse-h (pruning.second_order.gptq)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -61,6 +62,8 @@ class GPTQConfig:
             raise ImpruneError(f"--sparsity {self.sparsity} must be in [0, 1)")
         if self.method == "rtn" and (self.sparsity or self.nm):
             raise ImpruneError("joint pruning needs --method gptq")
+        if self.observer not in OBSERVERS:
+            raise ImpruneError(f"unknown --observer '{self.observer}'; use one of {', '.join(OBSERVERS)}")
 
     def spec(self, bits: int, unit: QuantUnit) -> QuantSpec:
         return QuantSpec(bits, self.sym, unit.group_size if bits < 8 and unit.group_size < unit.in_features
@@ -75,13 +78,14 @@ def _weight(model: Any, unit: QuantUnit) -> torch.Tensor:
 def _quantize_unit(w: torch.Tensor, st: InputStatistics | None, key: str, spec: QuantSpec, cfg: GPTQConfig
                    ) -> Quantized:
     if cfg.method == "rtn" or st is None:
-        return rtn(w, spec, st.xtx[key] if st is not None else None)
+        return rtn(w, spec, st.xtx[key] if st is not None else None, cfg.observer)
     choose = None
     if cfg.sparsity and cfg.nm is None:
         def choose(sal: torch.Tensor, start: int) -> torch.Tensor:  # the same share of every block
             return lowest_mask(sal, round(cfg.sparsity * sal.numel()), "matrix")
     return gptq(w, st.xtx[key], st.tokens[key], spec, choose, cfg.nm, cfg.blocksize, cfg.damp, cfg.act_order,
-                error=False, static_groups=cfg.static_groups)  # the stacked callers measure what they need
+                error=False, static_groups=cfg.static_groups,  # the stacked callers measure what they need
+                observer=cfg.observer)
 
 
 def _quantize_layer(model: Any, units: list[QuantUnit], st: InputStatistics | None, bits: dict[str, int],

@@ -6,12 +6,16 @@ per row and group of ``group_size`` consecutive inputs, w' = (q - z) s with q = 
 The range always contains 0: lo = min(min w, 0), hi = max(max w, 0);
     asymmetric  s = (hi - lo) / (2^b - 1), z = round(clamp(qmin - lo / s, qmin, qmax))
     symmetric   s = max(|lo|, |hi|) / ((2^b - 1) / 2), z = 0
-(compressed-tensors' ``calculate_qparams``). Round-to-nearest (``rtn``) takes the parameters from the weights
-as they are; GPTQ (``gptq``) visits the columns in order through ``pruning.second_order.core.compensate`` with
-``GridProjection``: a group's scale and zero point come from the current (already error-updated) weights when
-the loop reaches the group's first column; per channel they come from the initial weights; with act-order
-and groups (or ``static_groups``) they are fixed from the initial weights per original group ("static" groups, so
-the stored format keeps contiguous groups). Joint mode: a ``MaskProjection`` (unstructured chooser or N:M) decides which
+(compressed-tensors' ``calculate_qparams``). The *observer* chooses lo and hi: ``minmax`` takes them as they are;
+``mse`` shrinks the range to f x [lo, hi] for f in ``SHRINK`` (1.00, 0.99, ..., 0.80) and keeps, per row of the
+slice, the f whose grid gives the least squared rounding error sum_j h_j (w_j - w'_j)^2 (h_j = 1, or with ``mse-h``
+the diagonal of X^T X: the input energy of column j). Either way the parameters are the same formula on a range, so
+the stored grid is the one compressed-tensors reloads. Round-to-nearest (``rtn``) takes the parameters from the
+weights as they are; GPTQ (``gptq``) visits the columns in order through ``pruning.second_order.core.compensate``
+with ``GridProjection``: a group's scale and zero point come from the current (already error-updated) weights when
+the loop reaches the group's first column; per channel they come from the initial weights; with act-order and groups
+(or ``static_groups``) they are fixed from the initial weights per original group ("static" groups, so the stored
+format keeps contiguous groups). Joint mode: a ``MaskProjection`` (unstructured chooser or N:M) decides which
 weights of the column go to zero (code z, exactly 0 after dequantization); the kept ones are rounded.
 """
 
@@ -26,6 +30,8 @@ from pruning.second_order.core import compensate, output_error
 from pruning.second_order.sparsegpt import Chooser, MaskProjection
 
 GPTQ_BITS = (2, 3, 4, 8)
+OBSERVERS = ("minmax", "mse", "mse-h")
+SHRINK = tuple(1.0 - 0.01 * i for i in range(21))  # range factors the mse observers try: 1.00 .. 0.80
 
 
 @dataclass(frozen=True)
@@ -69,11 +75,34 @@ class Quantized:
     pruned: torch.Tensor | None = None  # joint mode: bool [out, in], True = pruned by the mask
 
 
-def grid_params(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point [out] of the slice ``x`` [out, k] (module docstring)."""
-    qmin, qmax = spec.qrange
-    lo = x.amin(dim=1).clamp(max=0)
+def grid_params(x: torch.Tensor, spec: QuantSpec, observer: str = "minmax", weight: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point [out] of the slice ``x`` [out, k] (module docstring); ``weight`` [k] (or [out, k])
+    the column weights h_j of the ``mse-h`` observer (None: 1)."""
+    lo = x.amin(dim=1).clamp(max=0)  # [out]
     hi = x.amax(dim=1).clamp(min=0)
+    if observer == "minmax":
+        return _range_params(lo, hi, spec)
+    if observer not in OBSERVERS:
+        raise ImpruneError(f"unknown --observer '{observer}'; use one of {', '.join(OBSERVERS)}")
+    h = None if observer == "mse" or weight is None else weight.to(x.dtype).expand_as(x)  # [out, k]
+    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    for f in SHRINK:
+        scale, zero = _range_params(lo * f, hi * f, spec)
+        err = decode(encode(x, scale[:, None], zero[:, None], spec), scale[:, None], zero[:, None]) - x
+        err = (err.square() if h is None else err.square() * h).sum(1)  # [out]
+        if best is None:
+            best = (err, scale, zero)
+            continue
+        better = err < best[0]  # ties keep the wider range
+        best = (torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
+                torch.where(better, zero, best[2]))
+    return best[1], best[2]
+
+
+def _range_params(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point [out] of the ranges [lo, hi] [out] (lo <= 0 <= hi)."""
+    qmin, qmax = spec.qrange
     if spec.sym:
         scale = torch.maximum(lo.abs(), hi) / ((qmax - qmin) / 2)
         zero = torch.zeros_like(scale)
@@ -98,8 +127,10 @@ def decode(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Te
 class GridProjection:
     """Round each visited column to the grid (module docstring), optionally after a mask's zeros."""
 
-    def __init__(self, spec: QuantSpec, mask: MaskProjection | None = None, static_groups: bool = False) -> None:
+    def __init__(self, spec: QuantSpec, mask: MaskProjection | None = None, static_groups: bool = False,
+                 observer: str = "minmax", hdiag: torch.Tensor | None = None) -> None:
         self.spec, self.mask, self.static = spec, mask, static_groups
+        self.observer, self.hdiag = observer, hdiag  # hdiag [in] in the original column order
         g = spec.group_size or 1
         self.align = g if mask is None else g * mask.align // _gcd(g, mask.align)
         self.perm: torch.Tensor | None = None
@@ -119,8 +150,12 @@ class GridProjection:
         if g is None or perm is not None or self.static:  # per channel, or static groups of the initial weights
             orig = w if perm is None else w[:, torch.argsort(perm)]
             for k in range(n):
-                sl = orig if g is None else orig[:, k * g:(k + 1) * g]
-                self.scale[:, k], self.zero[:, k] = grid_params(sl, self.spec)
+                cols_k = slice(None) if g is None else slice(k * g, (k + 1) * g)
+                self.scale[:, k], self.zero[:, k] = self._params(orig[:, cols_k], cols_k)
+
+    def _params(self, x: torch.Tensor, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grid parameters of the slice ``x`` [out, k] of the original columns ``cols``."""
+        return grid_params(x, self.spec, self.observer, None if self.hdiag is None else self.hdiag[cols])
 
     def block(self, w1: torch.Tensor, d: torch.Tensor, start: int) -> None:
         if self.mask is not None:
@@ -135,7 +170,7 @@ class GridProjection:
         else:
             grp = k // g
             if k % g == 0 and not self.static:  # a group starts: parameters from the current weights (in this block)
-                self.scale[:, grp], self.zero[:, grp] = grid_params(w1[:, j:j + g], self.spec)
+                self.scale[:, grp], self.zero[:, grp] = self._params(w1[:, j:j + g], slice(k, k + g))
         s, z = self.scale[:, grp], self.zero[:, grp]
         q = encode(w1[:, j], s, z, self.spec)  # [out]
         if self.mask is not None:
@@ -155,15 +190,16 @@ def _gcd(a: int, b: int) -> int:
 @torch.no_grad()
 def gptq(weight: torch.Tensor, xtx: torch.Tensor, n_tokens: int, spec: QuantSpec, choose: Chooser | None = None,
          nm: tuple[int, int] | None = None, blocksize: int = 128, damp: float = 0.01, act_order: bool = False,
-         error: bool = True, static_groups: bool = False) -> Quantized:
+         error: bool = True, static_groups: bool = False, observer: str = "minmax") -> Quantized:
     """GPTQ of ``weight`` [out, in] from X^T X [in, in] over ``n_tokens``; with ``choose`` or ``nm`` jointly
     pruned (as ``pruning.second_order.sparsegpt``) and quantized. ``error=False`` skips the float64 output error
     (NaN; a sixth of the time of one call, wasted where the caller does not read it). ``static_groups``: in natural
     order too, every group's scale and zero point from the initial weights (as llm-compressor does), not from the
-    error-updated weights when the loop reaches the group."""
+    error-updated weights when the loop reaches the group. ``observer``: how each group's range is chosen
+    (module docstring; ``mse-h`` weights the columns by the diagonal of ``xtx``)."""
     spec.check(weight.shape[1])
     mask = MaskProjection(choose, nm) if (choose is not None or nm is not None) else None
-    proj = GridProjection(spec, mask, static_groups)
+    proj = GridProjection(spec, mask, static_groups, observer, torch.diagonal(xtx).float())
     w = compensate(weight, xtx, n_tokens, proj, blocksize, damp, act_order)
     inv = slice(None) if proj.perm is None else torch.argsort(proj.perm)
     err = output_error(weight.detach().float() - w, xtx) if error else float("nan")
@@ -172,14 +208,17 @@ def gptq(weight: torch.Tensor, xtx: torch.Tensor, n_tokens: int, spec: QuantSpec
 
 
 @torch.no_grad()
-def rtn(weight: torch.Tensor, spec: QuantSpec, xtx: torch.Tensor | None = None) -> Quantized:
-    """Round-to-nearest on the same grid (parameters from the weights as they are)."""
+def rtn(weight: torch.Tensor, spec: QuantSpec, xtx: torch.Tensor | None = None, observer: str = "minmax"
+        ) -> Quantized:
+    """Round-to-nearest on the same grid (parameters from the weights as they are, by ``observer``; ``mse-h``
+    weights by the diagonal of ``xtx``, as ``mse`` without it)."""
     w = weight.detach().float()  # [out, in]
     out, cols = w.shape
     spec.check(cols)
     g = spec.group_size or cols
     grouped = w.reshape(out, cols // g, g)  # [out, groups, g]
-    scale, zero = grid_params(grouped.reshape(-1, g), spec)
+    hd = None if xtx is None else torch.diagonal(xtx).float().reshape(cols // g, g).repeat(out, 1)  # [out*groups, g]
+    scale, zero = grid_params(grouped.reshape(-1, g), spec, observer, hd)
     scale, zero = scale.reshape(out, -1), zero.reshape(out, -1)  # [out, groups]
     q = encode(grouped, scale[..., None], zero[..., None], spec)
     deq = decode(q, scale[..., None], zero[..., None]).reshape(out, cols)
