@@ -125,7 +125,7 @@ def test_compressed_tensors_round_trip_with_the_mse_observer(tmp_path, sym: bool
     with torch.no_grad():
         fake = lm.model(input_ids=windows.input_ids).logits
     minmax = fresh("llama", scale=0.1)
-    q_mm = quantize_model_gptq_(minmax.model, plan, windows, GPTQConfig("gptq", sym=sym), 3)
+    q_mm = quantize_model_gptq_(minmax.model, plan, windows, GPTQConfig("gptq", sym=sym, observer="minmax"), 3)
     assert any(not torch.equal(quantized[n].scale, q_mm[n].scale) for n in plan.bits)  # the observer was used
     save_compressed_tensors(lm, tmp_path / "ct", plan, quantized, {"test": True})
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")

@@ -45,7 +45,7 @@ def test_measured_rows_are_one_unit_alone_and_the_model_is_left_as_it_was():
     table = score(lm, calib, ["fisher"], elements=True, progress=False)
     units, _ = quant_units(lm.model, group_size=16)
     unit = next(u for u in units if u.layer == 0 and u.components == ("attn.q",))
-    cfg = GPTQConfig("gptq")
+    cfg = GPTQConfig("gptq", observer="minmax")  # the grid this exact case was written for
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     out = check_estimate(lm, [unit], (2, 4), calib, evalw, cfg, table, batch_size=3)
     assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
@@ -64,7 +64,7 @@ def test_measured_rows_are_one_unit_alone_and_the_model_is_left_as_it_was():
         dense = lm.model(input_ids=evalw.input_ids, labels=evalw.input_ids).loss.item()
         for row in out["rows"]:
             q = gptq(mod.weight.detach().float(), (x.T @ x).float(), x.shape[0], cfg.spec(row["bits"], unit),
-                     act_order=cfg.act_order, error=False)
+                     act_order=cfg.act_order, error=False, observer=cfg.observer)
             mod.weight.copy_(q.weight)
             loss = lm.model(input_ids=evalw.input_ids, labels=evalw.input_ids).loss.item()
             mod.weight.copy_(before[f"{unit.name}.weight"])

@@ -215,7 +215,7 @@ def test_run_report_shows_the_validation(run_dir: Path, validated: Path) -> None
     parsed = check_self_contained(build_report(run_dir))
     assert SECTION in parsed.text
     ids = [a["id"] for a in parsed.all("figure")]
-    assert ids == ["components", "heads", "layers", "delta", "plan", "validation-scatter_head",
+    assert ids == ["plan", "components", "heads", "layers", "delta", "validation-scatter_head",
                    "validation-scatter_layer", "validation-ablation_heatmap"]
     for stem, name in doc["figures"].items():  # embedded exactly as validate wrote them
         assert _img_bytes(parsed, f"validation-{stem}") == (validated / "validation" / name).read_bytes()

@@ -53,7 +53,7 @@ class GPTQConfig:
     sparsity: float = 0.0  # joint unstructured pruning (fraction of each row's weights)
     nm: tuple[int, int] | None = None  # joint N:M pruning
     static_groups: bool = False  # natural order: group parameters from the initial weights (llm-compressor's way)
-    observer: str = "minmax"  # how a group's range is chosen: minmax | mse | mse-h (pruning.second_order.gptq)
+    observer: str = "mse"  # how a group's range is chosen: minmax | mse | mse-h; mse measured best (README)
 
     def validate(self) -> None:
         if self.method not in METHODS:

@@ -380,7 +380,7 @@ def test_what_counts_as_an_imprune_output(tmp_path: Path, files: dict[str, str],
 
 def test_probe_marks_its_folder_and_overwrite_replaces_it(cli, tmp_path: Path):
     out = tmp_path / "probe"
-    argv = ["probe", *MODEL, "--tasks", "math", "--samples", "3", "--scorers", "taylor", "--quiet", "--out", str(out)]
+    argv = ["probe", *MODEL, "--tasks", "math", "--samples", "4", "--scorers", "taylor", "--quiet", "--out", str(out)]
     assert cli(argv).rc == 0
     assert json.loads((out / "probe.json").read_text())["schema"] == "imprune.probe/1"
     (out / "probe.json").unlink()  # a probe folder from before the marker: still recognised
