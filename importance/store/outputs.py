@@ -45,6 +45,14 @@ Kind = Literal["dir", "file"]
 PAUSE_ENV = "IMPRUNE_TEST_PAUSE_WRITE"
 
 
+def _pause(seconds: float) -> None:
+    """The fault tests' pause before a swap, in short sleeps: a signal that the kernel hands to another thread
+    (torch's workers) does not wake a long sleep of the main one, but its handler runs after the next short one."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.05)
+
+
 def _json(path: Path) -> dict[str, Any] | None:
     try:
         if path.stat().st_size > 64 * 2**20:
@@ -350,7 +358,7 @@ def publish(final: str | Path, *, kind: Kind = "dir", overwrite: bool = False,
             if not overwrite:  # appeared while we wrote: someone else's now
                 raise _Appeared(final)
             if os.environ.get(PAUSE_ENV) and final.is_dir():
-                time.sleep(float(os.environ[PAUSE_ENV]))
+                _pause(float(os.environ[PAUSE_ENV]))
         swap_in(tmp, final)
     except ImpruneError:
         _remove(tmp)
