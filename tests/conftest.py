@@ -79,6 +79,28 @@ def byte_ids(text: str) -> list[int]:
     return [BYTE_OFFSET + b for b in text.encode("utf-8")]
 
 
+@functools.cache
+def scaled_model(model_type: str) -> LoadedModel:
+    """A tiny random model (cached per type) with its matrices x4: gradients far from zero for hook checks."""
+    lm = load_model(f"random:{model_type}")
+    with torch.no_grad():  # larger weights than the 0.02 init, so gradients are far from zero
+        for p in lm.model.parameters():
+            if p.dim() >= 2:
+                p.mul_(4)
+    return lm
+
+
+def padded_windows(seed: int = 0, n: int = 3, t: int = 12, pad_last: int = 4) -> Windows:
+    """``n`` windows of ``t`` ids in [5, 250), the last one padded (id 0, no attention) over ``pad_last``."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 250, (n, t), generator=g)
+    att = torch.ones_like(ids)
+    if pad_last:
+        att[-1, -pad_last:] = 0
+        ids[-1, -pad_last:] = 0
+    return Windows(ids, att, att.bool(), {"data": "test"})
+
+
 def random_windows(n: int = 3, t: int = 16, pad_last: int = 0, seed: int = 0, low: int = 5,
                    high: int = 261) -> Windows:
     """``n`` windows of ``t`` random byte-token ids; the last ``pad_last`` positions of the last window padded."""

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import padded_windows as _windows
+from conftest import scaled_model as _model
 
 from importance.arch.canonical import model_map
 from importance.data.sources import Windows
@@ -17,26 +17,6 @@ from importance.models.load import load_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite", "olmo2", "gpt2",
          "gpt_neox", "opt", "bert", "mixtral", "qwen3_moe", "qwen2_moe"]
-
-
-@functools.cache
-def _model(model_type: str):
-    lm = load_model(f"random:{model_type}")
-    with torch.no_grad():  # larger weights than the 0.02 init, so gradients are far from zero
-        for p in lm.model.parameters():
-            if p.dim() >= 2:
-                p.mul_(4)
-    return lm
-
-
-def _windows(seed: int = 0, n: int = 3, t: int = 12, pad_last: int = 4) -> Windows:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 250, (n, t), generator=g)
-    att = torch.ones_like(ids)
-    if pad_last:
-        att[-1, -pad_last:] = 0
-        ids[-1, -pad_last:] = 0
-    return Windows(ids, att, att.bool(), {"data": "test"})
 
 
 def per_sequence_grads(lm, windows: Windows) -> list[dict[str, torch.Tensor]]:

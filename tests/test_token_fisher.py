@@ -4,10 +4,11 @@ per-token gates, and the split scoring (score_parts) against one pass over every
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
+from conftest import padded_windows as _windows
+from conftest import scaled_model as _model
 
 from importance.arch.canonical import model_map
 from importance.data.sources import Windows
@@ -15,28 +16,7 @@ from importance.engine.collect import CollectConfig, collect
 from importance.engine.gates import token_gate_sums
 from importance.engine.objective import token_nll
 from importance.errors import ImpruneError
-from importance.models.load import load_model
 from importance.scoring import score, score_parts
-
-
-@functools.cache
-def _model(model_type: str):
-    lm = load_model(f"random:{model_type}")
-    with torch.no_grad():  # larger weights than the 0.02 init, so gradients are far from zero
-        for p in lm.model.parameters():
-            if p.dim() >= 2:
-                p.mul_(4)
-    return lm
-
-
-def _windows(seed: int = 0, n: int = 3, t: int = 12, pad_last: int = 4) -> Windows:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 250, (n, t), generator=g)
-    att = torch.ones_like(ids)
-    if pad_last:
-        att[-1, -pad_last:] = 0
-        ids[-1, -pad_last:] = 0
-    return Windows(ids, att, att.bool(), {"data": "test"})
 
 
 def _explicit_gates(lm, windows: Windows, comp_name: str, width: int, spread: int) -> dict[int, torch.Tensor]:

@@ -53,6 +53,22 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
 
 
 @pytest.fixture
+def run(capfd: pytest.CaptureFixture[str]) -> Callable[[list], Result]:
+    """``imprune argv`` in-process; stdout / stderr captured at the file descriptors; argparse exits count."""
+
+    def call(argv: list) -> Result:
+        capfd.readouterr()
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as stop:
+            rc = int(stop.code or 0)
+        cap = capfd.readouterr()
+        return Result(rc, cap.out, cap.err)
+
+    return call
+
+
+@pytest.fixture
 def cli_proc() -> Callable[..., Result]:
     def run(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
             timeout: float = 300) -> Result:

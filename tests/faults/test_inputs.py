@@ -25,9 +25,8 @@ from safetensors.torch import load_file, save_file
 from importance.errors import ImpruneError
 from importance.models.checks import check_device, nonfinite_advice
 from importance.models.load import load_model
-from pruning.cli.core import main
 
-from .conftest import Result, assert_one_line_error, snapshot
+from .conftest import assert_one_line_error, snapshot
 
 TINY = ["--seq-len", "32", "--tokens", "64", "--quiet"]
 MARKER = "ran.txt"  # what model code or a pickle payload would write, if it ever ran
@@ -36,22 +35,6 @@ MARKER = "ran.txt"  # what model code or a pickle payload would write, if it eve
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMPRUNE_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def run(capfd: pytest.CaptureFixture[str]) -> Callable[[list], Result]:
-    """``imprune argv`` in-process; stdout / stderr captured at the file descriptors; argparse exits count."""
-
-    def call(argv: list) -> Result:
-        capfd.readouterr()
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as stop:
-            rc = int(stop.code or 0)
-        cap = capfd.readouterr()
-        return Result(rc, cap.out, cap.err)
-
-    return call
 
 
 @pytest.fixture(scope="module")

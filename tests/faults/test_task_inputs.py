@@ -5,29 +5,11 @@ no traceback, no output written."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from pruning.cli.core import main
-
-from .conftest import Result, assert_one_line_error
-
-
-@pytest.fixture
-def run(capfd: pytest.CaptureFixture[str]) -> Callable[[list], Result]:
-    def call(argv: list) -> Result:
-        capfd.readouterr()
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as stop:
-            rc = int(stop.code or 0)
-        cap = capfd.readouterr()
-        return Result(rc, cap.out, cap.err)
-
-    return call
-
+from .conftest import assert_one_line_error
 
 EVAL = ["eval", "--model", "random:llama", "--quiet"]
 
