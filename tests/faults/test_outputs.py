@@ -218,8 +218,11 @@ def test_disk_full_during_an_overwrite_keeps_the_old_output(cli, monkeypatch, tm
 
 def _start(argv: list[str], pause: float) -> subprocess.Popen:
     env = {**os.environ, O.PAUSE_ENV: str(pause), "PYTHONPATH": str(REPO)}
+    # SIGINT back to its default in the child: a test run started in the background of a non-interactive shell
+    # inherits it ignored, and Python installs its KeyboardInterrupt handler only over the default
     return subprocess.Popen([sys.executable, "-m", "pruning", *map(str, argv)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_complete_temporary(parent: Path, name: str, proc: subprocess.Popen, marker: str) -> Path:
