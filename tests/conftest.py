@@ -90,6 +90,20 @@ def scaled_model(model_type: str) -> LoadedModel:
     return lm
 
 
+def backprop_nll(lm: LoadedModel, windows: Windows, handles: list) -> None:
+    """Backpropagate the summed token NLL of ``windows`` (one batch) through ``lm`` with the hooks of ``handles``
+    installed; the hooks are removed and the parameter gradients cleared afterwards (what the hooks caught stays)."""
+    from importance.engine.objective import token_nll
+
+    try:
+        nll, _ = token_nll(lm.model, next(windows.batches(len(windows))), lm.task)
+        nll.sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+        lm.model.zero_grad(set_to_none=True)
+
+
 def padded_windows(seed: int = 0, n: int = 3, t: int = 12, pad_last: int = 4) -> Windows:
     """``n`` windows of ``t`` ids in [5, 250), the last one padded (id 0, no attention) over ``pad_last``."""
     g = torch.Generator().manual_seed(seed)

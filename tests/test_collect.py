@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import backprop_nll
 from conftest import padded_windows as _windows
 from conftest import scaled_model as _model
 
@@ -268,13 +269,7 @@ def _gate_gradients(lm, windows: Windows) -> dict[int, torch.Tensor]:
 
     handles = [h for b in mm.blocks for h in (b.module.register_forward_pre_hook(pre(b.index), with_kwargs=True),
                                               b.module.register_forward_hook(post(b.index), with_kwargs=True))]
-    try:
-        nll, _ = token_nll(lm.model, next(windows.batches(len(windows))), lm.task)
-        nll.sum().backward()
-    finally:
-        for h in handles:
-            h.remove()
-        lm.model.zero_grad(set_to_none=True)
+    backprop_nll(lm, windows, handles)
     return {i: a.grad[..., 0] for i, a in gates.items()}
 
 

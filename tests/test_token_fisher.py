@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import backprop_nll
 from conftest import padded_windows as _windows
 from conftest import scaled_model as _model
 
@@ -14,7 +15,6 @@ from importance.arch.canonical import model_map
 from importance.data.sources import Windows
 from importance.engine.collect import CollectConfig, collect
 from importance.engine.gates import token_gate_sums
-from importance.engine.objective import token_nll
 from importance.errors import ImpruneError
 from importance.scoring import score, score_parts
 
@@ -33,13 +33,7 @@ def _explicit_gates(lm, windows: Windows, comp_name: str, width: int, spread: in
         return hook
 
     handles = [b.components[comp_name].module.register_forward_pre_hook(pre(b.index)) for b in mm.blocks]
-    try:
-        nll, _ = token_nll(lm.model, next(windows.batches(len(windows))), lm.task)
-        nll.sum().backward()
-    finally:
-        for h in handles:
-            h.remove()
-        lm.model.zero_grad(set_to_none=True)
+    backprop_nll(lm, windows, handles)
     return {i: a.grad for i, a in gates.items()}  # [B, T, width]
 
 
