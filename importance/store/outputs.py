@@ -32,8 +32,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -46,11 +48,21 @@ PAUSE_ENV = "IMPRUNE_TEST_PAUSE_WRITE"
 
 
 def _pause(seconds: float) -> None:
-    """The fault tests' pause before a swap, in short sleeps: a signal that the kernel hands to another thread
-    (torch's workers) does not wake a long sleep of the main one, but its handler runs after the next short one."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        time.sleep(0.05)
+    """The fault tests' pause before a swap, in short sleeps. While it lasts, SIGINT only sets a flag and the loop
+    itself raises KeyboardInterrupt: raised by the default handler, it could land in a finaliser that the garbage
+    collector runs during the sleeps, where Python prints it as ignored and the pause goes on."""
+    hit: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: hit.append(1)) if main else None
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not hit:
+            time.sleep(0.05)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    if hit:
+        raise KeyboardInterrupt
 
 
 def _json(path: Path) -> dict[str, Any] | None:

@@ -216,23 +216,43 @@ def test_disk_full_during_an_overwrite_keeps_the_old_output(cli, monkeypatch, tm
 
 # ----------------------------------------------------------------------------------------- interrupted saves
 
-def _start(argv: list[str], pause: float) -> subprocess.Popen:
-    env = {**os.environ, O.PAUSE_ENV: str(pause), "PYTHONPATH": str(REPO)}
+def _start(argv: list[str], pause: float, logs: Path) -> subprocess.Popen:
+    """The CLI in a child process, its output in files under ``logs`` (no pipe that a grandchild could keep open),
+    with faulthandler on, so a child that hangs can be made to print every thread's stack (SIGABRT)."""
+    env = {**os.environ, O.PAUSE_ENV: str(pause), "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"}
     # SIGINT back to its default in the child: a test run started in the background of a non-interactive shell
     # inherits it ignored, and Python installs its KeyboardInterrupt handler only over the default
-    return subprocess.Popen([sys.executable, "-m", "pruning", *map(str, argv)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
+        return subprocess.Popen([sys.executable, "-m", "pruning", *map(str, argv)], env=env, stdout=out, stderr=err,
+                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _wait_for_complete_temporary(parent: Path, name: str, proc: subprocess.Popen, marker: str) -> Path:
+def _stderr(logs: Path) -> str:
+    return (logs / "stderr").read_text()
+
+
+def _finish(proc: subprocess.Popen, logs: Path, timeout: float) -> str:
+    """Wait for the child; one that does not end in time is aborted and the test fails with its thread stacks."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's traceback to stderr
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        pytest.fail(f"the child did not end within {timeout} s of the signal; its stderr:\n{_stderr(logs)[-6000:]}")
+    return _stderr(logs)
+
+
+def _wait_for_complete_temporary(parent: Path, name: str, proc: subprocess.Popen, marker: str, logs: Path) -> Path:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         for p in parent.glob(f".{name}.tmp-{proc.pid}-*"):
             if (p / marker).is_file():
                 return p
         if proc.poll() is not None:
-            pytest.fail(f"the child ended before its save: {proc.communicate()}")
+            pytest.fail(f"the child ended before its save (rc {proc.returncode}): {_stderr(logs)[-3000:]}")
         time.sleep(0.05)
     proc.kill()
     pytest.fail("no temporary output appeared")
@@ -241,14 +261,15 @@ def _wait_for_complete_temporary(parent: Path, name: str, proc: subprocess.Popen
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_a_kill_during_the_save_of_an_overwrite_keeps_one_complete_output(cli, tmp_path: Path, built,
                                                                             text_file: Path, sig):
-    out = tmp_path / "model"
+    out, logs = tmp_path / "model", tmp_path / "logs"
     shutil.copytree(built["model"], out)
+    logs.mkdir()
     before = snapshot(out)
-    proc = _start(_prune_argv(text_file, out, "--overwrite", "--sparsity", "0.25"), pause=120)
+    proc = _start(_prune_argv(text_file, out, "--overwrite", "--sparsity", "0.25"), pause=120, logs=logs)
     try:
-        tmp = _wait_for_complete_temporary(tmp_path, "model", proc, "README.md")  # save_model's last file
+        tmp = _wait_for_complete_temporary(tmp_path, "model", proc, "README.md", logs)  # save_model's last file
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
+        err = _finish(proc, logs, timeout=60)
     finally:
         proc.kill()
     assert snapshot(out) == before  # the old output, whole
