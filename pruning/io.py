@@ -77,8 +77,9 @@ def _default_card(lm: LoadedModel, record: dict[str, Any]) -> str:
 def layer_shapes(model: Any) -> dict[str, Any] | None:
     """What a folder needs beyond its config: parameters whose shape differs from what the config builds,
     each layer's [query heads, KV heads], and the removed sub-blocks ``skipped`` ({layer: ['attn' | 'mlp']}: no
-    config field says a block has no attention or no MLP); None when plain ``from_pretrained`` rebuilds every shape."""
-    from importance.arch.branches import skipped_record
+    config field says a block has no attention or no MLP) and ``skipped_constants`` ({layer: {kind: d}}: those that
+    add a constant); None when plain ``from_pretrained`` rebuilds every shape."""
+    from importance.arch.branches import compensated_record, skipped_record
     from importance.arch.canonical import model_map
     from importance.arch.edit import config_shapes
 
@@ -86,8 +87,8 @@ def layer_shapes(model: Any) -> dict[str, Any] | None:
     differ = {n: list(p.shape) for n, p in model.named_parameters(remove_duplicate=False)
               if expected.get(n) != tuple(p.shape)}
     mm = model_map(model)
-    skipped = skipped_record(mm)
+    skipped, constants = skipped_record(mm), compensated_record(mm)
     if not differ and not skipped:
         return None
     return {"params": differ, "attention": [[b.n_heads, b.n_kv_heads] for b in mm.blocks],
-            **({"skipped": skipped} if skipped else {})}
+            **({"skipped": skipped} if skipped else {}), **({"skipped_constants": constants} if constants else {})}

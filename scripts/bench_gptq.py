@@ -147,7 +147,7 @@ def main() -> int:
         results.append({"row": name, "budget": budget, "avg_bits": None if plan is None else
                         round(plan.average_bits(), 4), "weight_bytes": nbytes, "ratio_fp32": nbytes / fp32,
                         "ppl": ppl.ppl, "nll": ppl.nll, "predicted": ppl.predicted,
-                        "seconds": None if seconds is None else round(seconds, 1),
+                        "seconds": None if seconds is None else round(seconds, 1), "threads": st["threads"],
                         "bits": None if plan is None else dict(plan.bits)})
         print(f"  {name}: ppl {ppl.ppl:.3f}, {nbytes / fp32:.3f}x float32"
               + ("" if seconds is None else f", {seconds:.0f} s"), flush=True)
@@ -165,7 +165,7 @@ def main() -> int:
         import json
 
         old = json.loads((Path(a.out) / f"{stem}.json").read_text())
-        same = [k for k in st if k not in ("rows", "budgets", "seeds", "validate")]
+        same = [k for k in st if k not in ("rows", "budgets", "seeds", "validate", "threads")]  # each row: threads
         diff = [k for k in same if str(old["settings"].get(k)) != str(st[k])]
         if diff or old["eval"] != dict(evalw.meta):
             raise SystemExit(f"--append: {stem}.json has other settings ({', '.join(diff) or 'eval windows'})")

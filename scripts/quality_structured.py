@@ -50,9 +50,12 @@ ROWS: list[dict[str, Any]] = [
     {"method": "layers", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": None},
     # sub-blocks: the iterative row first; the one-shot removal row then ranks by its first round (the same
     # measurement on the same 1,024 tokens, not repeated)
-    {"method": "blocks", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": 8, "removal_tokens": 1024},
-    {"method": "blocks", "sparsity": 0.25, "criterion": "removal", "removal_tokens": 1024},
-    {"method": "blocks", "sparsity": 0.25, "criterion": "gate_fisher"},
+    # (a removed sub-block adds zero: compensate none; or its calibration mean: compensate mean, the default)
+    *({"method": "blocks", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": 8, "removal_tokens": 1024,
+       "compensate": c} for c in ("none", "mean")),
+    *({"method": "blocks", "sparsity": 0.25, "criterion": "removal", "removal_tokens": 1024, "compensate": c}
+      for c in ("none", "mean")),
+    *({"method": "blocks", "sparsity": 0.25, "criterion": "gate_fisher", "compensate": c} for c in ("none", "mean")),
 ]
 CRITERIA = ["taylor", "fisher", "activation", "magnitude", "block_influence", "residual_fisher", "removal"]
 
@@ -62,6 +65,7 @@ def row_name(spec: dict[str, Any]) -> str:
     extra += " +bias" if spec.get("bias_compensation") else ""
     extra += " +reconstruct" if spec.get("reconstruct") else ""
     extra += f" {spec['removal_tokens']} tok" if spec.get("removal_tokens") else ""
+    extra += {"none": " zero", "mean": " +mean"}.get(spec.get("compensate", ""), "")
     if spec.get("iterative"):
         extra += " iterative" + (f" k={spec['k']}" if spec.get("k") else "")
     return f"structured {spec['method']} {spec['criterion']}{extra} {spec['sparsity']:g}"
@@ -122,13 +126,13 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
         start = time.perf_counter()
         measured = None
         if spec["method"] == "blocks":
-            measured = first_round.get(spec.get("removal_tokens")) if spec["criterion"] == "removal" and \
-                not spec.get("iterative") else None
+            key = (spec.get("removal_tokens"), spec["compensate"])
+            measured = first_round.get(key) if spec["criterion"] == "removal" and not spec.get("iterative") else None
             res = prune_blocks(lm, spec["sparsity"], spec["criterion"], calib, st["batch_size"],
                                removal_tokens=spec.get("removal_tokens"), iterative=bool(spec.get("iterative")),
-                               k=spec.get("k"), scores=measured)
+                               k=spec.get("k"), scores=measured, compensate=spec["compensate"])
             if spec.get("iterative"):
-                first_round[spec.get("removal_tokens")] = {tuple(int(v) if v.isdigit() else v for v in key.split()): x
+                first_round[key] = {tuple(int(v) if v.isdigit() else v for v in key.split()): x
                                                            for key, x in res.record["structured"]["scores"].items()}
         elif spec["method"] == "layers":
             res = prune_layers(lm, spec["sparsity"], spec["criterion"], table, calib, st["batch_size"],
@@ -152,7 +156,8 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
                         "ranking_reused": measured is not None} if spec["method"] == "blocks" else {})})
         print(f"  {row_name(spec):<45} ppl {ppl.ppl:9.2f}", flush=True)
         del lm
-    by = {r["criterion"]: r["sub_block_scores"] for r in out if r.get("method") == "blocks"}  # removal: any row
+    by = {r["criterion"]: r["sub_block_scores"] for r in out  # the gate estimates zeroing: the 'zero' rows
+          if r.get("method") == "blocks" and r.get("compensate") == "none"}
     if {"removal", "gate_fisher"} <= set(by):  # the one-pass estimate against the measurement, every sub-block
         import torch
 

@@ -87,29 +87,52 @@ def test_removed_sub_block_is_gone_reloads_and_gives_the_in_memory_logits(model_
     assert torch.equal(cached, plain)
 
 
-def _hand_nll(lm: LoadedModel, ids: torch.Tensor, removed: list[tuple[int, str]]) -> float:
-    """Mean token NLL with these sub-blocks' output projections zeroed (a bias-free Llama: their output is 0);
-    one batch, so transformers' own mean loss is the mean token NLL."""
+def _hand_means(lm: LoadedModel, ids: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
+    """Each sub-block's mean output over every token of ``ids`` (no padding), from forward hooks on the bias-free
+    Llama's output projections (o_proj / down_proj: what each branch adds to the residual)."""
+    out: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+    for layer, block in enumerate(lm.model.model.layers):
+        for kind, module in (("attn", block.self_attn.o_proj), ("mlp", block.mlp.down_proj)):
+            handles.append(module.register_forward_hook(
+                lambda _m, _a, y, key=(layer, kind): out.__setitem__(key, y.double().mean((0, 1)).float())))
+    with torch.no_grad():
+        lm.model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    return out
+
+
+def _hand_nll(lm: LoadedModel, ids: torch.Tensor, removed: list[tuple[int, str]],
+              means: dict[tuple[int, str], torch.Tensor] | None = None) -> float:
+    """Mean token NLL with these sub-blocks' output projections zeroed (a bias-free Llama: their output is 0), or
+    replaced by a bias-only layer adding the branch's mean; one batch, so transformers' own mean loss is the mean
+    token NLL."""
     model = copy.deepcopy(lm.model)
     for layer, kind in removed:
         block = model.model.layers[layer]
-        (block.self_attn.o_proj if kind == "attn" else block.mlp.down_proj).weight.data.zero_()
+        proj = block.self_attn.o_proj if kind == "attn" else block.mlp.down_proj
+        proj.weight.data.zero_()
+        if means is not None:
+            proj.bias = torch.nn.Parameter(means[(layer, kind)].clone())
     with torch.no_grad():
         return float(model(input_ids=ids, labels=ids).loss)
 
 
-def test_removed_sub_blocks_are_the_lowest_measured_by_hand() -> None:
+@pytest.mark.parametrize("compensate", ["none", "mean"])
+def test_removed_sub_blocks_are_the_lowest_measured_by_hand(compensate: str) -> None:
     lm = _model()
     windows = random_windows(4, 32, seed=2)
     ids = windows.input_ids
+    means = _hand_means(lm, ids) if compensate == "mean" else None
     base = _hand_nll(lm, ids, [])
     mm = model_map(lm.model)
     cands = branches(mm)
     total = block_params(mm)
-    hand = {(b.layer, b.kind): _hand_nll(lm, ids, [(b.layer, b.kind)]) - base for b in cands}
+    hand = {(b.layer, b.kind): _hand_nll(lm, ids, [(b.layer, b.kind)], means) - base for b in cands}
     dense = copy.deepcopy(lm)
     sparsity = 0.3
-    res = prune_blocks(lm, sparsity, windows=windows, batch_size=4)
+    res = prune_blocks(lm, sparsity, windows=windows, batch_size=4, compensate=compensate)
     s = res.record["structured"]
     for key, value in hand.items():
         assert s["scores"][f"{key[0]} {key[1]}"] == pytest.approx(value, abs=2e-5)
@@ -124,42 +147,71 @@ def test_removed_sub_blocks_are_the_lowest_measured_by_hand() -> None:
     assert want, "the budget should take at least one sub-block"
     assert {(r["layer"], r["kind"]) for r in s["sub_blocks_removed"]} == want
     assert s["calibration_nll"]["dense"] == pytest.approx(base, abs=2e-5)
-    assert s["calibration_nll"]["after"] == pytest.approx(_hand_nll(dense, ids, sorted(want)), abs=2e-5)
+    assert s["calibration_nll"]["after"] == pytest.approx(_hand_nll(dense, ids, sorted(want), means), abs=2e-5)
+    stand_ins = [m for m in lm.model.modules() if type(m).__name__ == "SkippedBranch"]
+    assert len(stand_ins) == len(want) and all((m.bias is None) == (means is None) for m in stand_ins)
 
 
-def test_iterative_blocks_is_the_greedy_choice_by_hand() -> None:
+@pytest.mark.parametrize("compensate", ["none", "mean"])
+def test_iterative_blocks_is_the_greedy_choice_by_hand(compensate: str) -> None:
     lm = _model(layers=3)
     windows = random_windows(4, 32, seed=2)
     ids = windows.input_ids
+    means = _hand_means(lm, ids) if compensate == "mean" else None
     mm = model_map(lm.model)
     params = {(b.layer, b.kind): b.params for b in branches(mm)}
     budget = 0.45 * block_params(mm)
     dense = copy.deepcopy(lm)
-    res = prune_blocks(lm, 0.45, windows=windows, iterative=True)
+    res = prune_blocks(lm, 0.45, windows=windows, iterative=True, compensate=compensate)
     want: list[tuple[int, str]] = []
     while True:  # by hand: each round the lowest loss increase per parameter with the chosen ones removed
         fit = [k for k in params if k not in want and sum(params[c] for c in want) + params[k] <= budget
                and sum(c[1] == k[1] for c in want) < 2]  # one of each kind stays (3 of each)
         if not fit:
             break
-        now = _hand_nll(dense, ids, want)
-        want.append(min(fit, key=lambda k: ((_hand_nll(dense, ids, [*want, k]) - now) / params[k], k)))
+        now = _hand_nll(dense, ids, want, means)
+        want.append(min(fit, key=lambda k: ((_hand_nll(dense, ids, [*want, k], means) - now) / params[k], k)))
     got = res.record["structured"]
     assert [(r["layer"], r["kind"]) for r in got["sub_blocks_removed"]] == want
-    assert got["iterative"]["nll_after_each"][-1] == pytest.approx(_hand_nll(dense, ids, want), abs=2e-5)
+    assert got["iterative"]["nll_after_each"][-1] == pytest.approx(_hand_nll(dense, ids, want, means), abs=2e-5)
     assert got["iterative"]["partial_forwards"] >= len(params)
 
 
-@pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.5, 0.8])
-def test_budget_is_respected(sparsity: float) -> None:
+def test_compensated_removal_keeps_a_block_as_its_constants_and_reloads(tmp_path: Path) -> None:
+    lm = _model(layers=4)
+    ids = random_windows(4, 32, seed=2).input_ids
+    means = _hand_means(lm, ids)
+    mm = model_map(lm.model)
+    chosen = [b for b in branches(mm) if b.layer == 1 or (b.layer, b.kind) == (2, "attn")]  # block 1 loses both
+    want = _hand_nll(lm, ids, [(b.layer, b.kind) for b in chosen], means)
+    from pruning.methods.blocks import remove_branches
+
+    mm, dropped, _ = remove_branches(mm, chosen, {k: v for k, v in means.items()})
+    assert dropped == [] and mm.n_layers == 4 and mm.blocks[1].skipped == ("attn", "mlp")
+    with torch.no_grad():
+        got = float(lm.model(input_ids=ids, labels=ids).loss)
+    assert got == pytest.approx(want, abs=1e-5)
+    folder = save_model(lm, tmp_path / "pruned", {"shapes_changed": True, "method": "blocks"})
+    shapes = json.loads((folder / "imprune.json").read_text())["layer_shapes"]
+    assert shapes["skipped_constants"] == {"1": {"attn": 64, "mlp": 64}, "2": {"attn": 64}}
+    back = load_model(str(folder))
+    assert torch.equal(_logits(back.model, ids), _logits(lm.model, ids))
+    stand_in = back.model.model.layers[2].self_attn
+    assert torch.equal(stand_in.bias.detach(), means[(2, "attn")])
+
+
+@pytest.mark.parametrize(("sparsity", "compensate"), [(0.1, "none"), (0.3, "mean"), (0.5, "none"), (0.8, "mean")])
+def test_budget_is_respected(sparsity: float, compensate: str) -> None:
     lm = _model(layers=6)
     mm = model_map(lm.model)
     total, n = block_params(mm), sum(p.numel() for p in lm.model.parameters())
     smallest = min(b.params for b in branches(mm))
-    res = prune_blocks(lm, sparsity, windows=random_windows(2, 32))
+    res = prune_blocks(lm, sparsity, windows=random_windows(2, 32), compensate=compensate)
     s = res.record["structured"]
     removed = n - sum(p.numel() for p in lm.model.parameters())
-    assert removed == sum(r["params"] for r in s["sub_blocks_removed"]) == res.record["params_plan"]["removed"]
+    constants = 64 * len(s["sub_blocks_removed"]) if compensate == "mean" else 0  # one [d] per stand-in
+    assert removed == sum(r["params"] for r in s["sub_blocks_removed"]) - constants \
+        == res.record["params_plan"]["removed"]
     assert removed <= sparsity * total
     assert total - block_params(model_map(lm.model)) == removed
     # no smaller sub-block that was left out would still have fitted (the budget is filled)
@@ -176,7 +228,7 @@ def test_blocks_dropping_a_whole_block_matches_the_zeroed_model() -> None:
     ids = _ids()
     mm = model_map(lm.model)
     cands = branches(mm)
-    res = prune_blocks(lm, 0.8, windows=random_windows(2, 32))
+    res = prune_blocks(lm, 0.8, windows=random_windows(2, 32), compensate="none")
     chosen = [b for b in cands if any((r["layer"], r["kind"]) == (b.layer, b.kind)
                                       for r in res.record["structured"]["sub_blocks_removed"])]
     assert res.record["structured"]["layers_removed"], "0.8 of the block parameters should take whole blocks"

@@ -8,10 +8,13 @@ which modules make up a branch, through the canonical map's paths (``ArchSpec.at
 mapped norms):
 
   ``branches(mm)``       every branch still present, with the modules it consists of and its parameter count
-  ``zeroed(mm, b)``      inside the context the branch's output is replaced by zeros (a forward hook on its last
-                         module): what the measured removal and the one-pass gate estimate look at
-  ``skip_branch_(mm, b)`` removes it for real: the module becomes a ``SkippedBranch`` (no parameters), the norms
-                         ``nn.Identity``; the canonical map then lists no components of it (``Block.skipped``)
+  ``zeroed(mm, b, v)``   inside the context the branch's output is replaced by zeros, or by the constant ``v`` [d]
+                         at every token (a forward hook on its last module): what the measured removal and the
+                         one-pass gate estimate look at
+  ``branch_means``       each branch's mean output over calibration tokens: the constant a compensated removal adds
+  ``skip_branch_(mm, b)`` removes it for real: the module becomes a ``SkippedBranch`` (no parameters, or the one
+                         constant ``bias`` [d] of a compensated removal), the norms ``nn.Identity``; the canonical
+                         map then lists no components of it (``Block.skipped``)
 
 ``check_branches`` proves on block 0 that a block with both branch outputs zero passes its input through; post-norm
 blocks (the norm sits on the residual sum) and BLOOM (its attention adds the residual itself) fail it, and OPT /
@@ -104,20 +107,57 @@ def branches(mm: ModelMap) -> list[Branch]:
     return [block_branch(b, mm, kind) for b in mm.blocks for kind in BRANCHES if kind not in b.skipped]
 
 
-def _zero_output(_module: nn.Module, _args: tuple, out: Any) -> Any:
-    if isinstance(out, tuple):
-        return (torch.zeros_like(out[0]), *out[1:])
-    return torch.zeros_like(out)
+def _replace_output(value: torch.Tensor | None):
+    def hook(_module: nn.Module, _args: tuple, out: Any) -> Any:
+        y = out[0] if isinstance(out, tuple) else out  # [B, T, d]
+        new = torch.zeros_like(y) if value is None else torch.zeros_like(y) + value.to(y.dtype)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+    return hook
 
 
 @contextlib.contextmanager
-def zeroed(mm: ModelMap, branch: Branch) -> Iterator[None]:
-    """Inside the context, ``branch`` adds zero to the residual stream (its last module's output is zeros)."""
-    handle = mm.blocks[branch.layer].module.get_submodule(branch.last).register_forward_hook(_zero_output)
+def zeroed(mm: ModelMap, branch: Branch, value: torch.Tensor | None = None) -> Iterator[None]:
+    """Inside the context, ``branch`` adds zero to the residual stream (its last module's output is zeros), or the
+    constant ``value`` [d] at every token (a compensated removal)."""
+    module = mm.blocks[branch.layer].module.get_submodule(branch.last)
+    handle = module.register_forward_hook(_replace_output(value))
     try:
         yield
     finally:
         handle.remove()
+
+
+@torch.no_grad()
+def branch_means(model: nn.Module, mm: ModelMap, cands: list[Branch], windows: Any, batch_size: int = 4
+                 ) -> dict[tuple[int, str], torch.Tensor]:
+    """{(layer, kind): [d] float32 mean of the branch's output (what it adds to the residual) over the tokens of
+    ``windows`` that attend (padding excluded)}, from one forward of the model as it is."""
+    from importance.models.load import input_device
+
+    sums: dict[tuple[int, str], torch.Tensor] = {}
+    keep: list[torch.Tensor] = []  # the current batch's attention mask [B, T]
+    count = 0
+
+    def record(key: tuple[int, str]):
+        def hook(_module: nn.Module, _args: tuple, out: Any) -> None:
+            y = (out[0] if isinstance(out, tuple) else out).double()  # [B, T, d]
+            s = (y * keep[0][..., None]).sum((0, 1))
+            sums[key] = s if key not in sums else sums[key] + s
+        return hook
+
+    handles = [mm.blocks[b.layer].module.get_submodule(b.last).register_forward_hook(record((b.layer, b.kind)))
+               for b in cands]
+    try:
+        device = input_device(model)
+        for batch in windows.batches(batch_size):
+            batch = batch.to(device)
+            keep[:] = [batch.attention_mask.to(torch.float64)]
+            count += int(batch.attention_mask.sum())
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: (v / max(count, 1)).float().cpu() for k, v in sums.items()}
 
 
 def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -125,30 +165,54 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
-def skip_branch_(mm: ModelMap, branch: Branch) -> None:
-    """Remove ``branch`` for real: its module becomes a parameter-free ``SkippedBranch``, its norms identities.
-    Rebuild the map afterwards (``model_map``)."""
+def skip_branch_(mm: ModelMap, branch: Branch, bias: torch.Tensor | None = None) -> None:
+    """Remove ``branch`` for real: its module becomes a parameter-free ``SkippedBranch`` (one that adds the
+    constant ``bias`` [d], when given), its norms identities. Rebuild the map afterwards (``model_map``)."""
     block = mm.blocks[branch.layer].module
     own = block.get_submodule(branch.module)
     layer_idx = next((m.layer_idx for m in own.modules() if isinstance(getattr(m, "layer_idx", None), int)),
                      branch.layer)
     for norm in branch.norms:
         _replace(block, norm, nn.Identity())
-    _replace(block, branch.module, SkippedBranch(branch.kind, layer_idx if branch.kind == "attn" else None))
+    stand_in = SkippedBranch(branch.kind, layer_idx if branch.kind == "attn" else None,
+                             None if bias is None else int(bias.numel()))
+    if bias is not None:
+        ref = next(own.parameters(), None)
+        with torch.no_grad():
+            stand_in.bias.copy_(bias.reshape(-1))
+        stand_in.to(device=ref.device if ref is not None else "cpu",
+                    dtype=ref.dtype if ref is not None and ref.is_floating_point() else torch.float32)
+    _replace(block, branch.module, stand_in)
 
 
-def skip_recorded_(model: nn.Module, skipped: dict[str, list[str]]) -> None:
+def skip_recorded_(model: nn.Module, skipped: dict[str, list[str]],
+                   widths: dict[str, dict[str, int]] | None = None) -> None:
     """Replay ``{layer: [kinds]}`` (as ``importance.models.pruned.load_pruned`` reads it from imprune.json) on a
-    freshly built model, before its weights are loaded."""
+    freshly built model, before its weights are loaded; ``widths`` ({layer: {kind: d}}) marks the compensated
+    ones, whose constant the weights then load."""
     from importance.arch.canonical import model_map
 
     mm = model_map(model)
     for layer, kinds in sorted(skipped.items(), key=lambda kv: int(kv[0])):
         for kind in kinds:
-            skip_branch_(mm, block_branch(mm.blocks[int(layer)], mm, kind))
+            width = ((widths or {}).get(layer) or {}).get(kind)
+            skip_branch_(mm, block_branch(mm.blocks[int(layer)], mm, kind),
+                         None if width is None else torch.zeros(int(width)))
             mm = model_map(model)
 
 
 def skipped_record(mm: ModelMap) -> dict[str, list[str]]:
     """``{layer: [kinds]}`` of the removed branches (empty when none is)."""
     return {str(b.index): list(b.skipped) for b in mm.blocks if b.skipped}
+
+
+def compensated_record(mm: ModelMap) -> dict[str, dict[str, int]]:
+    """``{layer: {kind: d}}`` of the removed branches that add a constant (empty when none does)."""
+    path = {"attn": mm.spec.attn, "mlp": mm.spec.mlp}
+    rec: dict[str, dict[str, int]] = {}
+    for b in mm.blocks:
+        for kind in b.skipped:
+            stand_in = b.module.get_submodule(path[kind])
+            if getattr(stand_in, "bias", None) is not None:
+                rec.setdefault(str(b.index), {})[kind] = int(stand_in.bias.numel())
+    return rec

@@ -64,7 +64,7 @@ def load_pruned(folder: str | Path, dtype: torch.dtype | str = torch.float32, de
 
     def init(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
         base.__init__(self, config, *args, **kwargs)
-        skip_recorded_(self, shapes.get("skipped") or {})
+        skip_recorded_(self, shapes.get("skipped") or {}, shapes.get("skipped_constants"))
         resize_params_(self, shapes["params"])
         mm = model_map(self)
         for block, (h, kv) in zip(mm.blocks, shapes["attention"], strict=True):

@@ -46,7 +46,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,8 +185,10 @@ def _bypass_hook(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -
 
 
 @contextlib.contextmanager
-def removed(mm: ModelMap, group: Group | None) -> Iterator[None]:
-    """Inside the block, ``group`` is removed from the model (None: nothing is); restored bit for bit after."""
+def removed(mm: ModelMap, group: Group | None, means: Mapping[tuple[int, str], torch.Tensor] | None = None
+            ) -> Iterator[None]:
+    """Inside the block, ``group`` is removed from the model (None: nothing is); restored bit for bit after.
+    ``means``: {(layer, kind): [d]} constants that removed sub-blocks add instead of zero (a compensated removal)."""
     if group is None:
         yield
         return
@@ -199,7 +201,8 @@ def removed(mm: ModelMap, group: Group | None) -> Iterator[None]:
             handle.remove()
         return
     if group.granularity in BRANCHES:
-        with zeroed(mm, block_branch(block, mm, group.granularity)):
+        value = None if means is None else means.get((group.layer, group.granularity))
+        with zeroed(mm, block_branch(block, mm, group.granularity), value):
             yield
         return
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -309,14 +312,16 @@ class Replay:
         """Mean token NLL over all windows, blocks before ``start`` replayed (when the shortcut is on)."""
         return float(self.window_sums(start).sum()) / self.tokens
 
-    def window_deltas(self, group: Group | None) -> torch.Tensor:
-        """[N] float64: each window's NLL sum with ``group`` removed minus without (None: nothing removed)."""
-        with removed(self.mm, group):
+    def window_deltas(self, group: Group | None, means: Mapping[tuple[int, str], torch.Tensor] | None = None
+                      ) -> torch.Tensor:
+        """[N] float64: each window's NLL sum with ``group`` removed minus without (None: nothing removed);
+        ``means`` as in ``removed``."""
+        with removed(self.mm, group, means):
             return self.window_sums(group.layer if group is not None else self.mm.n_layers) - self.base_sums
 
-    def delta(self, group: Group | None) -> float:
+    def delta(self, group: Group | None, means: Mapping[tuple[int, str], torch.Tensor] | None = None) -> float:
         """Loss increase (nats per predicted token) when ``group`` alone is removed (None: nothing)."""
-        return float(self.window_deltas(group).sum()) / self.tokens
+        return float(self.window_deltas(group, means).sum()) / self.tokens
 
 
 # ----------------------------------------------------------------------------------------- measuring

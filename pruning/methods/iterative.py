@@ -17,8 +17,9 @@ layers, or sub-blocks 'attn' / 'mlp'), until a number of rounds or until no cand
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from importance.arch.canonical import ModelMap
 from importance.data.sources import Windows
@@ -40,21 +41,25 @@ class IterativeResult:
 
 
 @contextlib.contextmanager
-def all_removed(mm: ModelMap, groups: list[Group]) -> Iterator[None]:
-    """Every group of ``groups`` removed (layers bypassed, sub-blocks adding zero) inside the context."""
+def all_removed(mm: ModelMap, groups: list[Group], means: Mapping[tuple[int, str], Any] | None = None
+                ) -> Iterator[None]:
+    """Every group of ``groups`` removed (layers bypassed, sub-blocks adding zero, or their ``means``) inside
+    the context."""
     with contextlib.ExitStack() as stack:
         for group in groups:
-            stack.enter_context(removed(mm, group))
+            stack.enter_context(removed(mm, group, means))
         yield
 
 
 def greedy_removal(model: object, mm: ModelMap, windows: Windows, task: str, candidates: list[Group],
                    fits: Callable[[list[Group], Group], bool], rounds: int | None = None, k: int | None = None,
                    batch_size: int = 4, progress: bool = False,
-                   size: Callable[[Group], float] | None = None) -> IterativeResult:
+                   size: Callable[[Group], float] | None = None,
+                   means: Mapping[tuple[int, str], Any] | None = None) -> IterativeResult:
     """Remove ``candidates`` one at a time by measured calibration loss (see the module docstring) for ``rounds``
     rounds, or until no candidate left ``fits`` (given the groups already chosen). ``size``: each round takes the
-    lowest loss increase per unit of size (e.g. parameters) instead of the lowest loss."""
+    lowest loss increase per unit of size (e.g. parameters) instead of the lowest loss. ``means``: the constants
+    removed sub-blocks add instead of zero (``importance.validate.ablation.removed``)."""
     def key(losses: dict[Group, float], base: float):
         return lambda g: ((losses[g] - base) / (size(g) if size else 1.0), g.layer, g.granularity)
 
@@ -66,14 +71,14 @@ def greedy_removal(model: object, mm: ModelMap, windows: Windows, task: str, can
         left = [g for g in candidates if g not in res.order and fits(res.order, g)]
         if not left:
             break
-        with all_removed(mm, res.order):
+        with all_removed(mm, res.order, means):
             replay = Replay(model, mm, windows, task, batch_size)
             if not res.order:
                 res.base_nll = replay.base
             cands = left if k is None or not res.order else [g for g in ranking if g in left][:k]
             losses = {}
             for group in cands:
-                with removed(mm, group):
+                with removed(mm, group, means):
                     losses[group] = replay.nll(group.layer)
                 res.partial_forwards += 1
                 res.block_forwards += (mm.n_layers - group.layer if replay.shortcut else mm.n_layers) * \
