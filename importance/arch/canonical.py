@@ -32,7 +32,9 @@ from importance.errors import ImpruneError
 
 # attn.q_a / attn.kv_a: the low-rank down-projections of multi-head latent attention (DeepSeek-V2/V3's MLA),
 # shared by every head, with their norms norm.q_a / norm.kv_a
-LINEAR_NAMES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.q_a", "attn.kv_a", "mlp.gate", "mlp.up", "mlp.down")
+# attn.gate: a per-head output gate computed by the q projection (Qwen3.5 / Qwen3-Next: o_in = attn * sigmoid(gate))
+LINEAR_NAMES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.gate", "attn.q_a", "attn.kv_a", "mlp.gate", "mlp.up",
+                "mlp.down")
 NORM_NAMES = ("norm.attn_in", "norm.attn_out", "norm.mlp_in", "norm.mlp_out", "norm.q", "norm.k", "norm.q_a",
               "norm.kv_a")
 MOE_NAMES = ("mlp.router", "mlp.experts.gate", "mlp.experts.up", "mlp.experts.down",
@@ -40,7 +42,8 @@ MOE_NAMES = ("mlp.router", "mlp.experts.gate", "mlp.experts.up", "mlp.experts.do
 CANONICAL_ORDER = LINEAR_NAMES + MOE_NAMES + NORM_NAMES
 # how rows / columns of a component map onto the structural groups of its block
 GROUPS = ("head", "kv_group", "mlp_channel", "expert")
-_OUT_GROUP = {"attn.q": "head", "attn.k": "kv_group", "attn.v": "kv_group", "mlp.gate": "mlp_channel",
+_OUT_GROUP = {"attn.q": "head", "attn.gate": "head", "attn.k": "kv_group", "attn.v": "kv_group",
+              "mlp.gate": "mlp_channel",
               "mlp.up": "mlp_channel"}
 _IN_GROUP = {"attn.o": "head", "mlp.down": "mlp_channel"}
 
@@ -51,7 +54,8 @@ class Fused:
 
     ``layout``: 'qkv' = rows [q (H*d) | k (Hkv*d) | v (Hkv*d)]; 'qkv_heads' = per head [q_h | k_h | v_h]
     (GPT-NeoX, BLOOM); 'qkv_grouped' = per KV group [q_1 .. q_g | k | v] (Falcon-40B's new decoder
-    architecture; with g = 1 it is 'qkv_heads'); 'halves' = rows [gate | up]; 'mla_kv' = MLA's ``kv_b_proj``,
+    architecture; with g = 1 it is 'qkv_heads'); 'q_gate_heads' = per head [q_h | gate_h] (Qwen3.5's gated
+    attention); 'halves' = rows [gate | up]; 'mla_kv' = MLA's ``kv_b_proj``,
     per head [k_nope (qk_nope_head_dim) | v (v_head_dim)]. ``part`` is this piece's index.
     """
 
@@ -84,6 +88,9 @@ class ArchSpec:
     mlp_bias_flag: str | None = "mlp_bias"
     optional_norms: tuple[str, ...] = ()  # canonical norms a block may lack (parallel attention + MLP)
     optional_mlp: bool = False  # blocks may lack the dense MLP (discovered models with MoE layers after dense ones)
+    # hybrids: blocks may mix tokens without softmax attention (linear attention, state-space, conv); such a block
+    # maps no attention component and its token mixer is left unscored and unpruned (``attention_absent``)
+    optional_attn: bool = False
     heads_fixed: str | None = None  # why heads cannot be removed structurally (None: they can)
     channels_fixed: str | None = None  # why MLP channels cannot be removed structurally
     layout_of: Callable[[object], str] | None = None  # fused attention layout chosen from the config (falcon)
@@ -363,9 +370,10 @@ def _fused_rows(layout: str, part: int, out_total: int, head_dim: int, n_heads: 
         q = n_heads * head_dim
         kv = (out_total - q) // 2
         return [slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)][part]
-    if layout == "qkv_heads":
-        n = out_total // (3 * head_dim)
-        return (torch.arange(n).view(n, 1) * 3 * head_dim + part * head_dim + torch.arange(head_dim)).flatten()
+    if layout in ("qkv_heads", "q_gate_heads"):
+        k = 3 if layout == "qkv_heads" else 2
+        n = out_total // (k * head_dim)
+        return (torch.arange(n).view(n, 1) * k * head_dim + part * head_dim + torch.arange(head_dim)).flatten()
     if layout == "qkv_grouped":  # per KV group: g query heads, then its k and its v head
         kv = (out_total // head_dim - n_heads) // 2
         g = n_heads // max(kv, 1)
@@ -401,6 +409,33 @@ def _layer_heads(block: nn.Module, spec: ArchSpec, n_heads_cfg: int, out_total: 
     return int(getattr(own, spec.config_heads or "", None) or n_heads_cfg)
 
 
+_LINEAR_MIXER = re.compile(r"linear|delta|mamba|ssm|rwkv|retention|lightning|recurren", re.IGNORECASE)
+
+
+def token_mixer(block: nn.Module, path: str) -> bool:
+    """Whether the module at ``path`` of ``block`` mixes tokens without softmax attention (linear attention, a
+    state-space or convolutional mixer: a short causal conv1d inside, or such a class name), though its
+    projections may be named like attention's."""
+    mod = _get(block, path) if path else None
+    if mod is None or mod is block:
+        return False
+    if any(isinstance(m, nn.Conv1d) for m in mod.modules()):
+        return True
+    words, family = (re.findall(r"[A-Z][a-z0-9_]*|[a-z0-9_]+", type(m).__name__) for m in (mod, block))
+    while words and family and words[0] == family[0]:  # the model's own name ('KimiLinear...') says nothing
+        words, family = words[1:], family[1:]
+    return bool(_LINEAR_MIXER.search("".join(words)))
+
+
+def attention_absent(block: nn.Module, spec: ArchSpec) -> bool:
+    """A hybrid's block without softmax attention: none of the mapped attention modules, or a token mixer in the
+    attention's place (``ArchSpec.optional_attn``)."""
+    if not spec.optional_attn:
+        return False
+    paths = {(e.path if isinstance(e, Fused) else e) for k, e in spec.linears.items() if k.startswith("attn.")}
+    return token_mixer(block, spec.attn) or not any(_is_linear(_get(block, p)) for p in paths)
+
+
 def branch_of(name: str) -> str:
     """The residual branch ('attn' or 'mlp') a canonical component belongs to."""
     return "mlp" if name.startswith(("mlp.", "norm.mlp")) else "attn"
@@ -414,11 +449,14 @@ def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_hea
         head_dim = dims["attn.o"]
     skipped = tuple(k for k, p in (("attn", spec.attn), ("mlp", spec.mlp))
                     if p and isinstance(_get(block, p), SkippedBranch))
+    absent = "attn" not in skipped and attention_absent(block, spec)  # a hybrid's linear-attention block
     # q / k / v / o / MLP linears (plain or fused)
     q_entry = spec.linears.get("attn.q")
     for name, entry in spec.linears.items():
         path = entry.path if isinstance(entry, Fused) else entry
         mod = _get(block, path)
+        if absent and name.startswith("attn."):
+            continue
         if mod is None and (branch_of(name) in skipped or  # a removed sub-block
                             name.startswith("mlp.") and (spec.experts or spec.optional_mlp)):  # an MoE layer
             continue
@@ -433,7 +471,8 @@ def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_hea
             if layout == "mla_kv":
                 rows = _mla_rows(entry.part, out_total, dims)
             else:
-                n_heads = _layer_heads(block, spec, n_heads_cfg, out_total, head_dim) if layout != "halves" else 0
+                n_heads = _layer_heads(block, spec, n_heads_cfg, out_total, head_dim) if layout not in (
+                    "halves", "q_gate_heads") else 0
                 rows = _fused_rows(layout, entry.part, out_total, head_dim, n_heads)
         comps[name] = Component(name, index, f"{bpath}.{path}", mod, "linear", rows=rows, transposed=transposed,
                                 head_dim=dims.get(name, head_dim), out_group=_OUT_GROUP.get(name),
@@ -460,6 +499,8 @@ def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_hea
             comps["mlp.router"] = Component("mlp.router", index, f"{bpath}.{spec.router}", router, "linear",
                                             out_group="expert")
     for name, paths in spec.norms.items():
+        if absent and branch_of(name) == "attn":  # the norms of the token mixer are left with it
+            continue
         path = next((p for p in ((paths,) if isinstance(paths, str) else paths) if _get(block, p) is not None), None)
         mod = _get(block, path) if path else None
         if mod is None:
@@ -478,6 +519,17 @@ def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_hea
     return Block(index, bpath, block, comps, n_heads, n_kv, head_dim, n_experts, inter, skipped)
 
 
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 4] -> '0-2, 4'."""
+    out: list[str] = []
+    for i in ids:
+        if out and int(out[-1].split("-")[-1]) == i - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ", ".join(out)
+
+
 def model_map(model: nn.Module) -> ModelMap:
     """The canonical map of ``model`` (registered by ``config.model_type``, else discovered)."""
     model_type = str(getattr(model.config, "model_type", type(model).__name__))
@@ -494,6 +546,14 @@ def model_map(model: nn.Module) -> ModelMap:
     n_heads, head_dim = _geometry(model)
     blocks = [_build_block(i, f"{bpath}.{i}", b, spec, n_heads, head_dim, model.config) for i, b in enumerate(blist)]
     mm = ModelMap(model, model_type, spec, bpath, blocks, discovered)
+    mixers = [b for b in blocks if not b.n_heads and "attn" not in b.skipped] if spec.optional_attn else []
+    if mixers:
+        kinds = sorted({f"{n}: {type(m).__name__}" for b in mixers for n, m in b.module.named_children()
+                        if "norm" not in n.lower() and any(True for _ in m.parameters())
+                        and not {id(c.module) for c in b.components.values()} & {id(x) for x in m.modules()}})
+        warnings.warn(f"imprune: '{model_type}' is a hybrid: blocks {_ranges([b.index for b in mixers])} mix tokens "
+                      f"without softmax attention ({', '.join(kinds)}); those token mixers are left unscored and "
+                      "unpruned, their MLPs and the attention blocks are mapped", stacklevel=2)
     if discovered:  # proven against the model before anything uses it
         from importance.arch.check import check_map
 

@@ -115,8 +115,9 @@ def zeroed(comp: Component) -> Iterator[None]:
                 bias[rows] = saved_b
 
 
-def capture_calls(mm: ModelMap, modules: dict[str, nn.Module]) -> dict[str, tuple[tuple, dict]]:
-    """(args, kwargs) of each module's first call in a real forward of a few tokens that stops after block 0."""
+def capture_calls(mm: ModelMap, modules: dict[str, nn.Module], upto: int = 0) -> dict[str, tuple[tuple, dict]]:
+    """(args, kwargs) of each module's first call in a real forward of a few tokens that stops after block
+    ``upto``."""
     from importance.models.load import input_device
 
     seen: dict[str, tuple[tuple, dict]] = {}
@@ -130,7 +131,7 @@ def capture_calls(mm: ModelMap, modules: dict[str, nn.Module]) -> dict[str, tupl
         raise _Stop
 
     handles = [m.register_forward_pre_hook(pre(n), with_kwargs=True) for n, m in modules.items()]
-    handles.append(mm.blocks[0].module.register_forward_hook(stop))
+    handles.append(mm.blocks[upto].module.register_forward_hook(stop))
     emb = mm.model.get_input_embeddings() if hasattr(mm.model, "get_input_embeddings") else None
     vocab = int(emb.weight.shape[0]) if emb is not None and hasattr(emb, "weight") else 16
     gen = torch.Generator().manual_seed(0)
@@ -201,10 +202,35 @@ def check_attention(mm: ModelMap, block: Block, call: tuple[tuple, dict], attn: 
         hook.remove()
     if len(seen) != 2:
         raise _fail(mm, f"attn.o ({c['attn.o'].path}) does not run once per call of {block.path}.{mm.spec.attn}")
+    if "attn.gate" in c:
+        check_gate(mm, block, call, attn)
     if not _close(seen[1], torch.zeros_like(seen[1])) or not float(seen[1].abs().max()) <= 1e-6 * max(
             float(seen[0].abs().max()), 1e-30):
         raise _fail(mm, f"with the attn.v view zeroed the attention ({block.path}.{mm.spec.attn}) still mixes "
                     "values: the rows mapped as v are not the values (a fused q|k|v layout imprune does not know)")
+
+
+def check_gate(mm: ModelMap, block: Block, call: tuple[tuple, dict], attn: nn.Module) -> None:
+    """An output gate ``o_in = attn * sigmoid(gate x)``: with the gate view zeroed (sigmoid 1/2) the input of
+    ``attn.o`` times ``sigmoid(gate x)`` (x: the gate module's real input) is half the gated one."""
+    c = block.components
+    args, kwargs = call
+    seen: list[torch.Tensor] = []
+    xs: list[torch.Tensor] = []
+    hooks = [c["attn.o"].module.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach())),
+             c["attn.gate"].module.register_forward_pre_hook(lambda _m, a: xs.append(a[0].detach()))]
+    try:
+        with torch.no_grad():
+            attn(*args, **kwargs)
+            with zeroed(c["attn.gate"]):
+                attn(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    gate = torch.sigmoid(_lin(c["attn.gate"], xs[0]).float())
+    if len(seen) != 2 or not _close(seen[1].float() * gate, 0.5 * seen[0].float()):
+        raise _fail(mm, f"the rows mapped as attn.gate ({c['attn.gate'].path}) are not a sigmoid gate on the heads' "
+                    "output (a q|gate layout imprune does not know)")
 
 
 def check_experts(mm: ModelMap, block: Block) -> None:
@@ -240,12 +266,25 @@ def check_experts(mm: ModelMap, block: Block) -> None:
                     "gate and up rows are swapped or misread")
 
 
+def representative_blocks(mm: ModelMap) -> list[Block]:
+    """Block 0, and in a hybrid (blocks without attention, or without a dense MLP) the first block with attention
+    and the first with an MLP: each layout a block of the model has, once."""
+    picks = [mm.blocks[0]]
+    for has in (lambda b: "attn.o" in b.components, lambda b: "mlp.down" in b.components,
+                lambda b: "mlp.experts.down" in b.components):
+        if not any(has(b) for b in picks):
+            picks += [b for b in mm.blocks if has(b)][:1]
+    return sorted(picks, key=lambda b: b.index)
+
+
 def _signature(mm: ModelMap) -> tuple:
-    return (mm.model_type, repr(mm.spec), tuple((c.name, c.shape) for c in mm.blocks[0].components.values()))
+    return (mm.model_type, repr(mm.spec), tuple((b.index, tuple((c.name, c.shape) for c in b.components.values()))
+                                                for b in representative_blocks(mm)))
 
 
 def check_map(mm: ModelMap) -> None:
-    """Run every check on block 0 (once per model and shape; see the module docstring)."""
+    """Run every check on block 0 and, in a hybrid, on the first block of each other layout (once per model and
+    shape; see the module docstring)."""
     try:
         _check_map(mm)
     except ImpruneError:
@@ -261,24 +300,30 @@ def _check_map(mm: ModelMap) -> None:
     sig = _signature(mm)
     if _CHECKED.get(mm.model) == sig:
         return
-    block = mm.blocks[0]
-    c = block.components
-    check_shapes(mm, block)
-    check_linear_views(mm, block)
-    mlp = block.module.get_submodule(mm.spec.mlp) if mm.spec.mlp and "mlp.down" in c and "mlp.up" in c else None
-    attn = block.module.get_submodule(mm.spec.attn) if "attn.v" in c and "attn.o" in c else None
-    if mlp is not None and any(n.startswith("mlp.experts") for n in c):
-        mlp = None  # the dense MLP and the experts share the module: the expert views have their own test
-    modules = {k: m for k, m in (("mlp", mlp), ("attn", attn)) if m is not None}
-    linears = {n: comp.module for n, comp in c.items() if comp.kind == "linear"}
-    calls = capture_calls(mm, {**modules, **linears})
-    idle = [f"{n} ({c[n].path})" for n in linears if n not in calls]
-    if idle:
-        raise _fail(mm, f"{', '.join(idle[:3])} never run in a forward of the model")
-    if mlp is not None and "mlp" in calls:
-        check_mlp(mm, block, calls["mlp"], mlp)
-    if attn is not None and "attn" in calls:
-        check_attention(mm, block, calls["attn"], attn)
-    if "mlp.experts.down" in c:
-        check_experts(mm, block)
+    blocks = representative_blocks(mm)
+    mods: dict[int, dict[str, nn.Module]] = {}
+    for block in blocks:
+        c = block.components
+        check_shapes(mm, block)
+        check_linear_views(mm, block)
+        mlp = block.module.get_submodule(mm.spec.mlp) if mm.spec.mlp and "mlp.down" in c and "mlp.up" in c else None
+        attn = block.module.get_submodule(mm.spec.attn) if "attn.v" in c and "attn.o" in c else None
+        if mlp is not None and any(n.startswith("mlp.experts") for n in c):
+            mlp = None  # the dense MLP and the experts share the module: the expert views have their own test
+        mods[block.index] = {**{k: m for k, m in (("mlp", mlp), ("attn", attn)) if m is not None},
+                             **{n: comp.module for n, comp in c.items() if comp.kind == "linear"}}
+    calls = capture_calls(mm, {f"{i}:{k}": m for i, ms in mods.items() for k, m in ms.items()},
+                          upto=blocks[-1].index)
+    for block in blocks:
+        c = block.components
+        got = {k.split(":", 1)[1]: v for k, v in calls.items() if k.startswith(f"{block.index}:")}
+        idle = [f"{n} ({c[n].path})" for n in mods[block.index] if n in c and n not in got]
+        if idle:
+            raise _fail(mm, f"{', '.join(idle[:3])} never run in a forward of the model")
+        if "mlp" in got:
+            check_mlp(mm, block, got["mlp"], mods[block.index]["mlp"])
+        if "attn" in got:
+            check_attention(mm, block, got["attn"], mods[block.index]["attn"])
+        if "mlp.experts.down" in c:
+            check_experts(mm, block)
     _CHECKED[mm.model] = sig

@@ -20,9 +20,9 @@ from importance.errors import ImpruneError
 # What structural surgery (pruning.methods.surgery / .structured) must know beyond the weights: which module
 # attributes and config fields hold head counts, widths and layer indices. Attribute names are the ones
 # transformers' attention classes use; only those present on a module are written.
-_HEAD_ATTRS = ("num_heads", "num_attention_heads")  # GPT-2, OPT (view by num_heads), BERT
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads")  # GPT-2, OPT (view by num_heads), BERT; MPT
 _KV_ATTRS = ("num_key_value_heads", "num_kv_heads")  # phi3, falcon
-_WIDTH_ATTRS = ("all_head_size", "split_size")  # BERT's q/k/v width, GPT-2's split of the fused c_attn
+_WIDTH_ATTRS = ("all_head_size", "split_size", "embed_dim")  # BERT q/k/v, GPT-2 c_attn split, BART-like output
 _LAYER_INDEX_LISTS = ("mlp_only_layers",)  # config lists of layer indices (the rest: per-layer lists)
 
 
