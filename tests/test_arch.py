@@ -313,7 +313,8 @@ def test_discovered_type_maps_with_a_warning(model_type: str) -> None:
 @pytest.mark.parametrize("model_type", UNKNOWN_FUSED_TYPES, ids=str)
 def test_unknown_fused_layout_raises_naming_register_arch(model_type: str) -> None:
     lm = load_model(f"random:{model_type}")
-    with pytest.raises(ImpruneError, match=f"'{model_type}'.*register_arch") as err:
+    lm.model.config.model_type = unregistered = f"{model_type}_unregistered"  # the discovery reads [q | k | v]
+    with pytest.raises(ImpruneError, match=f"'{unregistered}'.*register_arch") as err:
         _map(lm.model)
     assert "\n" not in str(err.value)
 

@@ -40,6 +40,10 @@ NORM_NAMES = ("norm.attn_in", "norm.attn_out", "norm.mlp_in", "norm.mlp_out", "n
 MOE_NAMES = ("mlp.router", "mlp.experts.gate", "mlp.experts.up", "mlp.experts.down",
              "mlp.shared.gate", "mlp.shared.up", "mlp.shared.down", "mlp.shared.router")
 CANONICAL_ORDER = LINEAR_NAMES + MOE_NAMES + NORM_NAMES
+# modules inside an attention that are named like its projections but are not its heads: DeepSeek-V3.2's lightning
+# indexer (its own small q / k and head count, to pick the tokens attended to), DeepSeek-V4's compressor; left
+# unmapped (unscored, unpruned) and untouched by head surgery
+SIDE_MODULES = r"(^|\.)(indexer|compressor)(\.|$)"
 # how rows / columns of a component map onto the structural groups of its block
 GROUPS = ("head", "kv_group", "mlp_channel", "expert")
 _OUT_GROUP = {"attn.q": "head", "attn.gate": "head", "attn.k": "kv_group", "attn.v": "kv_group",
@@ -55,7 +59,8 @@ class Fused:
     ``layout``: 'qkv' = rows [q (H*d) | k (Hkv*d) | v (Hkv*d)]; 'qkv_heads' = per head [q_h | k_h | v_h]
     (GPT-NeoX, BLOOM); 'qkv_grouped' = per KV group [q_1 .. q_g | k | v] (Falcon-40B's new decoder
     architecture; with g = 1 it is 'qkv_heads'); 'q_gate_heads' = per head [q_h | gate_h] (Qwen3.5's gated
-    attention); 'halves' = rows [gate | up]; 'mla_kv' = MLA's ``kv_b_proj``,
+    attention); 'qvk_mp4' = CodeGen's four model-parallel shards, each [q_m | v_m | k_m] of a quarter of the
+    heads; 'halves' = rows [gate | up]; 'mla_kv' = MLA's ``kv_b_proj``,
     per head [k_nope (qk_nope_head_dim) | v (v_head_dim)]. ``part`` is this piece's index.
     """
 
@@ -132,7 +137,7 @@ register_arch("gemma2")(ArchSpec("model.layers", _LLAMA_LIN, _GEMMA2_NORMS))
 register_arch("gemma3_text")(ArchSpec("model.layers", _LLAMA_LIN, {**_GEMMA2_NORMS, **_QK_NORMS}))
 register_arch("olmo2", "olmo3")(ArchSpec("model.layers", _LLAMA_LIN, {
     "norm.attn_out": "post_attention_layernorm", "norm.mlp_out": "post_feedforward_layernorm", **_QK_NORMS}))
-register_arch("phi3")(ArchSpec("model.layers", {
+register_arch("phi3", "phi4_multimodal")(ArchSpec("model.layers", {
     "attn.q": Fused("self_attn.qkv_proj", "qkv", 0), "attn.k": Fused("self_attn.qkv_proj", "qkv", 1),
     "attn.v": Fused("self_attn.qkv_proj", "qkv", 2), "attn.o": "self_attn.o_proj",
     "mlp.gate": Fused("mlp.gate_up_proj", "halves", 0), "mlp.up": Fused("mlp.gate_up_proj", "halves", 1),
@@ -374,6 +379,10 @@ def _fused_rows(layout: str, part: int, out_total: int, head_dim: int, n_heads: 
         k = 3 if layout == "qkv_heads" else 2
         n = out_total // (k * head_dim)
         return (torch.arange(n).view(n, 1) * k * head_dim + part * head_dim + torch.arange(head_dim)).flatten()
+    if layout == "qvk_mp4":  # 4 shards of [q | v | k], each a quarter of the heads
+        quarter = out_total // 12
+        offset = (0, 2, 1)[part] * quarter  # q, k, v -> position in the shard
+        return (torch.arange(4).view(4, 1) * 3 * quarter + offset + torch.arange(quarter)).flatten()
     if layout == "qkv_grouped":  # per KV group: g query heads, then its k and its v head
         kv = (out_total // head_dim - n_heads) // 2
         g = n_heads // max(kv, 1)
@@ -472,7 +481,7 @@ def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_hea
                 rows = _mla_rows(entry.part, out_total, dims)
             else:
                 n_heads = _layer_heads(block, spec, n_heads_cfg, out_total, head_dim) if layout not in (
-                    "halves", "q_gate_heads") else 0
+                    "halves", "q_gate_heads", "qvk_mp4") else 0
                 rows = _fused_rows(layout, entry.part, out_total, head_dim, n_heads)
         comps[name] = Component(name, index, f"{bpath}.{path}", mod, "linear", rows=rows, transposed=transposed,
                                 head_dim=dims.get(name, head_dim), out_group=_OUT_GROUP.get(name),

@@ -151,17 +151,21 @@ def capture_calls(mm: ModelMap, modules: dict[str, nn.Module], upto: int = 0) ->
     return seen
 
 
-def _activation(mm: ModelMap, mlp: nn.Module) -> Any:
+def _activations(mm: ModelMap, mlp: nn.Module) -> list[Any]:
+    """The MLP's activation: its own attribute, else the config's; where neither names one (LFM2 calls F.silu in
+    its forward), the common ones to try: the check below accepts only one that reproduces the module exactly."""
     from transformers.activations import ACT2FN
 
     for a in _ACT_ATTRS:
         fn = getattr(mlp, a, None)
         if callable(fn) and not isinstance(fn, (nn.Linear, type)):
-            return fn
+            return [fn]
     cfg = mm.model.config
     name = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None) or \
         getattr(cfg, "activation_function", None)
-    return ACT2FN[name] if isinstance(name, str) and name in ACT2FN else None
+    if isinstance(name, str) and name in ACT2FN:
+        return [ACT2FN[name]]
+    return [ACT2FN[n] for n in ("silu", "gelu", "gelu_pytorch_tanh", "relu")]
 
 
 def _lin(comp: Component, h: torch.Tensor) -> torch.Tensor:
@@ -170,9 +174,6 @@ def _lin(comp: Component, h: torch.Tensor) -> torch.Tensor:
 
 def check_mlp(mm: ModelMap, block: Block, call: tuple[tuple, dict], mlp: nn.Module) -> None:
     c = block.components
-    act = _activation(mm, mlp)
-    if act is None:
-        raise _fail(mm, f"the MLP module {type(mlp).__name__} names no activation imprune can find")
     args, kwargs = call
     x = args[0] if args else next(iter(kwargs.values()))
     with torch.no_grad():
@@ -180,10 +181,12 @@ def check_mlp(mm: ModelMap, block: Block, call: tuple[tuple, dict], mlp: nn.Modu
         with zeroed(c["mlp.down"]):
             y0 = _out(mlp(*args, **kwargs))
         up = _lin(c["mlp.up"], x)
-        hidden = act(_lin(c["mlp.gate"], x)) * up if "mlp.gate" in c else act(up)
-        if not _close(y - y0, _lin(c["mlp.down"], hidden)):
-            raise _fail(mm, f"down(act(gate x) * up x) from the views does not reproduce the MLP module "
-                        f"({block.path}.{mm.spec.mlp}): gate / up rows or order of a layout imprune does not know")
+        for act in _activations(mm, mlp):
+            hidden = act(_lin(c["mlp.gate"], x)) * up if "mlp.gate" in c else act(up)
+            if _close(y - y0, _lin(c["mlp.down"], hidden)):
+                return
+    raise _fail(mm, f"down(act(gate x) * up x) from the views does not reproduce the MLP module "
+                f"({block.path}.{mm.spec.mlp}): gate / up rows or order of a layout imprune does not know")
 
 
 def check_attention(mm: ModelMap, block: Block, call: tuple[tuple, dict], attn: nn.Module) -> None:

@@ -13,7 +13,7 @@ import re
 import torch
 from torch import nn
 
-from importance.arch.canonical import ArchSpec, Fused, _get, _is_linear, token_mixer
+from importance.arch.canonical import SIDE_MODULES, ArchSpec, Fused, _get, _is_linear, token_mixer
 from importance.errors import ImpruneError
 
 _PATTERNS = {  # canonical -> module-name regex (full path in the block), for unregistered model types
@@ -24,9 +24,6 @@ _PATTERNS = {  # canonical -> module-name regex (full path in the block), for un
     "mlp.up": r"(^|\.)(up_proj|w3|fc1|c_fc|dense_h_to_4h|fc_in|intermediate\.dense)$",
     "mlp.down": r"(down_proj|w2|fc2|dense_4h_to_h|fc_out|mlp\.c_proj)$|^output\.dense$",
 }
-# modules beside the attention that are named like its projections: DeepSeek-V3.2's lightning indexer (its own
-# small q / k to pick the tokens attended to), DeepSeek-V4's compressor; left unmapped (unscored, unpruned)
-_SIDE_MODULES = r"(^|\.)(indexer|compressor)\."
 _FUSED = r"(qkv_proj|query_key_value|c_attn|wqkv|qkv|Wqkv)$"
 _FUSED_GATE_UP = r"(^|\.)(gate_up_proj|gate_up|w13)$"  # rows [gate | up], proven by the functional check
 _NORM_PATTERNS = {"norm.attn_in": r"^(input_layernorm|ln_1|attention_norm|self_attn_layer_norm)$",
@@ -40,7 +37,10 @@ _POST_NORM_PATTERNS = {"norm.attn_in": r"^input_layernorm$", "norm.attn_out": r"
 def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """Candidate block lists: one entry per layer (blocks of several classes allowed: hybrids with an attention
     and a linear-attention decoder layer), else lists of one class."""
-    n_layers = getattr(model.config, "num_hidden_layers", None)
+    cfg = model.config
+    n_layers = getattr(cfg, "num_hidden_layers", None)
+    if n_layers is None and hasattr(cfg, "get_text_config"):  # a composite (vision + text): its language model's
+        n_layers = getattr(cfg.get_text_config(), "num_hidden_layers", None)
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     per_layer = [x for x in lists if n_layers is not None and len(x[1]) == n_layers]
     return per_layer or [x for x in lists if len({type(c) for c in x[1]}) == 1]
@@ -51,9 +51,12 @@ def _match(linears: dict[str, nn.Module]) -> dict[str, str | Fused]:
     q / k / v is found)."""
     found: dict[str, str | Fused] = {}
     for canon, pat in _PATTERNS.items():
-        hits = [n for n in linears if re.search(pat, n) and not re.search(_SIDE_MODULES, n)]
+        hits = [n for n in linears if re.search(pat, n) and not re.search(SIDE_MODULES, n)
+                and not re.search(_FUSED, n)]  # 'query_key_value' / 'qkv_proj' end like a value / v_proj
         if len(hits) > 1:  # decoders with cross-attention (unused in a causal LM): the self-attention's
             hits = [n for n in hits if not re.search(r"encoder_attn|cross", n, re.IGNORECASE)]
+        if len(hits) > 1 and canon.startswith("mlp."):  # an attention output gate named gate_proj (afmoe, beam)
+            hits = [n for n in hits if not re.search(r"(^|\.)\w*(attn|attention)\w*\.", n)]
         if len(hits) == 1:
             found[canon] = hits[0]
     mla = _mla(linears)
@@ -95,6 +98,10 @@ def discover(model: nn.Module) -> ArchSpec:
         raise ImpruneError(f"model type '{model_type}' has no registered map and no repeated blocks were found; "
                            + how)
     bname, blist = max(lists, key=lambda x: sum(p.numel() for p in x[1].parameters()))
+    twins = [n for n, m in lists if m is not blist and {type(c) for c in m} == {type(c) for c in blist}]
+    if twins:  # HRM: a low- and a high-level stack of the same layers
+        raise ImpruneError(f"model type '{model_type}' has several stacks of the same blocks ({bname}, "
+                           f"{', '.join(twins)}); imprune maps one block list per model: " + how)
     ref = _attention_block(blist)
     ref_block = blist[ref]
     linears = {n: m for n, m in ref_block.named_modules() if _is_linear(m)}
@@ -179,13 +186,18 @@ def _mla(linears: dict[str, nn.Module]) -> dict[str, str | Fused]:
 
 def _gated_q(found: dict[str, str | Fused], linears: dict[str, nn.Module]) -> dict[str, Fused]:
     """A q projection twice as wide as the heads (o's input) computes per head [q_h | gate_h] (Qwen3.5 / Qwen3-Next
-    gated attention); the functional check proves the rows (``importance.arch.check.check_gate``)."""
+    gated attention), or a ``gate_proj`` of the heads' width sits beside q (AFMoE, Beam: one gate row per head
+    channel); the functional check proves the rows (``importance.arch.check.check_gate``)."""
     q, o = found.get("attn.q"), found.get("attn.o")
     if not isinstance(q, str) or not isinstance(o, str) or not _is_linear(linears.get(q)):
         return {}
-    if linears[q].weight.shape[0] != 2 * linears[o].weight.shape[1]:  # (the heads' count may have been pruned)
-        return {}
-    return {"attn.q": Fused(q, "q_gate_heads", 0), "attn.gate": Fused(q, "q_gate_heads", 1)}
+    width = linears[o].weight.shape[1]
+    if linears[q].weight.shape[0] == 2 * width:  # (the heads' count may have been pruned)
+        return {"attn.q": Fused(q, "q_gate_heads", 0), "attn.gate": Fused(q, "q_gate_heads", 1)}
+    attn = parent_path({"q": q, "o": o}, "q", "o")  # a gate module of the heads' width beside q (afmoe, beam)
+    gates = [n for n, m in linears.items() if n.rpartition(".")[0] == attn and re.search(r"(gate_proj|g_proj)$", n)
+             and m.weight.shape[0] == width]
+    return {"attn.gate": gates[0]} if len(gates) == 1 else {}
 
 
 def parent_path(found: dict[str, str | Fused], *canon: str) -> str:

@@ -8,13 +8,14 @@ its head count from, which config lists are per layer), kept next to ``importanc
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from importance.arch.canonical import ArchSpec, Block, _get
+from importance.arch.canonical import SIDE_MODULES, ArchSpec, Block, _get
 from importance.errors import ImpruneError
 
 # What structural surgery (pruning.methods.surgery / .structured) must know beyond the weights: which module
@@ -55,7 +56,9 @@ def set_attention_heads(block: Block, spec: ArchSpec, config: Any, n_heads: int,
     differ from the config gets a ``LayerConfig`` view of it with its own counts.
     """
     attn = attention_module(block, spec)
-    for m in attn.modules():
+    for name, m in attn.named_modules():
+        if re.search(SIDE_MODULES, name):  # an indexer keeps its own head count
+            continue
         for names, value in ((_HEAD_ATTRS, n_heads), (_KV_ATTRS, n_kv), (_WIDTH_ATTRS, n_heads * block.head_dim)):
             for a in names:
                 if isinstance(getattr(m, a, None), int):

@@ -122,7 +122,8 @@ SHRINK: dict[str, int] = dict(
 SHRINK_TOWER: dict[str, int] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                     num_key_value_heads=2, head_dim=16, depth=1, num_heads=2, num_layers=1,
                                     out_hidden_size=64, projection_dim=32, vision_output_dim=32, codebook_size=64,
-                                    base_channels=32)
+                                    base_channels=32, num_blocks=1, ext_pw_out_channel=32,
+                                    depthwise_separable_out_channel=32, nemo_conv_channels=32)
 PER_LAYER_LISTS = ("layer_types", "attention_layers", "layers_block_type", "hybrid_override_pattern")
 
 
@@ -202,6 +203,10 @@ def random_config(model_type: str, **overrides: Any) -> Any:
         kwargs.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     else:
         kwargs = _tiny_kwargs(model_type, default, overrides)
+        for name in subs:  # a text model with towers of its own (phi4_multimodal: vision, audio)
+            sub = getattr(default, name, None)
+            if hasattr(sub, "to_dict") and name not in kwargs:
+                kwargs[name] = {**sub.to_dict(), **_shrunk(sub, SHRINK_TOWER, {})}
     return _build_config(model_type, kwargs, overrides)
 
 
