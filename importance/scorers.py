@@ -246,6 +246,8 @@ def layer(name: str, ctx: Context, block: Block) -> float:
     if name in _LAYER_FNS:
         return _LAYER_FNS[name](ctx, block)
     if SCORERS[name].kind == "mask":
+        if not block.components:  # a hybrid's block with nothing mapped (a state-space mixer alone): no gate
+            return 0.0
         return float(_mask_value(name, ctx, ctx.stats.get(block.index, "layer", "wg"),
                                  ctx.stats.get(block.index, "layer", "wg_sq"))[0])
     return sum(component(name, ctx, comp) for comp in block.components.values())

@@ -80,16 +80,36 @@ def check_shapes(mm: ModelMap, block: Block) -> None:
                         f"{down} columns (a fused gate|up module mapped as one component?)")
 
 
-def check_linear_views(mm: ModelMap, block: Block, tokens: int = 3) -> None:
+def _out_width(comp: Component) -> int:
+    w = getattr(comp.module, comp.param)
+    return int(w.shape[0] if not comp.transposed else w.shape[1])
+
+
+def _same(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    return ref.numel() == got.numel() and _close(got, ref.reshape(got.shape))
+
+
+def check_linear_views(mm: ModelMap, block: Block, tokens: int = 3,
+                       calls: dict[str, tuple[tuple, dict]] | None = None) -> None:
+    """``x @ view.T + bias`` equals the module's output rows on random inputs; a module that takes more than its
+    input (a router handed its score-correction bias) gets the other arguments of its real call."""
     with torch.no_grad():
         for comp in block.components.values():
             if comp.kind != "linear":
                 continue
             w = comp.weight
             x = torch.randn(tokens, w.shape[1], dtype=w.dtype, device=w.device)
-            ref = comp.select_out(_out(comp.module(x)))  # routers return (logits, ...)
+            args, kwargs = (calls or {}).get(comp.name, ((), {}))
+            try:
+                y = comp.module(x)
+            except TypeError:
+                if not args:
+                    raise
+                y = comp.module(x, *args[1:], **kwargs)
             got = x @ w.T + (comp.bias if comp.bias is not None else 0)
-            if not _close(got, ref):
+            # routers return (logits, ...), or (scores, logits) (llama4): one of the outputs must be the view's
+            outs = [o for o in (y if isinstance(y, tuple) else (y,)) if isinstance(o, torch.Tensor)]
+            if not any(_same(got, comp.select_out(o)) for o in outs if o.shape[-1] == _out_width(comp)):
                 raise _fail(mm, f"the view of {comp.name} ({comp.path}) does not reproduce the module's output")
 
 
@@ -308,7 +328,6 @@ def _check_map(mm: ModelMap) -> None:
     for block in blocks:
         c = block.components
         check_shapes(mm, block)
-        check_linear_views(mm, block)
         mlp = block.module.get_submodule(mm.spec.mlp) if mm.spec.mlp and "mlp.down" in c and "mlp.up" in c else None
         attn = block.module.get_submodule(mm.spec.attn) if "attn.v" in c and "attn.o" in c else None
         if mlp is not None and any(n.startswith("mlp.experts") for n in c):
@@ -320,6 +339,7 @@ def _check_map(mm: ModelMap) -> None:
     for block in blocks:
         c = block.components
         got = {k.split(":", 1)[1]: v for k, v in calls.items() if k.startswith(f"{block.index}:")}
+        check_linear_views(mm, block, calls=got)
         idle = [f"{n} ({c[n].path})" for n in mods[block.index] if n in c and n not in got]
         if idle:
             raise _fail(mm, f"{', '.join(idle[:3])} never run in a forward of the model")

@@ -16,16 +16,18 @@ from torch import nn
 from importance.arch.canonical import SIDE_MODULES, ArchSpec, Fused, _get, _is_linear, token_mixer
 from importance.errors import ImpruneError
 
+_W = r"(\.linear)?$"  # a projection may be a wrapper holding its nn.Linear as `.linear` (Moshi, Inkling)
 _PATTERNS = {  # canonical -> module-name regex (full path in the block), for unregistered model types
-    "attn.q": r"(q_proj|query|wq|to_q)$", "attn.k": r"(k_proj|key|wk|to_k)$",
-    "attn.v": r"(v_proj|value|wv|to_v)$",
-    "attn.o": r"(attn|attention|self_attn|mixer)\.(o_proj|out_proj|dense|c_proj|wo|to_out)$|attention\.output\.dense$",
-    "mlp.gate": r"(^|\.)(gate_proj|w1)$",
-    "mlp.up": r"(^|\.)(up_proj|w3|fc1|c_fc|dense_h_to_4h|fc_in|intermediate\.dense)$",
-    "mlp.down": r"(down_proj|w2|fc2|dense_4h_to_h|fc_out|mlp\.c_proj)$|^output\.dense$",
-}
+    "attn.q": r"(q_proj|query|wq|Wq|to_q|project_q)" + _W, "attn.k": r"(k_proj|key|wk|Wk|to_k|project_k)" + _W,
+    "attn.v": r"(v_proj|value|wv|Wv|to_v|project_v)" + _W,
+    "attn.o": r"(attn|attention|self_attn|mixer)\.(o_proj|out_proj|dense|c_proj|wo|Wo|to_out|attention_out)" + _W
+              + r"|attention\.output\.dense$",
+    "mlp.gate": r"(^|\.)(gate_proj|w1|w_in\.w_0)$",  # CPM-Ant's w_in.w_0 / w_in.w_1 / w_out
+    "mlp.up": r"(^|\.)(up_proj|w3|fc1|c_fc|dense_h_to_4h|fc_in|intermediate\.dense|w_in\.w_1|ffn\.0)$",
+    "mlp.down": r"(down_proj|w2|fc2|dense_4h_to_h|fc_out|mlp\.c_proj|w_out|mlp\.Wo|ffn\.2)$|^output\.dense$",
+}  # (CTRL: Wq / Wk / Wv / dense and an nn.Sequential ffn.0 / ffn.2; ModernBERT: Wqkv / Wo, mlp.Wi / mlp.Wo)
 _FUSED = r"(qkv_proj|query_key_value|c_attn|wqkv|qkv|Wqkv)$"
-_FUSED_GATE_UP = r"(^|\.)(gate_up_proj|gate_up|w13)$"  # rows [gate | up], proven by the functional check
+_FUSED_GATE_UP = r"(^|\.)(gate_up_proj|gate_up|w13|Wi)$"  # rows [gate | up], proven by the functional check
 _NORM_PATTERNS = {"norm.attn_in": r"^(input_layernorm|ln_1|attention_norm|self_attn_layer_norm)$",
                   "norm.mlp_in": r"^(post_attention_layernorm|ln_2|ffn_norm|final_layer_norm)$"}
 
@@ -116,6 +118,10 @@ def discover(model: nn.Module) -> ArchSpec:
     gate_up = [n for n in linears if re.search(_FUSED_GATE_UP, n)]
     if len(gate_up) == 1 and not {"mlp.gate", "mlp.up"} & set(found):
         found.update({"mlp.gate": Fused(gate_up[0], "halves", 0), "mlp.up": Fused(gate_up[0], "halves", 1)})
+    up, down = found.get("mlp.up"), found.get("mlp.down")
+    if "mlp.gate" not in found and isinstance(up, str) and isinstance(down, str) and \
+            _out_rows(linears[up]) == 2 * _in_cols(linears[down]):  # an fc1 computing [gate | up] (Moshi)
+        found.update({"mlp.gate": Fused(up, "halves", 0), "mlp.up": Fused(up, "halves", 1)})
     kinds = {type(m).__name__ for m in ref_block.modules()}
     if not any(_ATTN_KIND.search(k) and "Rwkv" not in k for k in kinds):
         raise ImpruneError(f"model type '{model_type}' has no attention layers (its blocks mix tokens with "
@@ -198,6 +204,14 @@ def _gated_q(found: dict[str, str | Fused], linears: dict[str, nn.Module]) -> di
     gates = [n for n, m in linears.items() if n.rpartition(".")[0] == attn and re.search(r"(gate_proj|g_proj)$", n)
              and m.weight.shape[0] == width]
     return {"attn.gate": gates[0]} if len(gates) == 1 else {}
+
+
+def _out_rows(m: nn.Module) -> int:
+    return int(m.weight.shape[1] if type(m).__name__ == "Conv1D" else m.weight.shape[0])
+
+
+def _in_cols(m: nn.Module) -> int:
+    return int(m.weight.shape[0] if type(m).__name__ == "Conv1D" else m.weight.shape[1])
 
 
 def parent_path(found: dict[str, str | Fused], *canon: str) -> str:

@@ -29,6 +29,10 @@ TINY_EXTRA: dict[str, dict[str, Any]] = {
     "dots3_note": dict(num_key_value_heads=4), "dots3_note_text": dict(num_key_value_heads=4),
     "dots1": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1),
     "mamba2": dict(num_heads=8, n_groups=1),  # hidden * expand = num_heads * head_dim
+    # the same for their mamba layers, and block 1 of the two an attention block (their defaults: mamba only)
+    "bamba": dict(mamba_n_heads=8, attn_layer_indices=[1]),
+    "granitemoehybrid": dict(mamba_n_heads=8, layer_types=["linear_attention", "full_attention"]),
+    "nemotron_h": dict(mamba_num_heads=8, n_groups=1),
     "reformer": dict(axial_pos_embds_dim=[32, 32], axial_pos_shape=[16, 32], attention_head_size=16,
                      feed_forward_size=128, lsh_attn_chunk_length=16, local_attn_chunk_length=16),
     "dbrx": dict(d_model=64, n_heads=4, n_layers=2, attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
@@ -103,7 +107,7 @@ def parse_random_spec(spec: str) -> tuple[str, dict[str, Any]]:
 # these tiny values where the type's own default config has them larger
 SHRINK: dict[str, int] = dict(
     moe_intermediate_size=32, n_routed_experts=4, num_experts=4, num_local_experts=4, moe_num_experts=4,
-    num_experts_per_tok=2, moe_top_k=2, moe_k=2, n_group=1, topk_group=1, n_shared_experts=1,
+    num_experts_per_tok=2, num_experts_per_token=2, moe_top_k=2, moe_k=2, n_group=1, topk_group=1, n_shared_experts=1,
     shared_expert_intermediate_size=64,
     shared_experts_intermediate_size=64, moe_shared_expert_intermediate_size=64, expert_ffn_hidden_size=32,
     shared_intermediate_size=64, dense_intermediate_size=128, intermediate_size_mlp=128,
