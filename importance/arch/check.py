@@ -201,12 +201,44 @@ def check_mlp(mm: ModelMap, block: Block, call: tuple[tuple, dict], mlp: nn.Modu
         with zeroed(c["mlp.down"]):
             y0 = _out(mlp(*args, **kwargs))
         up = _lin(c["mlp.up"], x)
-        for act in _activations(mm, mlp):
-            hidden = act(_lin(c["mlp.gate"], x)) * up if "mlp.gate" in c else act(up)
-            if _close(y - y0, _lin(c["mlp.down"], hidden)):
-                return
+        hiddens = [act(_lin(c["mlp.gate"], x)) * up if "mlp.gate" in c else act(up) for act in _activations(mm, mlp)]
+        if any(_close(y - y0, _lin(c["mlp.down"], h)) for h in hiddens):
+            return
+        if _sub_norm(mlp, call, c, hiddens):
+            return
     raise _fail(mm, f"down(act(gate x) * up x) from the views does not reproduce the MLP module "
                 f"({block.path}.{mm.spec.mlp}): gate / up rows or order of a layout imprune does not know")
+
+
+def _sub_norm(mlp: nn.Module, call: tuple[tuple, dict], c: dict[str, Component], hiddens: list[torch.Tensor]) -> bool:
+    """Whether a module inside the MLP takes ``act(gate x) * up x`` and hands its output to ``mlp.down`` (BitNet's
+    ffn_sub_norm): then gate, up and the activation are still proven, the norm in between is left unmapped."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    mapped = {id(comp.module) for comp in c.values()}
+    def record(name: str) -> Any:
+        def hook(_m: nn.Module, a: tuple, out: Any) -> None:
+            if a and name not in seen:
+                seen[name] = (a[0], _out(out))
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in mlp.named_modules()
+             if n and id(m) not in mapped and _has_params(m)]
+    into_down: list[torch.Tensor] = []
+    hooks.append(c["mlp.down"].module.register_forward_pre_hook(lambda _m, a: into_down.append(a[0])))
+    args, kwargs = call
+    try:
+        mlp(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return bool(into_down) and any(
+        isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and _close(y, into_down[0]) and
+        any(_close(x, h) for h in hiddens) for x, y in seen.values())
+
+
+def _has_params(m: nn.Module) -> bool:
+    """A module with parameters of its own (a norm), not an activation or a container."""
+    return any(True for _ in m.parameters(recurse=False))
 
 
 def check_attention(mm: ModelMap, block: Block, call: tuple[tuple, dict], attn: nn.Module) -> None:

@@ -33,6 +33,7 @@ TINY_EXTRA: dict[str, dict[str, Any]] = {
     "bamba": dict(mamba_n_heads=8, attn_layer_indices=[1]),
     "granitemoehybrid": dict(mamba_n_heads=8, layer_types=["linear_attention", "full_attention"]),
     "nemotron_h": dict(mamba_num_heads=8, n_groups=1),
+    "xmod": dict(default_language="en_XX"),  # its forward picks the language adapter of this one
     "reformer": dict(axial_pos_embds_dim=[32, 32], axial_pos_shape=[16, 32], attention_head_size=16,
                      feed_forward_size=128, lsh_attn_chunk_length=16, local_attn_chunk_length=16),
     "dbrx": dict(d_model=64, n_heads=4, n_layers=2, attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
