@@ -13,6 +13,7 @@ import torch
 from conftest import fresh, tiny
 
 from importance.arch import check
+from importance.arch.branches import branches
 from importance.arch.canonical import model_map
 from importance.errors import ImpruneError
 from pruning.run.coverage import run_stages
@@ -89,3 +90,9 @@ def test_post_norm_blocks_keep_the_meaning_of_post_attention_layernorm() -> None
     c = b.components
     assert c["norm.attn_out"].path.endswith("post_attention_layernorm") and "norm.mlp_in" not in c
     assert c["norm.mlp_out"].path.endswith("post_feedforward_layernorm")
+
+
+def test_sub_blocks_of_a_hybrid_refuse_in_one_line() -> None:
+    with pytest.raises(ImpruneError, match="'qwen3_5_text' is a hybrid .* use --method layers") as err:
+        branches(_map(tiny("qwen3_5_text").model))
+    assert "\n" not in str(err.value)
