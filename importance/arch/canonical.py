@@ -26,6 +26,7 @@ from torch import nn
 
 from importance.arch.experts import expert_layout
 from importance.arch.experts import rows as expert_rows
+from importance.arch.layouts import _fused_rows, _mla_dims, _mla_rows, _ranges, attention_absent
 from importance.arch.skipped import SkippedBranch
 from importance.engine.offload import offloaded_weight, write_offloaded_
 from importance.errors import ImpruneError
@@ -367,46 +368,6 @@ def _is_linear(m: nn.Module | None) -> bool:
     return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
 
 
-def _fused_rows(layout: str, part: int, out_total: int, head_dim: int, n_heads: int) -> slice | torch.Tensor:
-    if layout == "halves":
-        half = out_total // 2
-        return slice(part * half, (part + 1) * half)
-    if layout == "qkv":
-        q = n_heads * head_dim
-        kv = (out_total - q) // 2
-        return [slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)][part]
-    if layout in ("qkv_heads", "q_gate_heads"):
-        k = 3 if layout == "qkv_heads" else 2
-        n = out_total // (k * head_dim)
-        return (torch.arange(n).view(n, 1) * k * head_dim + part * head_dim + torch.arange(head_dim)).flatten()
-    if layout == "qvk_mp4":  # 4 shards of [q | v | k], each a quarter of the heads
-        quarter = out_total // 12
-        offset = (0, 2, 1)[part] * quarter  # q, k, v -> position in the shard
-        return (torch.arange(4).view(4, 1) * 3 * quarter + offset + torch.arange(quarter)).flatten()
-    if layout == "qkv_grouped":  # per KV group: g query heads, then its k and its v head
-        kv = (out_total // head_dim - n_heads) // 2
-        g = n_heads // max(kv, 1)
-        start = torch.arange(kv).view(kv, 1) * (g + 2)
-        heads = start + (torch.arange(g) if part == 0 else torch.tensor([g + part - 1]))  # [kv, g or 1]
-        return (heads.reshape(-1, 1) * head_dim + torch.arange(head_dim)).flatten()
-    raise ImpruneError(f"unknown fused layout '{layout}'")
-
-
-def _mla_dims(config: object) -> dict[str, int]:
-    """MLA's per-head widths: q = qk_nope + qk_rope (the rope part of k is shared, from kv_a), k = qk_nope,
-    v = o = v_head_dim."""
-    nope, rope, v = (int(getattr(config, k)) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
-    return {"attn.q": nope + rope, "attn.k": nope, "attn.v": v, "attn.o": v}
-
-
-def _mla_rows(part: int, out_total: int, dims: dict[str, int]) -> torch.Tensor:
-    """Rows of ``kv_b_proj`` [H * (nope + v), r] that are k_nope (part 0) or v (part 1), head by head."""
-    nope, v = dims["attn.k"], dims["attn.v"]
-    n = out_total // (nope + v)
-    start, width = (0, nope) if part == 0 else (nope, v)
-    return (torch.arange(n).view(n, 1) * (nope + v) + start + torch.arange(width)).flatten()
-
-
 def _layer_heads(block: nn.Module, spec: ArchSpec, n_heads_cfg: int, out_total: int, head_dim: int) -> int:
     """Query heads of one block with a fused [q | k | v] projection (may differ per layer after pruning)."""
     if not spec.gqa:  # q, k and v are equally wide
@@ -416,33 +377,6 @@ def _layer_heads(block: nn.Module, spec: ArchSpec, n_heads_cfg: int, out_total: 
     if own is None and isinstance(getattr(attn, "num_heads", None), int):  # kept per layer by head surgery
         return int(attn.num_heads)
     return int(getattr(own, spec.config_heads or "", None) or n_heads_cfg)
-
-
-_LINEAR_MIXER = re.compile(r"linear|delta|mamba|ssm|rwkv|retention|lightning|recurren", re.IGNORECASE)
-
-
-def token_mixer(block: nn.Module, path: str) -> bool:
-    """Whether the module at ``path`` of ``block`` mixes tokens without softmax attention (linear attention, a
-    state-space or convolutional mixer: a short causal conv1d inside, or such a class name), though its
-    projections may be named like attention's."""
-    mod = _get(block, path) if path else None
-    if mod is None or mod is block:
-        return False
-    if any(isinstance(m, nn.Conv1d) for m in mod.modules()):
-        return True
-    words, family = (re.findall(r"[A-Z][a-z0-9_]*|[a-z0-9_]+", type(m).__name__) for m in (mod, block))
-    while words and family and words[0] == family[0]:  # the model's own name ('KimiLinear...') says nothing
-        words, family = words[1:], family[1:]
-    return bool(_LINEAR_MIXER.search("".join(words)))
-
-
-def attention_absent(block: nn.Module, spec: ArchSpec) -> bool:
-    """A hybrid's block without softmax attention: none of the mapped attention modules, or a token mixer in the
-    attention's place (``ArchSpec.optional_attn``)."""
-    if not spec.optional_attn:
-        return False
-    paths = {(e.path if isinstance(e, Fused) else e) for k, e in spec.linears.items() if k.startswith("attn.")}
-    return token_mixer(block, spec.attn) or not any(_is_linear(_get(block, p)) for p in paths)
 
 
 def branch_of(name: str) -> str:
@@ -526,17 +460,6 @@ def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_hea
         n_kv = n_heads
     inter = comps["mlp.up"].shape[0] if "mlp.up" in comps else 0
     return Block(index, bpath, block, comps, n_heads, n_kv, head_dim, n_experts, inter, skipped)
-
-
-def _ranges(ids: list[int]) -> str:
-    """[0, 1, 2, 4] -> '0-2, 4'."""
-    out: list[str] = []
-    for i in ids:
-        if out and int(out[-1].split("-")[-1]) == i - 1:
-            out[-1] = f"{out[-1].split('-')[0]}-{i}"
-        else:
-            out.append(str(i))
-    return ", ".join(out)
 
 
 def model_map(model: nn.Module) -> ModelMap:

@@ -13,7 +13,8 @@ import re
 import torch
 from torch import nn
 
-from importance.arch.canonical import SIDE_MODULES, ArchSpec, Fused, _get, _is_linear, token_mixer
+from importance.arch.canonical import SIDE_MODULES, ArchSpec, Fused, _get, _is_linear
+from importance.arch.layouts import token_mixer
 from importance.errors import ImpruneError
 
 _W = r"(\.linear)?$"  # a projection may be a wrapper holding its nn.Linear as `.linear` (Moshi, Inkling)
