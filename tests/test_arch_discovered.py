@@ -27,7 +27,11 @@ EXPERTS = {"mlp.experts.gate", "mlp.experts.up", "mlp.experts.down", "mlp.router
 MAPS = {"ctrl": ATTN | {"mlp.up", "mlp.down"}, "modernbert-decoder": GATED, "moshi": GATED, "cpmant": GATED,
         "got_ocr2": GATED, "hy_v3": GATED | EXPERTS, "minimax_m2": ATTN | EXPERTS, "kimi_linear": ATTN | EXPERTS,
         "bamba": GATED, "granitemoehybrid": ATTN | EXPERTS, "nemotron_h": ATTN, "beam": GATED | {"attn.gate"},
-        "bitnet": GATED, "xmod": ATTN | {"mlp.up", "mlp.down"}, "sarvam_mla": GATED | {"attn.kv_a"}}
+        "bitnet": GATED, "xmod": ATTN | {"mlp.up", "mlp.down"}, "sarvam_mla": GATED | {"attn.kv_a"},
+        # MoE layers after dense ones: their experts are mapped too (they were left out in silence before)
+        "glm4_moe": GATED | EXPERTS, "ernie4_5_moe": GATED | EXPERTS,
+        # norms after attention and after the MLP (Gemma-3 style): post_attention_layernorm is attn_out
+        "gemma3": GATED | {"norm.attn_in", "norm.attn_out", "norm.mlp_in", "norm.mlp_out"}}
 
 
 def _map(model):
@@ -42,6 +46,8 @@ def test_discovered_map_holds_the_components_and_passes_the_check(model_type: st
     assert mm.discovered and MAPS[model_type] <= set(mm.component_names())
     if model_type == "got_ocr2":  # the language model's layers, not the vision tower's
         assert "language_model" in mm.blocks_path
+    if model_type == "gemma3":
+        assert mm.blocks[0].components["norm.attn_out"].path.endswith("post_attention_layernorm")
 
 
 @pytest.mark.parametrize("model_type", ["lfm2", "bitnet", "moshi"])
