@@ -29,7 +29,8 @@ MAPS = {"ctrl": ATTN | {"mlp.up", "mlp.down"}, "modernbert-decoder": GATED, "mos
         "bamba": GATED, "granitemoehybrid": ATTN | EXPERTS, "nemotron_h": ATTN, "beam": GATED | {"attn.gate"},
         "bitnet": GATED, "xmod": ATTN | {"mlp.up", "mlp.down"}, "sarvam_mla": GATED | {"attn.kv_a"},
         # MoE layers after dense ones: their experts are mapped too (they were left out in silence before)
-        "glm4_moe": GATED | EXPERTS, "ernie4_5_moe": GATED | EXPERTS,
+        "glm4_moe": GATED | EXPERTS, "ernie4_5_moe": GATED | EXPERTS, "lfm2_moe": ATTN | EXPERTS,
+        "gemma3n_text": GATED,  # (tiny-builder fixes: lfm2_moe's layer types, gemma3n's KV sharing)
         # norms after attention and after the MLP (Gemma-3 style): post_attention_layernorm is attn_out
         "gemma3": GATED | {"norm.attn_in", "norm.attn_out", "norm.mlp_in", "norm.mlp_out"}}
 

@@ -34,6 +34,8 @@ TINY_EXTRA: dict[str, dict[str, Any]] = {
     "granitemoehybrid": dict(mamba_n_heads=8, layer_types=["linear_attention", "full_attention"]),
     "nemotron_h": dict(mamba_num_heads=8, n_groups=1),
     "xmod": dict(default_language="en_XX"),  # its forward picks the language adapter of this one
+    "gemma3n_text": dict(num_kv_shared_layers=0),  # its default shares the KV cache of 15 of 35 layers
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),  # its default sets no types
     "reformer": dict(axial_pos_embds_dim=[32, 32], axial_pos_shape=[16, 32], attention_head_size=16,
                      feed_forward_size=128, lsh_attn_chunk_length=16, local_attn_chunk_length=16),
     "dbrx": dict(d_model=64, n_heads=4, n_layers=2, attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
