@@ -225,6 +225,8 @@ def groups(name: str, ctx: Context, block: Block) -> dict[str, torch.Tensor]:
     if "attn.q" in c and "attn.o" in c:
         q, o = c["attn.q"], c["attn.o"]  # per-component head widths (MLA: q, k and v differ)
         out["head"] = _heads(rows(name, ctx, q), q.head_dim) + _heads(cols(name, ctx, o), o.head_dim)
+        if "attn.gate" in c:  # the heads' output gate rows go with them
+            out["head"] = out["head"] + _heads(rows(name, ctx, c["attn.gate"]), c["attn.gate"].head_dim)
     if "attn.k" in c and "attn.v" in c and "head" in out:
         k, v = c["attn.k"], c["attn.v"]
         kv = _heads(rows(name, ctx, k), k.head_dim) + _heads(rows(name, ctx, v), v.head_dim)
@@ -244,6 +246,8 @@ def layer(name: str, ctx: Context, block: Block) -> float:
     if name in _LAYER_FNS:
         return _LAYER_FNS[name](ctx, block)
     if SCORERS[name].kind == "mask":
+        if not block.components:  # a hybrid's block with nothing mapped (a state-space mixer alone): no gate
+            return 0.0
         return float(_mask_value(name, ctx, ctx.stats.get(block.index, "layer", "wg"),
                                  ctx.stats.get(block.index, "layer", "wg_sq"))[0])
     return sum(component(name, ctx, comp) for comp in block.components.values())
@@ -256,6 +260,7 @@ def group_counts(block: Block) -> dict[str, torch.Tensor]:
     if "attn.q" in c and "attn.o" in c:
         q, o = c["attn.q"], c["attn.o"]
         per_head = q.head_dim * q.shape[1] + o.shape[0] * o.head_dim
+        per_head += c["attn.gate"].head_dim * c["attn.gate"].shape[1] if "attn.gate" in c else 0
         out["head"] = torch.full((block.n_heads,), float(per_head))
     if "attn.k" in c and "attn.v" in c and "head" in out:
         per_group = c["attn.k"].head_dim * c["attn.k"].shape[1] + c["attn.v"].head_dim * c["attn.v"].shape[1]

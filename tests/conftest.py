@@ -29,11 +29,12 @@ ARCH_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_t
 MOE_TYPES = ["mixtral", "qwen3_moe", "qwen2_moe"]
 # registered families whose modules take more than the hidden states (BLOOM's residual, ALiBi) or whose config
 # fields differ from the Llama names (Falcon): checked by importance.arch.check and the view tests
-FUSED_TYPES = ["falcon", "bloom"]
+FUSED_TYPES = ["falcon", "bloom", "persimmon", "fuyu", "gpt_neox_japanese", "codegen", "phi4_multimodal"]
 # unregistered types that the generic discovery maps (with a warning); glm4 through its fused gate_up, gpt_oss
 # through its stacked experts (transposed, interleaved, biased), deepseek_v3 through its latent attention (MLA)
-DISCOVERED_TYPES = ["phi", "stablelm", "starcoder2", "glm4", "gptj", "gpt_oss", "deepseek_v3"]
-# unregistered types with a fused attention layout discovery cannot know
+# (and afmoe's attention output gate, lfm2's conv / attention hybrid with an activation its MLP does not name)
+DISCOVERED_TYPES = ["phi", "stablelm", "starcoder2", "glm4", "gptj", "gpt_oss", "deepseek_v3", "afmoe", "lfm2"]
+# registered types with a fused attention layout the discovery cannot know (tested under another model_type name)
 UNKNOWN_FUSED_TYPES = ["codegen", "persimmon"]
 
 BYTE_OFFSET = 5  # the byte tokenizer: ids 0-4 are <pad> <s> </s> <unk> <mask>, byte b is id 5 + b

@@ -313,7 +313,8 @@ def test_discovered_type_maps_with_a_warning(model_type: str) -> None:
 @pytest.mark.parametrize("model_type", UNKNOWN_FUSED_TYPES, ids=str)
 def test_unknown_fused_layout_raises_naming_register_arch(model_type: str) -> None:
     lm = load_model(f"random:{model_type}")
-    with pytest.raises(ImpruneError, match=f"'{model_type}'.*register_arch") as err:
+    lm.model.config.model_type = unregistered = f"{model_type}_unregistered"  # the discovery reads [q | k | v]
+    with pytest.raises(ImpruneError, match=f"'{unregistered}'.*register_arch") as err:
         _map(lm.model)
     assert "\n" not in str(err.value)
 
@@ -330,12 +331,14 @@ def test_info_prints_the_map_for_every_type(model_type: str, capsys: pytest.Capt
         assert main(["info", "--model", spec, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     mm = _map(tiny(model_type).model)
-    b0 = mm.blocks[0]
+    ba = next(b for b in mm.blocks if b.n_heads)  # the first block with attention (lfm2: block 0 is a conv block)
+    experts = next((b.n_experts for b in mm.blocks if b.n_experts), 0)
     assert spec in text and mm.blocks_path in text
     for name in mm.component_names():
         assert f"\n{name} " in text, name
     assert (doc["layers"], doc["heads"], doc["kv_heads"], doc["head_dim"], doc["experts"]) == \
-        (mm.n_layers, b0.n_heads, b0.n_kv_heads, b0.head_dim, b0.n_experts)
+        (mm.n_layers, ba.n_heads, ba.n_kv_heads, ba.head_dim, experts)
+    assert doc["attention_layers"] == sum(1 for b in mm.blocks if b.n_heads)
     assert doc["discovered"] is (model_type in DISCOVERED_TYPES)
     assert doc["params_total"] == sum(p.numel() for p in tiny(model_type).model.parameters())
     by_name = {row["component"]: row for row in doc["components"]}

@@ -64,6 +64,11 @@ def check_branches(mm: ModelMap) -> None:
     if not mm.spec.attn or not mm.spec.mlp:
         raise ImpruneError(f"model type '{mm.model_type}' keeps its MLP linears directly in the block (no one MLP "
                            "module to remove); use --method layers or channels")
+    mixers = [b.index for b in mm.blocks if "attn" not in b.skipped and not b.n_heads]
+    if mixers:  # a hybrid: those blocks' token mixers are not mapped, so no sub-block list is complete
+        raise ImpruneError(f"model type '{mm.model_type}' is a hybrid (block {mixers[0]} mixes tokens without "
+                           "attention, left unmapped), so its sub-blocks cannot be removed on their own; use "
+                           "--method layers, heads or channels")
     from importance.arch.check import _close, _out, capture_calls
 
     block = mm.blocks[0]

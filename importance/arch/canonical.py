@@ -26,21 +26,29 @@ from torch import nn
 
 from importance.arch.experts import expert_layout
 from importance.arch.experts import rows as expert_rows
+from importance.arch.layouts import _fused_rows, _mla_dims, _mla_rows, _ranges, attention_absent
 from importance.arch.skipped import SkippedBranch
 from importance.engine.offload import offloaded_weight, write_offloaded_
 from importance.errors import ImpruneError
 
 # attn.q_a / attn.kv_a: the low-rank down-projections of multi-head latent attention (DeepSeek-V2/V3's MLA),
 # shared by every head, with their norms norm.q_a / norm.kv_a
-LINEAR_NAMES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.q_a", "attn.kv_a", "mlp.gate", "mlp.up", "mlp.down")
+# attn.gate: a per-head output gate computed by the q projection (Qwen3.5 / Qwen3-Next: o_in = attn * sigmoid(gate))
+LINEAR_NAMES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.gate", "attn.q_a", "attn.kv_a", "mlp.gate", "mlp.up",
+                "mlp.down")
 NORM_NAMES = ("norm.attn_in", "norm.attn_out", "norm.mlp_in", "norm.mlp_out", "norm.q", "norm.k", "norm.q_a",
               "norm.kv_a")
 MOE_NAMES = ("mlp.router", "mlp.experts.gate", "mlp.experts.up", "mlp.experts.down",
              "mlp.shared.gate", "mlp.shared.up", "mlp.shared.down", "mlp.shared.router")
 CANONICAL_ORDER = LINEAR_NAMES + MOE_NAMES + NORM_NAMES
+# modules inside an attention that are named like its projections but are not its heads: DeepSeek-V3.2's lightning
+# indexer (its own small q / k and head count, to pick the tokens attended to), DeepSeek-V4's compressor; left
+# unmapped (unscored, unpruned) and untouched by head surgery
+SIDE_MODULES = r"(^|\.)(indexer|compressor)(\.|$)"
 # how rows / columns of a component map onto the structural groups of its block
 GROUPS = ("head", "kv_group", "mlp_channel", "expert")
-_OUT_GROUP = {"attn.q": "head", "attn.k": "kv_group", "attn.v": "kv_group", "mlp.gate": "mlp_channel",
+_OUT_GROUP = {"attn.q": "head", "attn.gate": "head", "attn.k": "kv_group", "attn.v": "kv_group",
+              "mlp.gate": "mlp_channel",
               "mlp.up": "mlp_channel"}
 _IN_GROUP = {"attn.o": "head", "mlp.down": "mlp_channel"}
 
@@ -51,7 +59,9 @@ class Fused:
 
     ``layout``: 'qkv' = rows [q (H*d) | k (Hkv*d) | v (Hkv*d)]; 'qkv_heads' = per head [q_h | k_h | v_h]
     (GPT-NeoX, BLOOM); 'qkv_grouped' = per KV group [q_1 .. q_g | k | v] (Falcon-40B's new decoder
-    architecture; with g = 1 it is 'qkv_heads'); 'halves' = rows [gate | up]; 'mla_kv' = MLA's ``kv_b_proj``,
+    architecture; with g = 1 it is 'qkv_heads'); 'q_gate_heads' = per head [q_h | gate_h] (Qwen3.5's gated
+    attention); 'qvk_mp4' = CodeGen's four model-parallel shards, each [q_m | v_m | k_m] of a quarter of the
+    heads; 'halves' = rows [gate | up]; 'mla_kv' = MLA's ``kv_b_proj``,
     per head [k_nope (qk_nope_head_dim) | v (v_head_dim)]. ``part`` is this piece's index.
     """
 
@@ -84,6 +94,9 @@ class ArchSpec:
     mlp_bias_flag: str | None = "mlp_bias"
     optional_norms: tuple[str, ...] = ()  # canonical norms a block may lack (parallel attention + MLP)
     optional_mlp: bool = False  # blocks may lack the dense MLP (discovered models with MoE layers after dense ones)
+    # hybrids: blocks may mix tokens without softmax attention (linear attention, state-space, conv); such a block
+    # maps no attention component and its token mixer is left unscored and unpruned (``attention_absent``)
+    optional_attn: bool = False
     heads_fixed: str | None = None  # why heads cannot be removed structurally (None: they can)
     channels_fixed: str | None = None  # why MLP channels cannot be removed structurally
     layout_of: Callable[[object], str] | None = None  # fused attention layout chosen from the config (falcon)
@@ -125,7 +138,7 @@ register_arch("gemma2")(ArchSpec("model.layers", _LLAMA_LIN, _GEMMA2_NORMS))
 register_arch("gemma3_text")(ArchSpec("model.layers", _LLAMA_LIN, {**_GEMMA2_NORMS, **_QK_NORMS}))
 register_arch("olmo2", "olmo3")(ArchSpec("model.layers", _LLAMA_LIN, {
     "norm.attn_out": "post_attention_layernorm", "norm.mlp_out": "post_feedforward_layernorm", **_QK_NORMS}))
-register_arch("phi3")(ArchSpec("model.layers", {
+register_arch("phi3", "phi4_multimodal")(ArchSpec("model.layers", {
     "attn.q": Fused("self_attn.qkv_proj", "qkv", 0), "attn.k": Fused("self_attn.qkv_proj", "qkv", 1),
     "attn.v": Fused("self_attn.qkv_proj", "qkv", 2), "attn.o": "self_attn.o_proj",
     "mlp.gate": Fused("mlp.gate_up_proj", "halves", 0), "mlp.up": Fused("mlp.gate_up_proj", "halves", 1),
@@ -355,41 +368,6 @@ def _is_linear(m: nn.Module | None) -> bool:
     return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
 
 
-def _fused_rows(layout: str, part: int, out_total: int, head_dim: int, n_heads: int) -> slice | torch.Tensor:
-    if layout == "halves":
-        half = out_total // 2
-        return slice(part * half, (part + 1) * half)
-    if layout == "qkv":
-        q = n_heads * head_dim
-        kv = (out_total - q) // 2
-        return [slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)][part]
-    if layout == "qkv_heads":
-        n = out_total // (3 * head_dim)
-        return (torch.arange(n).view(n, 1) * 3 * head_dim + part * head_dim + torch.arange(head_dim)).flatten()
-    if layout == "qkv_grouped":  # per KV group: g query heads, then its k and its v head
-        kv = (out_total // head_dim - n_heads) // 2
-        g = n_heads // max(kv, 1)
-        start = torch.arange(kv).view(kv, 1) * (g + 2)
-        heads = start + (torch.arange(g) if part == 0 else torch.tensor([g + part - 1]))  # [kv, g or 1]
-        return (heads.reshape(-1, 1) * head_dim + torch.arange(head_dim)).flatten()
-    raise ImpruneError(f"unknown fused layout '{layout}'")
-
-
-def _mla_dims(config: object) -> dict[str, int]:
-    """MLA's per-head widths: q = qk_nope + qk_rope (the rope part of k is shared, from kv_a), k = qk_nope,
-    v = o = v_head_dim."""
-    nope, rope, v = (int(getattr(config, k)) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
-    return {"attn.q": nope + rope, "attn.k": nope, "attn.v": v, "attn.o": v}
-
-
-def _mla_rows(part: int, out_total: int, dims: dict[str, int]) -> torch.Tensor:
-    """Rows of ``kv_b_proj`` [H * (nope + v), r] that are k_nope (part 0) or v (part 1), head by head."""
-    nope, v = dims["attn.k"], dims["attn.v"]
-    n = out_total // (nope + v)
-    start, width = (0, nope) if part == 0 else (nope, v)
-    return (torch.arange(n).view(n, 1) * (nope + v) + start + torch.arange(width)).flatten()
-
-
 def _layer_heads(block: nn.Module, spec: ArchSpec, n_heads_cfg: int, out_total: int, head_dim: int) -> int:
     """Query heads of one block with a fused [q | k | v] projection (may differ per layer after pruning)."""
     if not spec.gqa:  # q, k and v are equally wide
@@ -414,11 +392,14 @@ def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_hea
         head_dim = dims["attn.o"]
     skipped = tuple(k for k, p in (("attn", spec.attn), ("mlp", spec.mlp))
                     if p and isinstance(_get(block, p), SkippedBranch))
+    absent = "attn" not in skipped and attention_absent(block, spec)  # a hybrid's linear-attention block
     # q / k / v / o / MLP linears (plain or fused)
     q_entry = spec.linears.get("attn.q")
     for name, entry in spec.linears.items():
         path = entry.path if isinstance(entry, Fused) else entry
         mod = _get(block, path)
+        if absent and name.startswith("attn."):
+            continue
         if mod is None and (branch_of(name) in skipped or  # a removed sub-block
                             name.startswith("mlp.") and (spec.experts or spec.optional_mlp)):  # an MoE layer
             continue
@@ -433,7 +414,8 @@ def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_hea
             if layout == "mla_kv":
                 rows = _mla_rows(entry.part, out_total, dims)
             else:
-                n_heads = _layer_heads(block, spec, n_heads_cfg, out_total, head_dim) if layout != "halves" else 0
+                n_heads = _layer_heads(block, spec, n_heads_cfg, out_total, head_dim) if layout not in (
+                    "halves", "q_gate_heads", "qvk_mp4") else 0
                 rows = _fused_rows(layout, entry.part, out_total, head_dim, n_heads)
         comps[name] = Component(name, index, f"{bpath}.{path}", mod, "linear", rows=rows, transposed=transposed,
                                 head_dim=dims.get(name, head_dim), out_group=_OUT_GROUP.get(name),
@@ -460,6 +442,8 @@ def _build_block(index: int, bpath: str, block: nn.Module, spec: ArchSpec, n_hea
             comps["mlp.router"] = Component("mlp.router", index, f"{bpath}.{spec.router}", router, "linear",
                                             out_group="expert")
     for name, paths in spec.norms.items():
+        if absent and branch_of(name) == "attn":  # the norms of the token mixer are left with it
+            continue
         path = next((p for p in ((paths,) if isinstance(paths, str) else paths) if _get(block, p) is not None), None)
         mod = _get(block, path) if path else None
         if mod is None:
@@ -494,6 +478,14 @@ def model_map(model: nn.Module) -> ModelMap:
     n_heads, head_dim = _geometry(model)
     blocks = [_build_block(i, f"{bpath}.{i}", b, spec, n_heads, head_dim, model.config) for i, b in enumerate(blist)]
     mm = ModelMap(model, model_type, spec, bpath, blocks, discovered)
+    mixers = [b for b in blocks if not b.n_heads and "attn" not in b.skipped] if spec.optional_attn else []
+    if mixers:
+        kinds = sorted({f"{n}: {type(m).__name__}" for b in mixers for n, m in b.module.named_children()
+                        if "norm" not in n.lower() and any(True for _ in m.parameters())
+                        and not {id(c.module) for c in b.components.values()} & {id(x) for x in m.modules()}})
+        warnings.warn(f"imprune: '{model_type}' is a hybrid: blocks {_ranges([b.index for b in mixers])} mix tokens "
+                      f"without softmax attention ({', '.join(kinds)}); those token mixers are left unscored and "
+                      "unpruned, their MLPs and the attention blocks are mapped", stacklevel=2)
     if discovered:  # proven against the model before anything uses it
         from importance.arch.check import check_map
 

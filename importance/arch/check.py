@@ -80,16 +80,36 @@ def check_shapes(mm: ModelMap, block: Block) -> None:
                         f"{down} columns (a fused gate|up module mapped as one component?)")
 
 
-def check_linear_views(mm: ModelMap, block: Block, tokens: int = 3) -> None:
+def _out_width(comp: Component) -> int:
+    w = getattr(comp.module, comp.param)
+    return int(w.shape[0] if not comp.transposed else w.shape[1])
+
+
+def _same(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    return ref.numel() == got.numel() and _close(got, ref.reshape(got.shape))
+
+
+def check_linear_views(mm: ModelMap, block: Block, tokens: int = 3,
+                       calls: dict[str, tuple[tuple, dict]] | None = None) -> None:
+    """``x @ view.T + bias`` equals the module's output rows on random inputs; a module that takes more than its
+    input (a router handed its score-correction bias) gets the other arguments of its real call."""
     with torch.no_grad():
         for comp in block.components.values():
             if comp.kind != "linear":
                 continue
             w = comp.weight
             x = torch.randn(tokens, w.shape[1], dtype=w.dtype, device=w.device)
-            ref = comp.select_out(_out(comp.module(x)))  # routers return (logits, ...)
+            args, kwargs = (calls or {}).get(comp.name, ((), {}))
+            try:
+                y = comp.module(x)
+            except TypeError:
+                if not args:
+                    raise
+                y = comp.module(x, *args[1:], **kwargs)
             got = x @ w.T + (comp.bias if comp.bias is not None else 0)
-            if not _close(got, ref):
+            # routers return (logits, ...), or (scores, logits) (llama4): one of the outputs must be the view's
+            outs = [o for o in (y if isinstance(y, tuple) else (y,)) if isinstance(o, torch.Tensor)]
+            if not any(_same(got, comp.select_out(o)) for o in outs if o.shape[-1] == _out_width(comp)):
                 raise _fail(mm, f"the view of {comp.name} ({comp.path}) does not reproduce the module's output")
 
 
@@ -115,8 +135,9 @@ def zeroed(comp: Component) -> Iterator[None]:
                 bias[rows] = saved_b
 
 
-def capture_calls(mm: ModelMap, modules: dict[str, nn.Module]) -> dict[str, tuple[tuple, dict]]:
-    """(args, kwargs) of each module's first call in a real forward of a few tokens that stops after block 0."""
+def capture_calls(mm: ModelMap, modules: dict[str, nn.Module], upto: int = 0) -> dict[str, tuple[tuple, dict]]:
+    """(args, kwargs) of each module's first call in a real forward of a few tokens that stops after block
+    ``upto``."""
     from importance.models.load import input_device
 
     seen: dict[str, tuple[tuple, dict]] = {}
@@ -130,7 +151,7 @@ def capture_calls(mm: ModelMap, modules: dict[str, nn.Module]) -> dict[str, tupl
         raise _Stop
 
     handles = [m.register_forward_pre_hook(pre(n), with_kwargs=True) for n, m in modules.items()]
-    handles.append(mm.blocks[0].module.register_forward_hook(stop))
+    handles.append(mm.blocks[upto].module.register_forward_hook(stop))
     emb = mm.model.get_input_embeddings() if hasattr(mm.model, "get_input_embeddings") else None
     vocab = int(emb.weight.shape[0]) if emb is not None and hasattr(emb, "weight") else 16
     gen = torch.Generator().manual_seed(0)
@@ -150,17 +171,21 @@ def capture_calls(mm: ModelMap, modules: dict[str, nn.Module]) -> dict[str, tupl
     return seen
 
 
-def _activation(mm: ModelMap, mlp: nn.Module) -> Any:
+def _activations(mm: ModelMap, mlp: nn.Module) -> list[Any]:
+    """The MLP's activation: its own attribute, else the config's; where neither names one (LFM2 calls F.silu in
+    its forward), the common ones to try: the check below accepts only one that reproduces the module exactly."""
     from transformers.activations import ACT2FN
 
     for a in _ACT_ATTRS:
         fn = getattr(mlp, a, None)
         if callable(fn) and not isinstance(fn, (nn.Linear, type)):
-            return fn
+            return [fn]
     cfg = mm.model.config
     name = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None) or \
         getattr(cfg, "activation_function", None)
-    return ACT2FN[name] if isinstance(name, str) and name in ACT2FN else None
+    if isinstance(name, str) and name in ACT2FN:
+        return [ACT2FN[name]]
+    return [ACT2FN[n] for n in ("silu", "gelu", "gelu_pytorch_tanh", "relu")]
 
 
 def _lin(comp: Component, h: torch.Tensor) -> torch.Tensor:
@@ -169,9 +194,6 @@ def _lin(comp: Component, h: torch.Tensor) -> torch.Tensor:
 
 def check_mlp(mm: ModelMap, block: Block, call: tuple[tuple, dict], mlp: nn.Module) -> None:
     c = block.components
-    act = _activation(mm, mlp)
-    if act is None:
-        raise _fail(mm, f"the MLP module {type(mlp).__name__} names no activation imprune can find")
     args, kwargs = call
     x = args[0] if args else next(iter(kwargs.values()))
     with torch.no_grad():
@@ -179,10 +201,44 @@ def check_mlp(mm: ModelMap, block: Block, call: tuple[tuple, dict], mlp: nn.Modu
         with zeroed(c["mlp.down"]):
             y0 = _out(mlp(*args, **kwargs))
         up = _lin(c["mlp.up"], x)
-        hidden = act(_lin(c["mlp.gate"], x)) * up if "mlp.gate" in c else act(up)
-        if not _close(y - y0, _lin(c["mlp.down"], hidden)):
-            raise _fail(mm, f"down(act(gate x) * up x) from the views does not reproduce the MLP module "
-                        f"({block.path}.{mm.spec.mlp}): gate / up rows or order of a layout imprune does not know")
+        hiddens = [act(_lin(c["mlp.gate"], x)) * up if "mlp.gate" in c else act(up) for act in _activations(mm, mlp)]
+        if any(_close(y - y0, _lin(c["mlp.down"], h)) for h in hiddens):
+            return
+        if _sub_norm(mlp, call, c, hiddens):
+            return
+    raise _fail(mm, f"down(act(gate x) * up x) from the views does not reproduce the MLP module "
+                f"({block.path}.{mm.spec.mlp}): gate / up rows or order of a layout imprune does not know")
+
+
+def _sub_norm(mlp: nn.Module, call: tuple[tuple, dict], c: dict[str, Component], hiddens: list[torch.Tensor]) -> bool:
+    """Whether a module inside the MLP takes ``act(gate x) * up x`` and hands its output to ``mlp.down`` (BitNet's
+    ffn_sub_norm): then gate, up and the activation are still proven, the norm in between is left unmapped."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    mapped = {id(comp.module) for comp in c.values()}
+    def record(name: str) -> Any:
+        def hook(_m: nn.Module, a: tuple, out: Any) -> None:
+            if a and name not in seen:
+                seen[name] = (a[0], _out(out))
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in mlp.named_modules()
+             if n and id(m) not in mapped and _has_params(m)]
+    into_down: list[torch.Tensor] = []
+    hooks.append(c["mlp.down"].module.register_forward_pre_hook(lambda _m, a: into_down.append(a[0])))
+    args, kwargs = call
+    try:
+        mlp(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return bool(into_down) and any(
+        isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and _close(y, into_down[0]) and
+        any(_close(x, h) for h in hiddens) for x, y in seen.values())
+
+
+def _has_params(m: nn.Module) -> bool:
+    """A module with parameters of its own (a norm), not an activation or a container."""
+    return any(True for _ in m.parameters(recurse=False))
 
 
 def check_attention(mm: ModelMap, block: Block, call: tuple[tuple, dict], attn: nn.Module) -> None:
@@ -201,10 +257,35 @@ def check_attention(mm: ModelMap, block: Block, call: tuple[tuple, dict], attn: 
         hook.remove()
     if len(seen) != 2:
         raise _fail(mm, f"attn.o ({c['attn.o'].path}) does not run once per call of {block.path}.{mm.spec.attn}")
+    if "attn.gate" in c:
+        check_gate(mm, block, call, attn)
     if not _close(seen[1], torch.zeros_like(seen[1])) or not float(seen[1].abs().max()) <= 1e-6 * max(
             float(seen[0].abs().max()), 1e-30):
         raise _fail(mm, f"with the attn.v view zeroed the attention ({block.path}.{mm.spec.attn}) still mixes "
                     "values: the rows mapped as v are not the values (a fused q|k|v layout imprune does not know)")
+
+
+def check_gate(mm: ModelMap, block: Block, call: tuple[tuple, dict], attn: nn.Module) -> None:
+    """An output gate ``o_in = attn * sigmoid(gate x)``: with the gate view zeroed (sigmoid 1/2) the input of
+    ``attn.o`` times ``sigmoid(gate x)`` (x: the gate module's real input) is half the gated one."""
+    c = block.components
+    args, kwargs = call
+    seen: list[torch.Tensor] = []
+    xs: list[torch.Tensor] = []
+    hooks = [c["attn.o"].module.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach())),
+             c["attn.gate"].module.register_forward_pre_hook(lambda _m, a: xs.append(a[0].detach()))]
+    try:
+        with torch.no_grad():
+            attn(*args, **kwargs)
+            with zeroed(c["attn.gate"]):
+                attn(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    gate = torch.sigmoid(_lin(c["attn.gate"], xs[0]).float())
+    if len(seen) != 2 or not _close(seen[1].float() * gate, 0.5 * seen[0].float()):
+        raise _fail(mm, f"the rows mapped as attn.gate ({c['attn.gate'].path}) are not a sigmoid gate on the heads' "
+                    "output (a q|gate layout imprune does not know)")
 
 
 def check_experts(mm: ModelMap, block: Block) -> None:
@@ -240,12 +321,25 @@ def check_experts(mm: ModelMap, block: Block) -> None:
                     "gate and up rows are swapped or misread")
 
 
+def representative_blocks(mm: ModelMap) -> list[Block]:
+    """Block 0, and in a hybrid (blocks without attention, or without a dense MLP) the first block with attention
+    and the first with an MLP: each layout a block of the model has, once."""
+    picks = [mm.blocks[0]]
+    for has in (lambda b: "attn.o" in b.components, lambda b: "mlp.down" in b.components,
+                lambda b: "mlp.experts.down" in b.components):
+        if not any(has(b) for b in picks):
+            picks += [b for b in mm.blocks if has(b)][:1]
+    return sorted(picks, key=lambda b: b.index)
+
+
 def _signature(mm: ModelMap) -> tuple:
-    return (mm.model_type, repr(mm.spec), tuple((c.name, c.shape) for c in mm.blocks[0].components.values()))
+    return (mm.model_type, repr(mm.spec), tuple((b.index, tuple((c.name, c.shape) for c in b.components.values()))
+                                                for b in representative_blocks(mm)))
 
 
 def check_map(mm: ModelMap) -> None:
-    """Run every check on block 0 (once per model and shape; see the module docstring)."""
+    """Run every check on block 0 and, in a hybrid, on the first block of each other layout (once per model and
+    shape; see the module docstring)."""
     try:
         _check_map(mm)
     except ImpruneError:
@@ -261,24 +355,30 @@ def _check_map(mm: ModelMap) -> None:
     sig = _signature(mm)
     if _CHECKED.get(mm.model) == sig:
         return
-    block = mm.blocks[0]
-    c = block.components
-    check_shapes(mm, block)
-    check_linear_views(mm, block)
-    mlp = block.module.get_submodule(mm.spec.mlp) if mm.spec.mlp and "mlp.down" in c and "mlp.up" in c else None
-    attn = block.module.get_submodule(mm.spec.attn) if "attn.v" in c and "attn.o" in c else None
-    if mlp is not None and any(n.startswith("mlp.experts") for n in c):
-        mlp = None  # the dense MLP and the experts share the module: the expert views have their own test
-    modules = {k: m for k, m in (("mlp", mlp), ("attn", attn)) if m is not None}
-    linears = {n: comp.module for n, comp in c.items() if comp.kind == "linear"}
-    calls = capture_calls(mm, {**modules, **linears})
-    idle = [f"{n} ({c[n].path})" for n in linears if n not in calls]
-    if idle:
-        raise _fail(mm, f"{', '.join(idle[:3])} never run in a forward of the model")
-    if mlp is not None and "mlp" in calls:
-        check_mlp(mm, block, calls["mlp"], mlp)
-    if attn is not None and "attn" in calls:
-        check_attention(mm, block, calls["attn"], attn)
-    if "mlp.experts.down" in c:
-        check_experts(mm, block)
+    blocks = representative_blocks(mm)
+    mods: dict[int, dict[str, nn.Module]] = {}
+    for block in blocks:
+        c = block.components
+        check_shapes(mm, block)
+        mlp = block.module.get_submodule(mm.spec.mlp) if mm.spec.mlp and "mlp.down" in c and "mlp.up" in c else None
+        attn = block.module.get_submodule(mm.spec.attn) if "attn.v" in c and "attn.o" in c else None
+        if mlp is not None and any(n.startswith("mlp.experts") for n in c):
+            mlp = None  # the dense MLP and the experts share the module: the expert views have their own test
+        mods[block.index] = {**{k: m for k, m in (("mlp", mlp), ("attn", attn)) if m is not None},
+                             **{n: comp.module for n, comp in c.items() if comp.kind == "linear"}}
+    calls = capture_calls(mm, {f"{i}:{k}": m for i, ms in mods.items() for k, m in ms.items()},
+                          upto=blocks[-1].index)
+    for block in blocks:
+        c = block.components
+        got = {k.split(":", 1)[1]: v for k, v in calls.items() if k.startswith(f"{block.index}:")}
+        check_linear_views(mm, block, calls=got)
+        idle = [f"{n} ({c[n].path})" for n in mods[block.index] if n in c and n not in got]
+        if idle:
+            raise _fail(mm, f"{', '.join(idle[:3])} never run in a forward of the model")
+        if "mlp" in got:
+            check_mlp(mm, block, got["mlp"], mods[block.index]["mlp"])
+        if "attn" in got:
+            check_attention(mm, block, got["attn"], mods[block.index]["attn"])
+        if "mlp.experts.down" in c:
+            check_experts(mm, block)
     _CHECKED[mm.model] = sig

@@ -8,21 +8,22 @@ its head count from, which config lists are per layer), kept next to ``importanc
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from importance.arch.canonical import ArchSpec, Block, _get
+from importance.arch.canonical import SIDE_MODULES, ArchSpec, Block, _get
 from importance.errors import ImpruneError
 
 # What structural surgery (pruning.methods.surgery / .structured) must know beyond the weights: which module
 # attributes and config fields hold head counts, widths and layer indices. Attribute names are the ones
 # transformers' attention classes use; only those present on a module are written.
-_HEAD_ATTRS = ("num_heads", "num_attention_heads")  # GPT-2, OPT (view by num_heads), BERT
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads")  # GPT-2, OPT (view by num_heads), BERT; MPT
 _KV_ATTRS = ("num_key_value_heads", "num_kv_heads")  # phi3, falcon
-_WIDTH_ATTRS = ("all_head_size", "split_size")  # BERT's q/k/v width, GPT-2's split of the fused c_attn
+_WIDTH_ATTRS = ("all_head_size", "split_size", "embed_dim")  # BERT q/k/v, GPT-2 c_attn split, BART-like output
 _LAYER_INDEX_LISTS = ("mlp_only_layers",)  # config lists of layer indices (the rest: per-layer lists)
 
 
@@ -55,7 +56,9 @@ def set_attention_heads(block: Block, spec: ArchSpec, config: Any, n_heads: int,
     differ from the config gets a ``LayerConfig`` view of it with its own counts.
     """
     attn = attention_module(block, spec)
-    for m in attn.modules():
+    for name, m in attn.named_modules():
+        if re.search(SIDE_MODULES, name):  # an indexer keeps its own head count
+            continue
         for names, value in ((_HEAD_ATTRS, n_heads), (_KV_ATTRS, n_kv), (_WIDTH_ATTRS, n_heads * block.head_dim)):
             for a in names:
                 if isinstance(getattr(m, a, None), int):

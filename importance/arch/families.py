@@ -25,6 +25,29 @@ def _falcon_layout(config: Any) -> str:
 
 
 _DENSE_4H = {"mlp.up": "mlp.dense_h_to_4h", "mlp.down": "mlp.dense_4h_to_h"}
+_NO_GQA = {"gqa": False, "config_heads": None, "config_kv_heads": None}  # head_dim = hidden / heads in the config
+_PRE_NORMS = {"norm.attn_in": "input_layernorm", "norm.mlp_in": "post_attention_layernorm"}
+
+# Persimmon (and Fuyu, its language model): per head [q_h | k_h | v_h] like GPT-NeoX, per-head q / k layer norms
+_PERSIMMON = {**_qkv("self_attn.query_key_value", "qkv_heads"), "attn.o": "self_attn.dense", **_DENSE_4H}
+_PERSIMMON_NORMS = {**_PRE_NORMS, "norm.q": "self_attn.q_layernorm", "norm.k": "self_attn.k_layernorm"}
+register_arch("persimmon")(ArchSpec("model.layers", _PERSIMMON, _PERSIMMON_NORMS, final_norm="model.final_layernorm",
+                                    attn_bias_flag=None, mlp_bias_flag=None, **_NO_GQA))
+register_arch("fuyu")(ArchSpec("language_model.layers", _PERSIMMON, _PERSIMMON_NORMS,
+                               final_norm="model.language_model.final_layernorm", attn_bias_flag=None,
+                               mlp_bias_flag=None, **_NO_GQA))
+# GPT-NeoX-Japanese: per head [q_h | k_h | v_h]; its attention adds the dense bias outside the module (dense_bias)
+register_arch("gpt_neox_japanese")(ArchSpec(
+    "gpt_neox_japanese.layers", {**_qkv("attention.query_key_value", "qkv_heads"), "attn.o": "attention.dense",
+                                 **_DENSE_4H}, _PRE_NORMS, attn="attention",
+    final_norm="gpt_neox_japanese.final_layer_norm", attn_bias_flag=None, mlp_bias_flag=None, **_NO_GQA))
+# CodeGen: qkv_proj in 4 model-parallel shards of [q | v | k]; its forward splits them by embed_dim / 4
+register_arch("codegen")(ArchSpec(
+    "transformer.h", {**_qkv("attn.qkv_proj", "qvk_mp4"), "attn.o": "attn.out_proj", "mlp.up": "mlp.fc_in",
+                      "mlp.down": "mlp.fc_out"}, {"norm.attn_in": "ln_1"}, attn="attn", final_norm="transformer.ln_f",
+    config_intermediate="n_inner", attn_bias_flag=None, mlp_bias_flag=None,
+    heads_fixed="CodeGen splits its fused qkv_proj into 4 model-parallel shards of the model width, so its heads "
+                "cannot be removed structurally; prune unstructured, N:M, channels or layers", **_NO_GQA))
 
 register_arch("falcon")(ArchSpec(
     "transformer.h", {**_qkv("self_attention.query_key_value", "qkv"), "attn.o": "self_attention.dense", **_DENSE_4H},

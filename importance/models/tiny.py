@@ -29,6 +29,13 @@ TINY_EXTRA: dict[str, dict[str, Any]] = {
     "dots3_note": dict(num_key_value_heads=4), "dots3_note_text": dict(num_key_value_heads=4),
     "dots1": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1),
     "mamba2": dict(num_heads=8, n_groups=1),  # hidden * expand = num_heads * head_dim
+    # the same for their mamba layers, and block 1 of the two an attention block (their defaults: mamba only)
+    "bamba": dict(mamba_n_heads=8, attn_layer_indices=[1]),
+    "granitemoehybrid": dict(mamba_n_heads=8, layer_types=["linear_attention", "full_attention"]),
+    "nemotron_h": dict(mamba_num_heads=8, n_groups=1),
+    "xmod": dict(default_language="en_XX"),  # its forward picks the language adapter of this one
+    "gemma3n_text": dict(num_kv_shared_layers=0),  # its default shares the KV cache of 15 of 35 layers
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),  # its default sets no types
     "reformer": dict(axial_pos_embds_dim=[32, 32], axial_pos_shape=[16, 32], attention_head_size=16,
                      feed_forward_size=128, lsh_attn_chunk_length=16, local_attn_chunk_length=16),
     "dbrx": dict(d_model=64, n_heads=4, n_layers=2, attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
@@ -103,7 +110,7 @@ def parse_random_spec(spec: str) -> tuple[str, dict[str, Any]]:
 # these tiny values where the type's own default config has them larger
 SHRINK: dict[str, int] = dict(
     moe_intermediate_size=32, n_routed_experts=4, num_experts=4, num_local_experts=4, moe_num_experts=4,
-    num_experts_per_tok=2, moe_top_k=2, moe_k=2, n_group=1, topk_group=1, n_shared_experts=1,
+    num_experts_per_tok=2, num_experts_per_token=2, moe_top_k=2, moe_k=2, n_group=1, topk_group=1, n_shared_experts=1,
     shared_expert_intermediate_size=64,
     shared_experts_intermediate_size=64, moe_shared_expert_intermediate_size=64, expert_ffn_hidden_size=32,
     shared_intermediate_size=64, dense_intermediate_size=128, intermediate_size_mlp=128,
@@ -122,7 +129,8 @@ SHRINK: dict[str, int] = dict(
 SHRINK_TOWER: dict[str, int] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                     num_key_value_heads=2, head_dim=16, depth=1, num_heads=2, num_layers=1,
                                     out_hidden_size=64, projection_dim=32, vision_output_dim=32, codebook_size=64,
-                                    base_channels=32)
+                                    base_channels=32, num_blocks=1, ext_pw_out_channel=32,
+                                    depthwise_separable_out_channel=32, nemo_conv_channels=32)
 PER_LAYER_LISTS = ("layer_types", "attention_layers", "layers_block_type", "hybrid_override_pattern")
 
 
@@ -202,6 +210,10 @@ def random_config(model_type: str, **overrides: Any) -> Any:
         kwargs.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     else:
         kwargs = _tiny_kwargs(model_type, default, overrides)
+        for name in subs:  # a text model with towers of its own (phi4_multimodal: vision, audio)
+            sub = getattr(default, name, None)
+            if hasattr(sub, "to_dict") and name not in kwargs:
+                kwargs[name] = {**sub.to_dict(), **_shrunk(sub, SHRINK_TOWER, {})}
     return _build_config(model_type, kwargs, overrides)
 
 

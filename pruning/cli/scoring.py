@@ -51,10 +51,15 @@ def info(args: argparse.Namespace) -> int:
     total = sum(p.numel() for p in lm.model.parameters())
     in_blocks = sum(p.numel() for b in mm.blocks for p in b.module.parameters())
     b0 = next((b for b in mm.blocks if not b.skipped), mm.blocks[0])  # geometry of a block with both sub-blocks
+    # hybrids (blocks without attention) and MoE models with dense layers first: the first block that has it
+    ba, bm, be = (next((b for b in mm.blocks if has(b)), b0) for has in (
+        lambda b: b.n_heads, lambda b: b.intermediate, lambda b: b.n_experts))
+    attn_layers = sum(1 for b in mm.blocks if b.n_heads)
     skipped = [f"L{b.index} {k}" for b in mm.blocks for k in b.skipped]
     doc = {"model": lm.describe(), "model_class": type(lm.model).__name__, "blocks": mm.blocks_path,
-           "layers": mm.n_layers, "heads": b0.n_heads, "kv_heads": b0.n_kv_heads, "head_dim": b0.head_dim,
-           "intermediate": b0.intermediate, "experts": b0.n_experts, "discovered": mm.discovered,
+           "layers": mm.n_layers, "heads": ba.n_heads, "kv_heads": ba.n_kv_heads, "head_dim": ba.head_dim,
+           "attention_layers": attn_layers,
+           "intermediate": bm.intermediate, "experts": be.n_experts, "discovered": mm.discovered,
            "params_total": total, "params_in_blocks": in_blocks, "components": mm.summary(),
            "sub_blocks_removed": skipped}
     if args.json:
@@ -64,11 +69,12 @@ def info(args: argparse.Namespace) -> int:
     for note in lm.notes:
         print(f"note       {note}")
     print(f"blocks     {mm.blocks_path} x {mm.n_layers}" + ("  [discovered, not registered]" if mm.discovered else ""))
-    print(f"attention  {b0.n_heads} heads / {b0.n_kv_heads} KV heads, head_dim {b0.head_dim}")
-    if b0.n_experts:
-        print(f"experts    {b0.n_experts} per MoE layer")
-    if b0.intermediate:
-        print(f"mlp        intermediate {b0.intermediate}")
+    hybrid = f" (in {attn_layers} of {mm.n_layers} blocks)" if attn_layers < mm.n_layers - len(skipped) else ""
+    print(f"attention  {ba.n_heads} heads / {ba.n_kv_heads} KV heads, head_dim {ba.head_dim}{hybrid}")
+    if be.n_experts:
+        print(f"experts    {be.n_experts} per MoE layer")
+    if bm.intermediate:
+        print(f"mlp        intermediate {bm.intermediate}")
     if skipped:
         print(f"removed    {len(skipped)} sub-blocks: {', '.join(skipped)}")
     print(f"params     {total:,} total, {in_blocks:,} in blocks ({100 * in_blocks / total:.1f}%)")

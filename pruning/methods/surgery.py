@@ -127,6 +127,7 @@ def head_params(block: Block) -> tuple[int, int]:
     c = block.components
     dq, do, dk, dv = (c[n].head_dim for n in ("attn.q", "attn.o", "attn.k", "attn.v"))  # MLA's differ
     q = dq * row_params(block, "attn.q") + do * c["attn.o"].shape[0]
+    q += dq * row_params(block, "attn.gate") if "attn.gate" in c else 0
     kv = dk * row_params(block, "attn.k") + dv * row_params(block, "attn.v")
     for norm, proj in full_width_norms(block).items():
         if proj == "attn.q":
@@ -176,6 +177,7 @@ def cut_block(mm: ModelMap, layer: int, heads: Sequence[int] = (), kv_heads: Seq
         entry[1 if side == "out" else 2].update((module_rows(comp, local) if side == "out" else local).tolist())
 
     cut(c.get("attn.q"), head_rows(heads, "attn.q"), "out")
+    cut(c.get("attn.gate"), head_rows(heads, "attn.gate"), "out")
     cut(c.get("attn.o"), head_rows(heads, "attn.o"), "in")
     cut(c.get("attn.k"), head_rows(kv_heads, "attn.k"), "out")
     cut(c.get("attn.v"), head_rows(kv_heads, "attn.v"), "out")
@@ -307,25 +309,34 @@ def input_means(model: Any, modules: dict[str, nn.Module], windows: Windows,
 
 def trial_cut(mm: ModelMap, heads: bool, channels: bool) -> None:
     """For a discovered map, before the model itself is touched: cut KV group 0 with its query heads (or query
-    head 0 of a single group) and MLP channel 0 from a copy of block 0, run its attention / MLP on the inputs
-    of a real forward, and compare with the original module whose ``attn.o`` / ``mlp.down`` input columns of
-    what was cut are zeroed: the two must agree. One line where they do not (the module keeps a width, a head
-    count or per-head parameters somewhere imprune does not know)."""
+    head 0 of a single group) and MLP channel 0 from a copy of the first block that has them (block 0 but in
+    hybrids), run its attention / MLP on the inputs of a real forward, and compare with the original module whose
+    ``attn.o`` / ``mlp.down`` input columns of what was cut are zeroed: the two must agree. One line where they
+    do not (the module keeps a width, a head count or per-head parameters somewhere imprune does not know).
+    Where q / k norms span all heads (``full_width_norms``, cut with them) the kept heads are normalised over a
+    narrower width, as in the registered olmo2: there the cut attention must run and keep its output shape."""
+    for want, out in ((heads, "attn.o"), (channels, "mlp.down")):
+        block = next((b for b in mm.blocks if out in b.components), None)
+        if want and block is not None:
+            _trial_cut_block(mm, block, out == "attn.o", out == "mlp.down")
+
+
+def _trial_cut_block(mm: ModelMap, b0: Block, heads: bool, channels: bool) -> None:
     from importance.arch.canonical import _build_block
     from importance.arch.check import _close, capture_calls
 
-    b0 = mm.blocks[0]
     d = b0.head_dim
     g = b0.n_heads // max(b0.n_kv_heads, 1)
     kv_cut = [0] if b0.n_kv_heads > 1 else []
     head_cut = list(range(g)) if kv_cut else ([0] if b0.n_heads > 1 else [])
     parts = [(p, path, out, cols) for p, want, path, out, cols in (
-        ("attention", heads and bool(head_cut), mm.spec.attn, "attn.o", _head_rows(head_cut, d)),
+        ("attention", heads and bool(head_cut), mm.spec.attn, "attn.o", _head_rows(head_cut, b0.components[
+            "attn.o"].head_dim if "attn.o" in b0.components else d)),
         ("MLP", channels and b0.intermediate > 1, mm.spec.mlp, "mlp.down", torch.tensor([0])))
         if want and path and out in b0.components]
     if not parts:
         return
-    calls = capture_calls(mm, {p: b0.module.get_submodule(path) for p, path, _, _ in parts})
+    calls = capture_calls(mm, {p: b0.module.get_submodule(path) for p, path, _, _ in parts}, upto=b0.index)
     clone = copy.deepcopy(b0.module)
     block = _build_block(0, b0.path, clone, mm.spec, b0.n_heads, d, mm.model.config)
     trial = ModelMap(mm.model, mm.model_type, mm.spec, mm.blocks_path, [block], mm.discovered)
@@ -345,12 +356,15 @@ def trial_cut(mm: ModelMap, heads: bool, channels: bool) -> None:
                 ref = b0.module.get_submodule(path)(*args, **kwargs)
                 y = clone.get_submodule(path)(*args, **kwargs)
             y, ref = (y[0] if isinstance(y, tuple) else y), (ref[0] if isinstance(ref, tuple) else ref)
-            if not _close(y, ref):
+            if part == "attention" and full_width_norms(b0):  # q / k norms over all heads (olmo2, olmoe): the
+                if y.shape != ref.shape or not torch.isfinite(y).all():  # kept heads' normalisation changes
+                    raise RuntimeError("its output has another shape or is not finite")
+            elif not _close(y, ref):
                 raise RuntimeError("its output differs from the uncut module's with the cut part zeroed")
         except Exception as err:
             msg = (str(err).strip().splitlines() or [""])[0][:160]
             raise ImpruneError(f"the {part} of discovered model type '{mm.model_type}' cannot be cut: on a copy of "
-                               f"block 0, {type(err).__name__}: {msg}; register a mapping, or prune unstructured"
-                               ) from None
+                               f"block {b0.index}, {type(err).__name__}: {msg}; register a mapping, or prune "
+                               "unstructured") from None
         finally:
             zero.remove()

@@ -11,7 +11,7 @@ import torch
 from importance.arch.canonical import Block
 from pruning.methods.surgery import channel_params, head_params
 
-ATTN = ("attn.q", "attn.k", "attn.v", "attn.o", "norm.q", "norm.k")
+ATTN = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.gate", "norm.q", "norm.k")
 
 
 MLP = ("mlp.gate", "mlp.up", "mlp.down")
