@@ -8,7 +8,8 @@ items of each probe (seed 0): acc = the answer has the highest summed log-likeli
 
 Map part: the per-task reliability / similarity table and the 8 x 8 causal matrix of ``imprune probe --validate``:
 read from ``--probe DIR`` (a finished probe folder), or computed here (``--samples``, ``--validate-items``,
-``--validate-heads``).
+``--validate-heads``; maps by ``--scorer``, default the probe's); computed here, the head grid and the causal
+heatmap are written beside the JSON (``<out>_heads.png``, ``<out>_causal.png``).
 
     python scripts/bench_tasks.py [--limit 64] [--rows sparsegpt50,width20,layers25] [--probe DIR]
         [--out scripts/results/bench_tasks.json]
@@ -17,6 +18,7 @@ read from ``--probe DIR`` (a finished probe folder), or computed here (``--sampl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -45,6 +47,19 @@ def accuracy_markdown(models: dict[str, list[dict[str, Any]]], limit: int) -> st
     return "\n".join(lines) + "\n"
 
 
+def write_figures(out: str, res: Any, scorer: str, model: str) -> None:
+    """The probe's head grid and causal heatmap beside ``out`` (``<stem>_heads.png``, ``<stem>_causal.png``)."""
+    from importance.viz import heatmap as H
+    from importance.viz.tasks import causal_figure, task_grid_figure
+
+    stem = Path(out).with_suffix("")
+    grid = task_grid_figure(res.tables, res.tasks, scorer, res.panels(scorer), "mean", "global", True)
+    Path(f"{stem}_heads.png").write_bytes(H.figure_bytes(grid, "png"))
+    c = res.causal
+    fig = causal_figure(c.nll_rise, c.acc_drop, c.tasks, c.k, c.scorer, model)
+    Path(f"{stem}_causal.png").write_bytes(H.figure_bytes(fig, "png"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=DENSE, help="the dense model (another one needs its own --work)")
@@ -56,6 +71,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32, help="probe items per task for the maps (without --probe)")
     p.add_argument("--validate-items", type=int, default=16)
     p.add_argument("--validate-heads", type=int, default=10)
+    p.add_argument("--scorer", default=None, help="the maps drawn and validated (default: the probe's default)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="scripts/results/bench_tasks.json")
     args = p.parse_args()
@@ -106,9 +122,13 @@ def main() -> None:
         lm = load_model(args.model)
         cfg = ProbeConfig(samples=args.samples, validate=True, validate_items=args.validate_items,
                           validate_heads=args.validate_heads)
+        cfg = dataclasses.replace(cfg, scorer=args.scorer) if args.scorer else cfg
+        t = time.perf_counter()
         res = run_probe(lm, task_names(), cfg, progress=True)
-        doc["maps"] = res.to_dict()
+        seconds["maps"] = time.perf_counter() - t
+        doc["maps"] = {"scorer": cfg.scorer, **res.to_dict()}
         md += "\n" + markdown(res, cfg.scorer, args.model).split("\n", 1)[1]
+        write_figures(args.out, res, cfg.scorer, lm.spec)
     write_results(args.out, doc)
     Path(args.out).with_suffix(".md").write_text(md)
     print(md)

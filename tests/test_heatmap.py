@@ -16,6 +16,7 @@ from conftest import random_windows, tiny
 from matplotlib import colors
 
 from importance.errors import ImpruneError
+from importance.scorers import HEAD_SCORER
 from importance.scoring import score
 from importance.table import ImportanceTable
 from importance.viz import heatmap as H
@@ -381,3 +382,12 @@ def test_heatmap_command_draws_the_scorer_that_made_the_plan(tmp_path, scored: I
         assert main(["heatmap", str(a), "--kind", "sparsity", "--plan", str(plan), *flag,
                      "--out", str(tmp_path / f"s{i}.png")]) == 0
     assert seen == [other, "taylor"]
+
+
+def test_head_maps_draw_the_trusted_head_scorer_the_table_has(scored: ImportanceTable) -> None:
+    with_gate = score(tiny("llama"), random_windows(4, 16), ["taylor", "fisher", "token_fisher"], progress=False)
+    assert H.pick_scorer(with_gate, None, "head") == "token_fisher" == HEAD_SCORER
+    assert H.pick_scorer(scored, None, "head") == "fisher"  # default tables have no per-token gate: next trusted one
+    assert H.pick_scorer(scored, None, "component") == "taylor"  # not a head map: taylor as before
+    (ax,) = panels(H.heads_figure([with_gate]))
+    np.testing.assert_allclose(ax.imprune.matrix, with_gate.matrix("token_fisher", "head", "mean").numpy(), rtol=1e-6)

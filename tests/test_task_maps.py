@@ -14,12 +14,14 @@ from importance.arch.canonical import model_map
 from importance.data.tasks import generate
 from importance.errors import ImpruneError
 from importance.models.load import load_model
+from importance.scorers import HEAD_SCORER
 from importance.table import ImportanceTable
 from importance.validate.ablation import removed
 from importance.validate.task_maps import map_agreement
 from importance.viz.tasks import SHARED_MARK, causal_figure, task_grid_figure
 from pruning.cli import main
 from pruning.eval.causal import CausalMatrix, causal_matrix, top_heads
+from pruning.eval.probe import ProbeConfig
 
 
 def _table(heads: list[list[float]], task: str = "t") -> ImportanceTable:
@@ -121,16 +123,20 @@ def test_probe_validate_writes_the_causal_matrix_and_the_report(tmp_path: Path) 
     assert sorted(p.name for p in out.iterdir()) == ["causal.png", "heads.png", "math", "probe.json", "report.md",
                                                      "syntax"]
     rec = json.loads((out / "probe.json").read_text())
-    assert rec["scorer"] == "fisher" and [a["task"] for a in rec["accuracy"]] == ["math", "syntax"]
+    assert HEAD_SCORER == "token_fisher" and ProbeConfig().scorer == HEAD_SCORER
+    assert rec["scorer"] == HEAD_SCORER and [a["task"] for a in rec["accuracy"]] == ["math", "syntax"]
     assert set(rec["agreement"]) == {"fisher", "token_fisher", "taylor"}
     causal = rec["causal"]
     assert len(causal["nll_rise"]) == 2 and causal["k"] == 2 and len(causal["heads"]["math"]) == 2
+    for task in ("math", "syntax"):  # the default scorer's map is the one whose heads were removed
+        want = [g.label for g in top_heads(ImportanceTable.load(out / task), HEAD_SCORER, 2)]
+        assert causal["scorer"] == HEAD_SCORER and causal["heads"][task] == want
     nll = torch.tensor(causal["nll_rise"])
     assert causal["summary"]["nll_rise"]["diagonal_mean"] == pytest.approx(float(nll.diagonal().mean()))
     report = (out / "report.md").read_text()
     for g in rec["agreement"]["fisher"]:
         assert (SHARED_MARK in report) == any(not x["specific"] for x in rec["agreement"]["fisher"])
         assert f"| {g['task']} |" in report
-    assert "diagonal mean" in report and "**fisher**" in report
+    assert "diagonal mean" in report and f"**{HEAD_SCORER}**" in report
     assert main([*argv[:4], "math", *argv[5:], "--overwrite"]) == 2  # --validate needs two tasks: one line
     assert main([*argv[:6], "3", *argv[7:], "--overwrite"]) == 2  # --samples 3: no two halves

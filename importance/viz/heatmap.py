@@ -30,7 +30,7 @@ from matplotlib import colors
 from matplotlib.figure import Figure
 
 from importance.errors import ImpruneError
-from importance.scorers import HEAD_SCORER
+from importance.scorers import HEAD_SCORERS
 from importance.store.cache import atomic_file
 from importance.table import AGGREGATIONS, NORMALIZATIONS, ImportanceTable, LayerMap, layer_map_matrix, normalize
 
@@ -209,12 +209,12 @@ def sized_figure(n_layers: int, width: int, rows: int = 1, cols: int = 1, extra:
 
 def pick_scorer(table: ImportanceTable, scorer: str | None, granularity: str) -> str:
     """``scorer`` checked against the table, or the default: for heads and KV groups the head scorer the
-    validation trusts (``importance.scorers.HEAD_SCORER``), else taylor, if the table has it at ``granularity``;
-    else the first scorer that has it."""
+    validation trusts (the first of ``importance.scorers.HEAD_SCORERS`` the table has), else taylor, if the table
+    has it at ``granularity``; else the first scorer that has it."""
     if granularity not in GRANULARITIES:
         raise ImpruneError(f"unknown granularity '{granularity}'; use one of {', '.join(GRANULARITIES)}")
     if scorer is None:
-        first = [HEAD_SCORER] if granularity in ("head", "kv_group") else []
+        first = list(HEAD_SCORERS) if granularity in ("head", "kv_group") else []
         options = [s for s in [*first, "taylor", *table.scorers] if s in table.scorers and table.has(s, granularity)]
         if not options:
             raise ImpruneError(f"the table has no {granularity} scores (scorers: {', '.join(table.scorers)}); "

@@ -191,7 +191,7 @@ def parse_tasks(text: str) -> list[str]:
              arg("--out", required=True, help="output folder"), OVERWRITE, QUIET])
 def probe_cmd(args: argparse.Namespace) -> int:
     from importance.models.load import load_model
-    from importance.scorers import HEAD_SCORER
+    from importance.scorers import head_scorer
     from importance.scoring import parse_scorers
     from pruning.eval.probe import ProbeConfig, markdown, run_probe
 
@@ -201,7 +201,7 @@ def probe_cmd(args: argparse.Namespace) -> int:
     positive(args.batch_size, "--batch-size")
     positive(args.validate_heads, "--validate-heads")
     positive(args.validate_items, "--validate-items")
-    scorer = args.scorer or (HEAD_SCORER if HEAD_SCORER in scorers else scorers[0])
+    scorer = args.scorer or head_scorer(scorers) or scorers[0]
     cfg = ProbeConfig(args.samples, tuple(scorers), scorer, args.seq_len, args.seed, args.batch_size, args.validate,
                       args.validate_heads, args.validate_items)
     if scorer not in scorers:

@@ -17,6 +17,7 @@ from typing import Any
 from importance.data.sources import load_data
 from importance.errors import ImpruneError
 from importance.models.load import LoadedModel
+from importance.scorers import HEAD_SCORER
 from importance.scoring import score_parts
 from importance.table import ImportanceTable
 from importance.validate.task_maps import MapAgreement, map_agreement
@@ -31,7 +32,7 @@ MIN_SAMPLES = 4  # two halves of at least two items each
 class ProbeConfig:
     samples: int = 64
     scorers: tuple[str, ...] = ("fisher", "token_fisher", "taylor")
-    scorer: str = "fisher"  # drawn, and the one whose top heads the causal check removes
+    scorer: str = HEAD_SCORER  # drawn, and the one whose top heads the causal check removes
     seq_len: int = 128
     seed: int = 0
     batch_size: int = 16
