@@ -48,6 +48,8 @@ ROWS: list[dict[str, Any]] = [
       for c in ("block_influence", "residual_fisher", "removal", "taylor", "fisher")),
     {"method": "layers", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": 8},
     {"method": "layers", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": None},
+    # a removed block adds its sub-blocks' calibration means (kept as two constants: --compensate mean)
+    {"method": "layers", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": 8, "compensate": "mean"},
     # sub-blocks: the iterative row first; the one-shot removal row then ranks by its first round (the same
     # measurement on the same 1,024 tokens, not repeated)
     # (a removed sub-block adds zero: compensate none; or its calibration mean: compensate mean, the default)
@@ -55,6 +57,8 @@ ROWS: list[dict[str, Any]] = [
        "compensate": c} for c in ("none", "mean")),
     *({"method": "blocks", "sparsity": 0.25, "criterion": "removal", "removal_tokens": 1024, "compensate": c}
       for c in ("none", "mean")),
+    # the CLI's defaults (2,048 removal tokens, mean compensation) with --iterative --iterative-k 8
+    {"method": "blocks", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": 8, "compensate": "mean"},
     *({"method": "blocks", "sparsity": 0.25, "criterion": "gate_fisher", "compensate": c} for c in ("none", "mean")),
 ]
 CRITERIA = ["taylor", "fisher", "activation", "magnitude", "block_influence", "residual_fisher", "removal"]
@@ -136,7 +140,8 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
                                                            for key, x in res.record["structured"]["scores"].items()}
         elif spec["method"] == "layers":
             res = prune_layers(lm, spec["sparsity"], spec["criterion"], table, calib, st["batch_size"],
-                               iterative=bool(spec.get("iterative")), k=spec.get("k"))
+                               iterative=bool(spec.get("iterative")), k=spec.get("k"),
+                               compensate=spec.get("compensate", "none"))
         else:
             cfg = StructuredConfig(spec["sparsity"], spec["method"], spec["criterion"], spec["allocation"],
                                    bias_compensation=spec["bias_compensation"],

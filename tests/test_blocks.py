@@ -282,3 +282,31 @@ def test_cli_blocks_writes_a_folder_that_reloads_and_generates(tmp_path: Path, t
     removed = meta["structured"]["sub_blocks_removed"]
     kept = [r for r in removed if r["layer"] not in meta["structured"]["layers_removed"]]
     assert len(info["sub_blocks_removed"]) == len(kept)
+
+
+def test_compensated_iterative_layers_are_the_greedy_choice_by_hand(tmp_path: Path) -> None:
+    from pruning.methods.depth import prune_layers
+
+    lm = _model(layers=4)
+    windows = random_windows(4, 32, seed=2)
+    ids = windows.input_ids
+    means = _hand_means(lm, ids)
+    dense = copy.deepcopy(lm)
+
+    def both(layers: list[int]) -> list[tuple[int, str]]:
+        return [(layer, kind) for layer in layers for kind in ("attn", "mlp")]
+
+    res = prune_layers(lm, 0.5, "removal", windows=windows, iterative=True, compensate="mean")
+    want: list[int] = []
+    for _ in range(2):  # by hand: each round the block whose removal (adding its two means) costs least
+        want.append(min((i for i in range(4) if i not in want),
+                        key=lambda i: (_hand_nll(dense, ids, both([*want, i]), means), i)))
+    s = res.record["structured"]
+    assert s["iterative"]["order"] == want and s["layers_removed"] == sorted(want)
+    with torch.no_grad():
+        got = float(lm.model(input_ids=ids, labels=ids).loss)
+    assert got == pytest.approx(_hand_nll(dense, ids, both(want), means), abs=1e-5)
+    assert model_map(lm.model).n_layers == 4 and all(model_map(lm.model).blocks[i].skipped == ("attn", "mlp")
+                                                     for i in want)
+    back = load_model(str(save_model(lm, tmp_path / "pruned", {**res.record, "method": "layers"})))
+    assert torch.equal(_logits(back.model, ids), _logits(lm.model, ids))

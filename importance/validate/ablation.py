@@ -184,17 +184,29 @@ def _bypass_hook(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -
     return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
 
+def _shifted_bypass(shift: torch.Tensor):
+    """A bypass whose block adds the constant ``shift`` [d] (its branches' means: a compensated removal)."""
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = hidden + shift.to(hidden.dtype)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+    return hook
+
+
 @contextlib.contextmanager
 def removed(mm: ModelMap, group: Group | None, means: Mapping[tuple[int, str], torch.Tensor] | None = None
             ) -> Iterator[None]:
     """Inside the block, ``group`` is removed from the model (None: nothing is); restored bit for bit after.
-    ``means``: {(layer, kind): [d]} constants that removed sub-blocks add instead of zero (a compensated removal)."""
+    ``means``: {(layer, kind): [d]} constants that removed sub-blocks add instead of zero (a compensated removal;
+    a removed layer adds the sum of its sub-blocks' constants)."""
     if group is None:
         yield
         return
     block = mm.blocks[group.layer]
     if group.granularity == "layer":
-        handle = block.module.register_forward_hook(_bypass_hook, with_kwargs=True)
+        shift = [v for (layer, _), v in (means or {}).items() if layer == group.layer]  # [d] each
+        hook = _bypass_hook if not shift else _shifted_bypass(torch.stack(shift).sum(0))
+        handle = block.module.register_forward_hook(hook, with_kwargs=True)
         try:
             yield
         finally:

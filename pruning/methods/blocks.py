@@ -53,7 +53,7 @@ from importance.errors import ImpruneError
 from importance.models.load import LoadedModel
 from importance.validate.ablation import Group, Replay
 from pruning.methods.iterative import greedy_removal
-from pruning.methods.registry import ITERATIVE, ITERATIVE_K, PruneContext, PruneResult, arg, register_method
+from pruning.methods.registry import COMPENSATE, ITERATIVE, ITERATIVE_K, PruneContext, PruneResult, arg, register_method
 from pruning.methods.structured import check_in_memory, component_sparsity
 from pruning.methods.surgery import drop_blocks, param_count
 
@@ -258,11 +258,6 @@ _REMOVAL_TOKENS = arg("--removal-tokens", type=int, default=None,
                       help="blocks: calibration tokens the measured removal runs on (default 2048, whole windows)")
 
 
-_COMPENSATE = arg("--compensate", choices=COMPENSATIONS, default=None,
-                  help="blocks: what a removed sub-block adds: its calibration mean output (mean, the default) or "
-                       "zero (none)")
-
-
 def blocks_options(a: Any) -> tuple[str, bool, int | None, str]:
     """(criterion, iterative, k, compensate) from the ``prune`` flags, or one line naming a flag that does not
     apply."""
@@ -281,7 +276,7 @@ def blocks_options(a: Any) -> tuple[str, bool, int | None, str]:
 
 @register_method("blocks", "remove attention or MLP sub-blocks on their own under a budget of block parameters, "
                  "ranked by measured removal (or the one-pass gate_fisher)",
-                 args=[_REMOVAL_TOKENS, ITERATIVE, ITERATIVE_K, _COMPENSATE])
+                 args=[_REMOVAL_TOKENS, ITERATIVE, ITERATIVE_K, COMPENSATE])
 def blocks_method(ctx: PruneContext) -> PruneResult:
     a = ctx.args
     criterion, iterative, k, compensate = blocks_options(a)  # no importance table: the ranking is measured here

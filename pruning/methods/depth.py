@@ -5,20 +5,36 @@ default), removal (the measured calibration loss increase when the block alone i
 (the mask score of the block's parameters). The config's layer count and per-layer lists follow the cut.
 ``--iterative`` (with removal) re-measures after every removal (``pruning.methods.iterative``; ``--iterative-k``
 re-measures only the k best of the first round's ranking).
+
+``--compensate mean``: a removed block adds its attention's and MLP's mean outputs over the calibration tokens
+instead of nothing (one [d] constant per sub-block, computed once on the dense model; the measured removal and the
+iterative rounds measure it that way). The block then stays as those two constants (its attention and MLP are
+gone, ``pruning.methods.blocks.remove_branches``), so the folder reloads through imprune's loader; with ``none``
+(the default) blocks are dropped and the config's layer count follows the cut (plain transformers reloads it).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from importance.arch.branches import branch_means, branches
 from importance.arch.canonical import model_map
 from importance.data.sources import Windows
 from importance.errors import ImpruneError
 from importance.models.load import LoadedModel
 from importance.table import ImportanceTable
+from pruning.methods.blocks import remove_branches
 from pruning.methods.checks import layers_count
 from pruning.methods.iterative import iterative_removal
-from pruning.methods.registry import ITERATIVE, ITERATIVE_K, PruneContext, PruneResult, register_method, table_for
+from pruning.methods.registry import (
+    COMPENSATE,
+    ITERATIVE,
+    ITERATIVE_K,
+    PruneContext,
+    PruneResult,
+    register_method,
+    table_for,
+)
 from pruning.methods.structured import STRUCTURED_FLAGS, check_in_memory, component_sparsity
 from pruning.methods.surgery import drop_blocks, param_count
 
@@ -33,13 +49,22 @@ def layers_to_remove(table: ImportanceTable, criterion: str, n: int) -> list[int
 
 def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "residual_fisher",
                  table: ImportanceTable | None = None, windows: Windows | None = None, batch_size: int = 4,
-                 progress: bool = False, iterative: bool = False, k: int | None = None) -> PruneResult:
+                 progress: bool = False, iterative: bool = False, k: int | None = None,
+                 compensate: str = "none") -> PruneResult:
     """Remove round(sparsity x layers) whole blocks with the lowest ``criterion`` layer score (``iterative``:
-    chosen one at a time by measured calibration loss, ``pruning.methods.iterative``)."""
+    chosen one at a time by measured calibration loss, ``pruning.methods.iterative``; ``compensate='mean'``: each
+    removed block adds its sub-blocks' calibration means, module docstring)."""
     check_in_memory(lm)
     mm = model_map(lm.model)
     n = layers_count(mm.n_layers, sparsity, criterion)
     extra: dict[str, Any] = {}
+    means = None
+    if compensate == "mean":
+        if windows is None:
+            raise ImpruneError("--compensate mean averages each sub-block's output on calibration data: pass --data")
+        means = branch_means(lm.model, mm, branches(mm), windows, batch_size)
+    elif compensate != "none":
+        raise ImpruneError(f"unknown --compensate '{compensate}'; use mean or none")
     if iterative:
         if criterion != "removal":
             raise ImpruneError("--iterative re-measures the calibration loss: use it with --criterion removal")
@@ -47,7 +72,7 @@ def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "residual_fi
             raise ImpruneError("--iterative needs calibration data: pass --data (e.g. austen:train)")
         from importance.scoring import removal_windows
 
-        it = iterative_removal(lm.model, mm, removal_windows(windows), lm.task, n, k, batch_size, progress)
+        it = iterative_removal(lm.model, mm, removal_windows(windows), lm.task, n, k, batch_size, progress, means)
         removed = sorted(it.order)
         scores_list = [it.first_round.get(i, float("nan")) - it.base_nll for i in range(mm.n_layers)]
         extra = {"iterative": {"order": it.order, "nll_after_each": it.nll, "base_nll": it.base_nll, "k": k,
@@ -60,15 +85,23 @@ def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "residual_fi
     before = {(c.layer, c.name): c.numel for c in mm.components()}
     params_before = param_count(lm.model)
     planned = sum(p.numel() for i in removed for p in mm.blocks[i].module.parameters())
-    changed = drop_blocks(mm, keep)
-    after = model_map(lm.model)
+    if means is None:
+        changed = drop_blocks(mm, keep)
+        after = model_map(lm.model)
+        keep_map = dict(enumerate(keep))
+    else:  # each removed block becomes its two constants (the block list and the config stay)
+        gone = [b for b in branches(mm) if b.layer in removed]
+        after, _, changed = remove_branches(mm, gone, means)
+        planned -= sum(int(means[(b.layer, b.kind)].numel()) for b in gone)
+        keep_map = {i: i for i in range(mm.n_layers)}
+        extra["compensation"] = f"each removed block adds its sub-blocks' mean outputs over {len(windows)} " \
+                                "calibration windows (kept as constants; the block list is unchanged)"
     record = {"shapes_changed": True,
               "structured": {"criterion": criterion, "layers_removed": removed, "layers_kept": keep,
                              "layer_scores": scores_list, "config_fields_changed": changed,
                              "achieved": len(removed) / len(scores_list), **extra},
               "params_plan": {"before": params_before, "removed": planned, "after": params_before - planned}}
-    return PruneResult(record, component_sparsity(before, after, dict(enumerate(keep))), shapes_changed=True,
-                       uniform=True)
+    return PruneResult(record, component_sparsity(before, after, keep_map), shapes_changed=True, uniform=True)
 
 
 def layers_criterion(a: Any) -> str:
@@ -81,13 +114,14 @@ def layers_criterion(a: Any) -> str:
 
 
 @register_method("layers", "remove whole layers by their layer scores (block_influence, residual_fisher, removal, "
-                 "taylor, fisher ...)", args=[*STRUCTURED_FLAGS, ITERATIVE, ITERATIVE_K])
+                 "taylor, fisher ...)", args=[*STRUCTURED_FLAGS, ITERATIVE, ITERATIVE_K, COMPENSATE])
 def layers_method(ctx: PruneContext) -> PruneResult:
     a = ctx.args
     criterion = layers_criterion(a)
     iterative = bool(getattr(a, "iterative", False))
     if getattr(a, "iterative_k", None) is not None and not iterative:
         raise ImpruneError("--iterative-k applies to --iterative only; add --iterative or drop it")
-    windows = ctx.calibration() if ctx.table is None or iterative else None
+    compensate = getattr(a, "compensate", None) or "none"
+    windows = ctx.calibration() if ctx.table is None or iterative or compensate == "mean" else None
     return prune_layers(ctx.lm, a.sparsity, criterion, ctx.table, windows, a.batch_size, progress=not a.quiet,
-                        iterative=iterative, k=getattr(a, "iterative_k", None))
+                        iterative=iterative, k=getattr(a, "iterative_k", None), compensate=compensate)

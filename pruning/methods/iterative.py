@@ -95,12 +95,14 @@ def greedy_removal(model: object, mm: ModelMap, windows: Windows, task: str, can
 
 
 def iterative_removal(model: object, mm: ModelMap, windows: Windows, task: str, n: int, k: int | None = None,
-                      batch_size: int = 4, progress: bool = False) -> IterativeResult:
-    """Choose ``n`` blocks greedily by measured calibration loss (``order`` and ``first_round`` by block index)."""
+                      batch_size: int = 4, progress: bool = False,
+                      means: Mapping[tuple[int, str], Any] | None = None) -> IterativeResult:
+    """Choose ``n`` blocks greedily by measured calibration loss (``order`` and ``first_round`` by block index);
+    ``means``: a removed block adds its sub-blocks' mean outputs (a compensated removal)."""
     if n >= mm.n_layers:
         raise ImpruneError(f"removing {n} of {mm.n_layers} layers would remove every layer; keep at least one")
     res = greedy_removal(model, mm, windows, task, [Group(i, "layer") for i in range(mm.n_layers)],
-                         lambda _chosen, _g: True, n, k, batch_size, progress)
+                         lambda _chosen, _g: True, n, k, batch_size, progress, means=means)
     res.order = [g.layer for g in res.order]
     res.first_round = {g.layer: v for g, v in res.first_round.items()}
     return res

@@ -74,6 +74,11 @@ ALLOCATION: Arg = (("--allocation",), dict(
          "global (one threshold, unstructured only)"))
 BAND: Arg = (("--band",), dict(type=float, default=0.1,
                                help="largest per-layer deviation from the target ratio (--allocation importance)"))
+COMPENSATE: Arg = (("--compensate",), dict(
+    choices=("mean", "none"), default=None,
+    help="blocks / layers: what a removed sub-block or layer adds: its mean output over the calibration tokens "
+         "(mean; the default for blocks) or nothing (none; the default for layers, whose folder then reloads in "
+         "plain transformers)"))
 ITERATIVE: Arg = (("--iterative",), dict(
     action="store_true", help="layers with --criterion removal, blocks: remove one layer / sub-block at a time, "
                               "re-measuring the calibration loss of the remaining candidates after each removal"))
