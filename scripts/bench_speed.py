@@ -72,6 +72,8 @@ def child(args: argparse.Namespace) -> None:
 
 def _build(args: argparse.Namespace, folder: Path) -> dict[str, str]:
     """Prune the dense model into folders; returns {variant: folder or model spec}."""
+    import torch
+
     from importance.data.sources import load_data
     from importance.models.load import load_model
     from pruning.io import save_model
@@ -99,7 +101,11 @@ def _build(args: argparse.Namespace, folder: Path) -> dict[str, str]:
             raise SystemExit(f"--blocks-from: no row '{name}' in {path}")
         lm = load_model(args.model)
         want = {(b["layer"], b["kind"]) for b in row["sub_blocks_removed"]}
-        remove_branches(model_map(lm.model), [b for b in branches(model_map(lm.model)) if (b.layer, b.kind) in want])
+        chosen = [b for b in branches(model_map(lm.model)) if (b.layer, b.kind) in want]
+        width = lm.model.get_input_embeddings().weight.shape[1]
+        # a compensated row keeps a block losing both as its two constants: the same work whatever their values
+        means = {(b.layer, b.kind): torch.zeros(width) for b in chosen} if row.get("compensate") == "mean" else None
+        remove_branches(model_map(lm.model), chosen, means)
         specs[f"blocks-{row['sparsity']:g}"] = str(save_model(lm, folder / "blocks", {"shapes_changed": True,
                                                                                       "from_row": name}))
         args.blocks = []
