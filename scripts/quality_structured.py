@@ -49,7 +49,8 @@ ROWS: list[dict[str, Any]] = [
     {"method": "layers", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": 8},
     {"method": "layers", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": None},
     # a removed block adds its sub-blocks' calibration means (kept as two constants: --compensate mean)
-    {"method": "layers", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": 8, "compensate": "mean"},
+    *({"method": "layers", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": k, "compensate": "mean"}
+      for k in (8, None)),
     # sub-blocks: the iterative row first; the one-shot removal row then ranks by its first round (the same
     # measurement on the same 1,024 tokens, not repeated)
     # (a removed sub-block adds zero: compensate none; or its calibration mean: compensate mean, the default)
