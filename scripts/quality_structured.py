@@ -51,6 +51,8 @@ ROWS: list[dict[str, Any]] = [
     # a removed block adds its sub-blocks' calibration means (kept as two constants: --compensate mean)
     *({"method": "layers", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": k, "compensate": "mean"}
       for k in (8, None)),
+    {"method": "layers", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": 8, "compensate": "mean",
+     "removal_tokens": 4096},
     # sub-blocks: the iterative row first; the one-shot removal row then ranks by its first round (the same
     # measurement on the same 1,024 tokens, not repeated)
     # (a removed sub-block adds zero: compensate none; or its calibration mean: compensate mean, the default)
@@ -142,7 +144,7 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
         elif spec["method"] == "layers":
             res = prune_layers(lm, spec["sparsity"], spec["criterion"], table, calib, st["batch_size"],
                                iterative=bool(spec.get("iterative")), k=spec.get("k"),
-                               compensate=spec.get("compensate", "none"))
+                               compensate=spec.get("compensate", "none"), removal_tokens=spec.get("removal_tokens"))
         else:
             cfg = StructuredConfig(spec["sparsity"], spec["method"], spec["criterion"], spec["allocation"],
                                    bias_compensation=spec["bias_compensation"],

@@ -255,7 +255,8 @@ def prune_blocks(lm: LoadedModel, sparsity: float, criterion: str = "removal", w
 
 
 _REMOVAL_TOKENS = arg("--removal-tokens", type=int, default=None,
-                      help="blocks: calibration tokens the measured removal runs on (default 2048, whole windows)")
+                      help="blocks, layers --iterative: calibration tokens the measured removal runs on "
+                           "(default 2048, whole windows)")
 
 
 def blocks_options(a: Any) -> tuple[str, bool, int | None, str]:

@@ -50,10 +50,11 @@ def layers_to_remove(table: ImportanceTable, criterion: str, n: int) -> list[int
 def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "residual_fisher",
                  table: ImportanceTable | None = None, windows: Windows | None = None, batch_size: int = 4,
                  progress: bool = False, iterative: bool = False, k: int | None = None,
-                 compensate: str = "none") -> PruneResult:
+                 compensate: str = "none", removal_tokens: int | None = None) -> PruneResult:
     """Remove round(sparsity x layers) whole blocks with the lowest ``criterion`` layer score (``iterative``:
     chosen one at a time by measured calibration loss, ``pruning.methods.iterative``; ``compensate='mean'``: each
-    removed block adds its sub-blocks' calibration means, module docstring)."""
+    removed block adds its sub-blocks' calibration means, module docstring; ``removal_tokens``: the calibration
+    tokens the iterative rounds measure on, default 2,048)."""
     check_in_memory(lm)
     mm = model_map(lm.model)
     n = layers_count(mm.n_layers, sparsity, criterion)
@@ -72,7 +73,8 @@ def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "residual_fi
             raise ImpruneError("--iterative needs calibration data: pass --data (e.g. austen:train)")
         from importance.scoring import removal_windows
 
-        it = iterative_removal(lm.model, mm, removal_windows(windows), lm.task, n, k, batch_size, progress, means)
+        measure = removal_windows(windows) if removal_tokens is None else removal_windows(windows, removal_tokens)
+        it = iterative_removal(lm.model, mm, measure, lm.task, n, k, batch_size, progress, means)
         removed = sorted(it.order)
         scores_list = [it.first_round.get(i, float("nan")) - it.base_nll for i in range(mm.n_layers)]
         extra = {"iterative": {"order": it.order, "nll_after_each": it.nll, "base_nll": it.base_nll, "k": k,
@@ -124,4 +126,5 @@ def layers_method(ctx: PruneContext) -> PruneResult:
     compensate = getattr(a, "compensate", None) or "none"
     windows = ctx.calibration() if ctx.table is None or iterative or compensate == "mean" else None
     return prune_layers(ctx.lm, a.sparsity, criterion, ctx.table, windows, a.batch_size, progress=not a.quiet,
-                        iterative=iterative, k=getattr(a, "iterative_k", None), compensate=compensate)
+                        iterative=iterative, k=getattr(a, "iterative_k", None), compensate=compensate,
+                        removal_tokens=getattr(a, "removal_tokens", None))
