@@ -116,3 +116,19 @@ def test_csv_data_error_is_the_only_stderr_line(tmp_path: Path, capsys: pytest.C
     data.write_text("a,b\n1,2\n")
     err = _fails(["eval", "--model", "random:llama", "--data", f"file:{data}", "--quiet"], tmp_path, capsys)
     assert "no text column" in err
+
+
+def test_a_reader_that_stops_early_gets_no_traceback() -> None:
+    """`imprune info | head`: a closed pipe ends the command quietly (exit 141, no traceback)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pruning", "info", "--model", "random:llama"], cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader goes away before the map is printed (building the model takes a moment)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err
