@@ -310,3 +310,11 @@ def test_compensated_iterative_layers_are_the_greedy_choice_by_hand(tmp_path: Pa
                                                      for i in want)
     back = load_model(str(save_model(lm, tmp_path / "pruned", {**res.record, "method": "layers"})))
     assert torch.equal(_logits(back.model, ids), _logits(lm.model, ids))
+
+
+def test_compensated_layers_on_a_model_without_sub_blocks_name_the_way_out() -> None:
+    from pruning.methods.depth import prune_layers
+
+    lm = load_model("random:opt")  # MLP linears directly in the block: no sub-block to keep as a constant
+    with pytest.raises(ImpruneError, match=r"--compensate mean .*; use --compensate none$"):
+        prune_layers(lm, 0.5, "removal", windows=random_windows(2, 16), iterative=True, compensate="mean")

@@ -28,8 +28,8 @@ zeros. A block losing both branches then stays as two constants (no block forwar
 ``none`` adds zero (the stand-in holds no parameter). ``gate_fisher`` estimates zeroing; with ``mean`` it only
 ranks, the removal still adds the means.
 ``--iterative`` (with removal; BlockPruner's procedure) instead takes them one at a time: each round re-measures the
-remaining candidates with the chosen ones already adding zero and takes the lowest loss increase per parameter
-that fits
+remaining candidates with the chosen ones already removed (adding zero, or their means) and takes the lowest loss
+increase per parameter that fits
 (``pruning.methods.iterative.greedy_removal``; ``--iterative-k`` re-measures only the k best of the first round).
 After the surgery the calibration NLL of the pruned model is compared with the dense model's with the chosen
 branches zeroed: they must agree (a check that the stand-ins compute what was measured), and both go into the
@@ -228,7 +228,7 @@ def prune_blocks(lm: LoadedModel, sparsity: float, criterion: str = "removal", w
     after = _nll(lm.model, mm, measure, lm.task, batch_size, [])
     if abs(after - planned) > 1e-4 * max(1.0, abs(planned)):
         raise ImpruneError(f"model type '{mm.model_type}': with the sub-blocks removed the calibration NLL is "
-                           f"{after:.6f}, not the {planned:.6f} measured with them zeroed; sub-block removal does "
+                           f"{after:.6f}, not the {planned:.6f} measured with them replaced; sub-block removal does "
                            "not work for this architecture (use --method layers)")
     kept = 0 if means is None else sum(int(means[(b.layer, b.kind)].numel()) for b in chosen)  # the constants
     removed = sum(b.params for b in chosen) - kept

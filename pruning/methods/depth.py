@@ -7,10 +7,11 @@ default), removal (the measured calibration loss increase when the block alone i
 re-measures only the k best of the first round's ranking).
 
 ``--compensate mean``: a removed block adds its attention's and MLP's mean outputs over the calibration tokens
-instead of nothing (one [d] constant per sub-block, computed once on the dense model; the measured removal and the
-iterative rounds measure it that way). The block then stays as those two constants (its attention and MLP are
-gone, ``pruning.methods.blocks.remove_branches``), so the folder reloads through imprune's loader; with ``none``
-(the default) blocks are dropped and the config's layer count follows the cut (plain transformers reloads it).
+instead of nothing (one [d] constant per sub-block, computed once on the dense model; the iterative rounds measure
+it that way, a table's ranking was measured without it). The block then stays as those two constants (its
+attention and MLP are gone, ``pruning.methods.blocks.remove_branches``), so the folder reloads through imprune's
+loader; with ``none`` (the default) blocks are dropped and the config's layer count follows the cut (plain
+transformers reloads it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from importance.data.sources import Windows
 from importance.errors import ImpruneError
 from importance.models.load import LoadedModel
 from importance.table import ImportanceTable
-from pruning.methods.blocks import remove_branches
+from pruning.methods.blocks import COMPENSATIONS, remove_branches
 from pruning.methods.checks import layers_count
 from pruning.methods.iterative import iterative_removal
 from pruning.methods.registry import (
@@ -59,13 +60,18 @@ def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "residual_fi
     mm = model_map(lm.model)
     n = layers_count(mm.n_layers, sparsity, criterion)
     extra: dict[str, Any] = {}
+    if compensate not in COMPENSATIONS:
+        raise ImpruneError(f"unknown --compensate '{compensate}'; use one of {', '.join(COMPENSATIONS)}")
     means = None
     if compensate == "mean":
         if windows is None:
             raise ImpruneError("--compensate mean averages each sub-block's output on calibration data: pass --data")
-        means = branch_means(lm.model, mm, branches(mm), windows, batch_size)
-    elif compensate != "none":
-        raise ImpruneError(f"unknown --compensate '{compensate}'; use mean or none")
+        try:
+            subs = branches(mm)
+        except ImpruneError as err:  # its reason, with this method's way out
+            raise ImpruneError(f"--compensate mean keeps a removed block as its sub-blocks' constants, which this "
+                               f"model cannot: {err}; use --compensate none") from None
+        means = branch_means(lm.model, mm, subs, windows, batch_size)
     if iterative:
         if criterion != "removal":
             raise ImpruneError("--iterative re-measures the calibration loss: use it with --criterion removal")
@@ -92,7 +98,7 @@ def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "residual_fi
         after = model_map(lm.model)
         keep_map = dict(enumerate(keep))
     else:  # each removed block becomes its two constants (the block list and the config stay)
-        gone = [b for b in branches(mm) if b.layer in removed]
+        gone = [b for b in subs if b.layer in removed]
         after, _, changed = remove_branches(mm, gone, means)
         planned -= sum(int(means[(b.layer, b.kind)].numel()) for b in gone)
         keep_map = {i: i for i in range(mm.n_layers)}
