@@ -8,7 +8,8 @@ Variants (pruned here from the dense model with the methods' defaults, scored on
                          reference calibration windows of the quality benchmark: the same model as its row)
 ``--width``, ``--layers``, ``--blocks`` with no value leave that variant out (dense is always measured);
 ``--blocks-from scripts/results/bench_quality.json:ROW`` builds the blocks variant from the sub-blocks a quality
-row removed (the same model, without measuring again).
+row removed (the same model, without measuring again); ``--layers-from RESULTS.json:ROW`` adds a variant with the
+layers a quality row removed, compensated as that row was (dropped, two constants, or a linear stand-in).
 ``--shapes 4x256,1x2048`` times every variant at each batch x sequence length (one table each; default: --batch x
 --seq-len); removing attention saves a share of the work that grows with the sequence length.
 Latency: every model is loaded in THIS process and timed on the same input batch (no-grad forward, logits
@@ -109,6 +110,31 @@ def _build(args: argparse.Namespace, folder: Path) -> dict[str, str]:
         specs[f"blocks-{row['sparsity']:g}"] = str(save_model(lm, folder / "blocks", {"shapes_changed": True,
                                                                                       "from_row": name}))
         args.blocks = []
+    if args.layers_from:  # the layers a quality row removed, removed again the same way (no new measurement)
+        from importance.arch.canonical import model_map
+        from pruning.methods.standins import replace_block_
+        from pruning.methods.surgery import drop_blocks
+
+        path, _, name = args.layers_from.partition(":")
+        row = next((r for r in json.loads(Path(path).read_text())["results"] if r["name"] == name), None)
+        if row is None or not row.get("removed_layers"):
+            raise SystemExit(f"--layers-from: no layers row '{name}' in {path}")
+        lm = load_model(args.model)
+        mm = model_map(lm.model)
+        gone, how = row["removed_layers"], row.get("compensate") or "none"
+        width = lm.model.get_input_embeddings().weight.shape[1]
+        if how == "none":
+            drop_blocks(mm, [i for i in range(mm.n_layers) if i not in gone])
+        for i in gone if how != "none" else []:  # stand-ins: the same work whatever their values
+            if how == "linear":
+                mm, _ = replace_block_(mm, i, width)
+            else:
+                from pruning.methods.blocks import branches, remove_branches
+
+                subs = [b for b in branches(mm) if b.layer == i]
+                mm, _, _ = remove_branches(mm, subs, {(b.layer, b.kind): torch.zeros(width) for b in subs})
+        specs[f"layers-{row['sparsity']:g}-{how}"] = str(save_model(lm, folder / "layers-from",
+                                                                    {"shapes_changed": True, "from_row": name}))
     if args.blocks:
         from benchlib import reference_data
 
@@ -131,6 +157,8 @@ def main() -> None:
     p.add_argument("--blocks", type=float, nargs="*", default=[0.25])
     p.add_argument("--blocks-from", default=None, help="RESULTS.json:ROW NAME: the blocks variant removes the "
                    "sub-blocks that row of a quality results file removed (instead of --blocks)")
+    p.add_argument("--layers-from", default=None, help="RESULTS.json:ROW NAME: also a variant removing the layers "
+                   "that row of a quality results file removed, with its compensation (none, mean, linear)")
     p.add_argument("--shapes", default=None, help="batch x sequence lengths to time, e.g. 4x256,1x2048")
     p.add_argument("--modes", default="forward,prefill", help="what to time: forward (all logits), prefill (the last)")
     p.add_argument("--batch", type=int, default=4)
@@ -151,8 +179,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in (args.shapes or "").split(",") if sh.strip()] \
         or [(args.batch, args.seq_len)]
-    settings = {k: getattr(args, k) for k in ("model", "width", "layers", "blocks", "blocks_from", "reps", "threads",
-                                              "quick", "modes")}
+    settings = {k: getattr(args, k) for k in ("model", "width", "layers", "blocks", "blocks_from", "layers_from",
+                                              "reps", "threads", "quick", "modes")}
     settings.update(torch=torch.__version__, shapes=[f"{b}x{t}" for b, t in shapes])
     print("settings:", json.dumps(settings), flush=True)
     rows = []

@@ -10,7 +10,9 @@ Rows (shared/protocol.md; one scoring pass with every criterion on the dense mod
                                   fisher uniform / importance with least-squares reconstruction (--reconstruct)
   layers 25% of the layers        block_influence, residual_fisher, removal, taylor, fisher (8 of SmolLM2's 30
                                   layers; removal measured on the first 2,048 calibration tokens); removal
-                                  iterative (re-measured after each removal), all candidates and the k = 8 best
+                                  iterative (re-measured after each removal), all candidates and the k = 8 best;
+                                  compensated: each removed block adds its sub-blocks' means (+mean) or is a
+                                  fitted linear stand-in (+linear, ``pruning.methods.standins``)
   blocks 25% of block parameters  attention / MLP sub-blocks removed on their own (--method blocks): by measured
                                   removal on the first 1,024 calibration tokens, iterative (re-measuring the 8 best
                                   of the first round after each removal) and one-shot (the first round's ranking),
@@ -53,6 +55,10 @@ ROWS: list[dict[str, Any]] = [
       for k in (8, None)),
     {"method": "layers", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": 8, "compensate": "mean",
      "removal_tokens": 4096},
+    # the same choice, each removed block then a fitted linear stand-in x + x W^T + b (--compensate linear)
+    {"method": "layers", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": 8, "compensate": "linear"},
+    # one-shot: the layers by the one-pass residual Fisher (no measured removal), then linear stand-ins
+    {"method": "layers", "sparsity": 0.25, "criterion": "residual_fisher", "compensate": "linear"},
     # sub-blocks: the iterative row first; the one-shot removal row then ranks by its first round (the same
     # measurement on the same 1,024 tokens, not repeated)
     # (a removed sub-block adds zero: compensate none; or its calibration mean: compensate mean, the default)
@@ -72,7 +78,7 @@ def row_name(spec: dict[str, Any]) -> str:
     extra += " +bias" if spec.get("bias_compensation") else ""
     extra += " +reconstruct" if spec.get("reconstruct") else ""
     extra += f" {spec['removal_tokens']} tok" if spec.get("removal_tokens") else ""
-    extra += {"none": " zero", "mean": " +mean"}.get(spec.get("compensate", ""), "")
+    extra += {"none": " zero", "mean": " +mean", "linear": " +linear"}.get(spec.get("compensate", ""), "")
     if spec.get("iterative"):
         extra += " iterative" + (f" k={spec['k']}" if spec.get("k") else "")
     return f"structured {spec['method']} {spec['criterion']}{extra} {spec['sparsity']:g}"

@@ -12,9 +12,10 @@ mapped norms):
                          at every token (a forward hook on its last module): what the measured removal and the
                          one-pass gate estimate look at
   ``branch_means``       each branch's mean output over calibration tokens: the constant a compensated removal adds
-  ``skip_branch_(mm, b)`` removes it for real: the module becomes a ``SkippedBranch`` (no parameters, or the one
-                         constant ``bias`` [d] of a compensated removal), the norms ``nn.Identity``; the canonical
-                         map then lists no components of it (``Block.skipped``)
+  ``skip_branch_(mm, b)`` removes it for real: the module becomes a ``SkippedBranch`` (no parameters, the one
+                         constant ``bias`` [d] of a compensated removal, or a linear stand-in's ``weight`` and
+                         ``bias``), the norms ``nn.Identity``; the canonical map then lists no components of it
+                         (``Block.skipped``)
 
 ``check_branches`` proves on block 0 that a block with both branch outputs zero passes its input through; post-norm
 blocks (the norm sits on the residual sum) and BLOOM (its attention adds the residual itself) fail it, and OPT /
@@ -112,6 +113,11 @@ def branches(mm: ModelMap) -> list[Branch]:
     return [block_branch(b, mm, kind) for b in mm.blocks for kind in BRANCHES if kind not in b.skipped]
 
 
+def first_input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden states a block, branch or norm is called with (positionally or as ``hidden_states``)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def _replace_output(value: torch.Tensor | None):
     def hook(_module: nn.Module, _args: tuple, out: Any) -> Any:
         y = out[0] if isinstance(out, tuple) else out  # [B, T, d]
@@ -130,6 +136,9 @@ def zeroed(mm: ModelMap, branch: Branch, value: torch.Tensor | None = None) -> I
         yield
     finally:
         handle.remove()
+
+
+StandIn = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # a constant [d], or (weight [d, d_in], bias [d])
 
 
 @torch.no_grad()
@@ -170,9 +179,11 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
-def skip_branch_(mm: ModelMap, branch: Branch, bias: torch.Tensor | None = None) -> None:
+def skip_branch_(mm: ModelMap, branch: Branch, value: StandIn | None = None) -> None:
     """Remove ``branch`` for real: its module becomes a parameter-free ``SkippedBranch`` (one that adds the
-    constant ``bias`` [d], when given), its norms identities. Rebuild the map afterwards (``model_map``)."""
+    constant ``value`` [d], or ``x W^T + b`` for ``value = (W, b)``, when given), its norms identities. Rebuild
+    the map afterwards (``model_map``)."""
+    weight, bias = value if isinstance(value, tuple) else (None, value)
     block = mm.blocks[branch.layer].module
     own = block.get_submodule(branch.module)
     layer_idx = next((m.layer_idx for m in own.modules() if isinstance(getattr(m, "layer_idx", None), int)),
@@ -180,29 +191,37 @@ def skip_branch_(mm: ModelMap, branch: Branch, bias: torch.Tensor | None = None)
     for norm in branch.norms:
         _replace(block, norm, nn.Identity())
     stand_in = SkippedBranch(branch.kind, layer_idx if branch.kind == "attn" else None,
-                             None if bias is None else int(bias.numel()))
+                             None if bias is None else int(bias.numel()),
+                             None if weight is None else int(weight.shape[1]))
     if bias is not None:
         ref = next(own.parameters(), None)
         with torch.no_grad():
             stand_in.bias.copy_(bias.reshape(-1))
+            if weight is not None:
+                stand_in.weight.copy_(weight)
         stand_in.to(device=ref.device if ref is not None else "cpu",
                     dtype=ref.dtype if ref is not None and ref.is_floating_point() else torch.float32)
     _replace(block, branch.module, stand_in)
 
 
 def skip_recorded_(model: nn.Module, skipped: dict[str, list[str]],
-                   widths: dict[str, dict[str, int]] | None = None) -> None:
+                   widths: dict[str, dict[str, Any]] | None = None) -> None:
     """Replay ``{layer: [kinds]}`` (as ``importance.models.pruned.load_pruned`` reads it from imprune.json) on a
-    freshly built model, before its weights are loaded; ``widths`` ({layer: {kind: d}}) marks the compensated
-    ones, whose constant the weights then load."""
+    freshly built model, before its weights are loaded; ``widths`` ({layer: {kind: d or [d, d_in]}}) marks the
+    compensated ones (a constant [d], or a linear stand-in [d, d_in] and its bias), whose values the weights
+    then load."""
     from importance.arch.canonical import model_map
 
     mm = model_map(model)
     for layer, kinds in sorted(skipped.items(), key=lambda kv: int(kv[0])):
         for kind in kinds:
             width = ((widths or {}).get(layer) or {}).get(kind)
-            skip_branch_(mm, block_branch(mm.blocks[int(layer)], mm, kind),
-                         None if width is None else torch.zeros(int(width)))
+            value: StandIn | None = None
+            if isinstance(width, list):
+                value = (torch.zeros(int(width[0]), int(width[1])), torch.zeros(int(width[0])))
+            elif width is not None:
+                value = torch.zeros(int(width))
+            skip_branch_(mm, block_branch(mm.blocks[int(layer)], mm, kind), value)
             mm = model_map(model)
 
 
@@ -211,13 +230,16 @@ def skipped_record(mm: ModelMap) -> dict[str, list[str]]:
     return {str(b.index): list(b.skipped) for b in mm.blocks if b.skipped}
 
 
-def compensated_record(mm: ModelMap) -> dict[str, dict[str, int]]:
-    """``{layer: {kind: d}}`` of the removed branches that add a constant (empty when none does)."""
+def compensated_record(mm: ModelMap) -> dict[str, dict[str, Any]]:
+    """``{layer: {kind: d}}`` of the removed branches that add a constant, ``[d, d_in]`` for a linear stand-in
+    (empty when none does)."""
     path = {"attn": mm.spec.attn, "mlp": mm.spec.mlp}
     rec: dict[str, dict[str, int]] = {}
     for b in mm.blocks:
         for kind in b.skipped:
             stand_in = b.module.get_submodule(path[kind])
-            if getattr(stand_in, "bias", None) is not None:
+            if getattr(stand_in, "weight", None) is not None:
+                rec.setdefault(str(b.index), {})[kind] = [int(n) for n in stand_in.weight.shape]
+            elif getattr(stand_in, "bias", None) is not None:
                 rec.setdefault(str(b.index), {})[kind] = int(stand_in.bias.numel())
     return rec

@@ -188,6 +188,9 @@ def prune_blocks(lm: LoadedModel, sparsity: float, criterion: str = "removal", w
     after each removal; see the module docstring). ``scores``: a ranking measured before ({(layer, kind): score},
     e.g. the first round of an iterative run on the same data), used instead of measuring again. ``compensate``:
     'mean' (removed branches add their calibration mean) or 'none' (zero)."""
+    if compensate == "linear":
+        raise ImpruneError("--compensate linear replaces whole blocks (--method layers); for sub-blocks use "
+                           "--compensate mean or none")
     if compensate not in COMPENSATIONS:
         raise ImpruneError(f"unknown --compensate '{compensate}'; use one of {', '.join(COMPENSATIONS)}")
     check_in_memory(lm)

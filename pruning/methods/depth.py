@@ -11,7 +11,9 @@ instead of nothing (one [d] constant per sub-block, computed once on the dense m
 it that way, a table's ranking was measured without it). The block then stays as those two constants (its
 attention and MLP are gone, ``pruning.methods.blocks.remove_branches``), so the folder reloads through imprune's
 loader; with ``none`` (the default) blocks are dropped and the config's layer count follows the cut (plain
-transformers reloads it).
+transformers reloads it). ``--compensate linear``: the layers are chosen as with ``mean``, then each removed block
+becomes a fitted map ``x + x W^T + b`` ([d, d] + [d] parameters: ``pruning.methods.standins``), fitted block by
+block against the dense model's stream; the folder reloads through imprune's loader.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from importance.data.sources import Windows
 from importance.errors import ImpruneError
 from importance.models.load import LoadedModel
 from importance.table import ImportanceTable
-from pruning.methods.blocks import COMPENSATIONS, remove_branches
+from pruning.methods.blocks import remove_branches
 from pruning.methods.checks import layers_count
 from pruning.methods.iterative import iterative_removal
 from pruning.methods.registry import (
@@ -36,8 +38,11 @@ from pruning.methods.registry import (
     register_method,
     table_for,
 )
+from pruning.methods.standins import fit_linear_blocks
 from pruning.methods.structured import STRUCTURED_FLAGS, check_in_memory, component_sparsity
 from pruning.methods.surgery import drop_blocks, param_count
+
+LAYER_COMPENSATIONS = ("mean", "linear", "none")
 
 
 def layers_to_remove(table: ImportanceTable, criterion: str, n: int) -> list[int]:
@@ -60,17 +65,18 @@ def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "residual_fi
     mm = model_map(lm.model)
     n = layers_count(mm.n_layers, sparsity, criterion)
     extra: dict[str, Any] = {}
-    if compensate not in COMPENSATIONS:
-        raise ImpruneError(f"unknown --compensate '{compensate}'; use one of {', '.join(COMPENSATIONS)}")
+    if compensate not in LAYER_COMPENSATIONS:
+        raise ImpruneError(f"unknown --compensate '{compensate}'; use one of {', '.join(LAYER_COMPENSATIONS)}")
     means = None
-    if compensate == "mean":
+    if compensate in ("mean", "linear"):  # linear: the choice measured with the means, then fitted maps
         if windows is None:
-            raise ImpruneError("--compensate mean averages each sub-block's output on calibration data: pass --data")
+            raise ImpruneError(f"--compensate {compensate} fits each removed block's stand-in on calibration data: "
+                               "pass --data")
         try:
             subs = branches(mm)
         except ImpruneError as err:  # its reason, with this method's way out
-            raise ImpruneError(f"--compensate mean keeps a removed block as its sub-blocks' constants, which this "
-                               f"model cannot: {err}; use --compensate none") from None
+            raise ImpruneError(f"--compensate {compensate} keeps a removed block as stand-ins of its sub-blocks, which "
+                               f"this model cannot: {err}; use --compensate none") from None
         means = branch_means(lm.model, mm, subs, windows, batch_size)
     if iterative:
         if criterion != "removal":
@@ -93,7 +99,17 @@ def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "residual_fi
     before = {(c.layer, c.name): c.numel for c in mm.components()}
     params_before = param_count(lm.model)
     planned = sum(p.numel() for i in removed for p in mm.blocks[i].module.parameters())
-    if means is None:
+    if compensate == "linear":
+        fits = fit_linear_blocks(lm.model, mm, windows, removed, batch_size, progress=progress)
+        after, changed, keep_map = model_map(lm.model), [], {i: i for i in range(mm.n_layers)}
+        d = int(next(iter(means.values())).numel())
+        planned = params_before - param_count(lm.model)  # the maps stay (and a norm both branches shared)
+        extra["compensation"] = f"each removed block is a linear stand-in x + x W^T + b ([{d}, {d}] + [{d}]) fitted " \
+                                f"by damped least squares on {len(windows)} calibration windows against the dense " \
+                                "model's stream after it, block by block (the block list is unchanged)"
+        extra["stand_in_fit"] = {str(i): {"relative_residual": f["residual_energy"] / max(f["target_energy"], 1e-30),
+                                          "tokens": f["tokens"]} for i, f in fits.items()}
+    elif means is None:
         changed = drop_blocks(mm, keep)
         after = model_map(lm.model)
         keep_map = dict(enumerate(keep))
@@ -105,7 +121,9 @@ def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "residual_fi
         extra["compensation"] = f"each removed block adds its sub-blocks' mean outputs over {len(windows)} " \
                                 "calibration windows (kept as constants; the block list is unchanged)"
     record = {"shapes_changed": True,
-              "structured": {"criterion": criterion, "layers_removed": removed, "layers_kept": keep,
+              "structured": {"criterion": criterion, "layers_removed": removed,
+                             # the blocks the pruned model has, by their original index (stand-ins keep their place)
+                             "layers_kept": keep if compensate == "none" else list(range(mm.n_layers)),
                              "layer_scores": scores_list, "config_fields_changed": changed,
                              "achieved": len(removed) / len(scores_list), **extra},
               "params_plan": {"before": params_before, "removed": planned, "after": params_before - planned}}

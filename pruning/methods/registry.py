@@ -75,10 +75,11 @@ ALLOCATION: Arg = (("--allocation",), dict(
 BAND: Arg = (("--band",), dict(type=float, default=0.1,
                                help="largest per-layer deviation from the target ratio (--allocation importance)"))
 COMPENSATE: Arg = (("--compensate",), dict(
-    choices=("mean", "none"), default=None,
+    choices=("mean", "linear", "none"), default=None,
     help="blocks / layers: what a removed sub-block or layer adds: its mean output over the calibration tokens "
-         "(mean; the default for blocks) or nothing (none; the default for layers, whose folder then reloads in "
-         "plain transformers)"))
+         "(mean; the default for blocks), for layers also a fitted linear map of the block input (linear: "
+         "x + x W^T + b, d*d + d parameters a block), or nothing (none; the default for layers, whose folder then "
+         "reloads in plain transformers)"))
 ITERATIVE: Arg = (("--iterative",), dict(
     action="store_true", help="layers with --criterion removal, blocks: remove one layer / sub-block at a time, "
                               "re-measuring the calibration loss of the remaining candidates after each removal"))

@@ -146,3 +146,31 @@ def solve_kept_columns(weight: torch.Tensor, xtx: torch.Tensor, n_tokens: int, k
             return torch.cholesky_solve(rhs, l_factor).T.float()  # [out, k]
     raise ImpruneError("the calibration Hessian of a layer is not positive definite even with damping; "
                        "raise --damp or use more calibration tokens")
+
+
+@torch.no_grad()
+def solve_affine(xtx: torch.Tensor, xty: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """The damped least-squares affine map (W [m, d], b [m]) from the sums over n tokens of a fit's inputs
+    x [d] and targets y [m] with a 1 appended to x: ``xtx`` = sum [x 1]^T [x 1] [d+1, d+1], ``xty`` = sum [x 1]^T y
+    [d+1, m]:
+
+        argmin_{W, b} sum ||x W^T + b - y||^2 + lam ||W||^2,   lam = damp x mean(diag sum x^T x)
+
+    (the intercept is not damped, so this is ridge on the centred data; x10 per retry if not positive definite)."""
+    a, rhs = xtx.double().clone(), xty.double()
+    d = a.shape[0] - 1
+    mean_diag = float(torch.diagonal(a)[:d].mean()) if d else 0.0
+    if a.shape != (d + 1, d + 1) or rhs.shape[0] != d + 1:
+        raise ImpruneError(f"the sums {tuple(a.shape)} / {tuple(rhs.shape)} do not describe one affine fit")
+    if mean_diag <= 0 or not torch.isfinite(a).all() or float(a[d, d]) < 1:
+        raise ImpruneError("the calibration inputs of a layer are all zero or not finite; use more calibration data")
+    ridge = torch.zeros(d + 1, dtype=a.dtype)
+    ridge[:d] = 1.0
+    for attempt in range(6):
+        lam = damp * mean_diag * (10.0 ** attempt)
+        l_factor, info = torch.linalg.cholesky_ex(a + torch.diag(lam * ridge))
+        if int(info) == 0:
+            sol = torch.cholesky_solve(rhs, l_factor)  # [d+1, m]
+            return sol[:d].T.float().contiguous(), sol[d].float()
+    raise ImpruneError("the calibration inputs of a layer are degenerate even with damping; raise --damp or use more "
+                       "calibration tokens")
