@@ -183,17 +183,19 @@ def obs_select(weight: torch.Tensor, xtx: torch.Tensor, n_tokens: int, groups: t
         open_ = left & (quota[bucket] > 0)
         cand = torch.nonzero(open_).flatten()  # [c]
         idx = groups[cand]  # [c, s]
-        hs = hinv[idx[:, :, None], idx[:, None, :]]  # [c, s, s]
-        ws = w[:, idx].permute(1, 2, 0)  # [c, s, out]
-        lf, info = torch.linalg.cholesky_ex(hs)  # Hinv_SS stays positive definite for every S left
-        cost = torch.linalg.solve_triangular(lf, ws, upper=False).square().sum((1, 2))  # [c]
-        cost[info != 0] = float("inf")  # (only by round-off: such a group goes last)
+        if idx.shape[1] == 1:  # single columns: ||W_:j||^2 / Hinv_jj
+            cost = w[:, idx[:, 0]].square().sum(0) / torch.diagonal(hinv)[idx[:, 0]]  # [c]
+        else:
+            hs = hinv[idx[:, :, None], idx[:, None, :]]  # [c, s, s]
+            lf, info = torch.linalg.cholesky_ex(hs)  # Hinv_SS stays positive definite for every S left
+            cost = torch.linalg.solve_triangular(lf, w[:, idx].permute(1, 2, 0), upper=False).square().sum((1, 2))
+            cost[info != 0] = float("inf")  # (only by round-off: such a group goes last)
         best = int(torch.argmin(cost))
         g = int(cand[best])
         s = groups[g]  # [s]
-        upd = torch.cholesky_solve(hinv[s], lf[best])  # [s, in] = Hinv_SS^-1 Hinv_S:
-        w -= w[:, s] @ upd
-        hinv -= hinv[:, s] @ upd
+        upd = torch.linalg.solve(hinv[s][:, s], hinv[s])  # [s, in] = Hinv_SS^-1 Hinv_S:
+        w.addmm_(w[:, s], upd, alpha=-1.0)  # in place (w[:, s] indexes a copy)
+        hinv.addmm_(hinv[:, s], upd, alpha=-1.0)
         w[:, s] = 0.0
         left[g] = False
         quota[bucket[g]] -= 1
