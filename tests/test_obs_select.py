@@ -184,3 +184,12 @@ def test_cli_refuses_select_obs_without_the_refit(tmp_path: Path, capsys, extra:
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra, select", [([], "obs"), (["--select", "fisher"], "fisher"),
+                                           (["--no-reconstruct"], "fisher"), (["--bias-compensation"], "fisher")])
+def test_cli_selects_by_obs_by_default_where_it_refits(tmp_path: Path, extra: list[str], select: str) -> None:
+    assert main(_cli(tmp_path, *extra)) == 0
+    s = json.loads((tmp_path / "p" / "imprune.json").read_text())["structured"]
+    refit = not {"--no-reconstruct", "--bias-compensation"} & set(extra)
+    assert s["select"] == select and s["reconstruct"] == refit

@@ -35,8 +35,9 @@ next to the target; one that whole units cannot reach is refused first (``prunin
 down_proj into its bias (Llama-style models get it through ``attention_bias``/``mlp_bias``).
 ``--reconstruct`` (the CLI default unless ``--bias-compensation`` is given) instead re-fits o_proj / down_proj's
 kept columns by damped least squares on the calibration data, block by block (``pruning.methods.reconstruct``);
-with it, ``--select obs`` keeps each layer's counts but chooses WHICH units leave by the structured OBS error of
-the re-fit (greedy, on the same sequential statistics), instead of the criterion's ranking (``fisher``, default).
+with it, ``--select obs`` (the CLI default with ``--reconstruct``) keeps each layer's counts but chooses WHICH units
+leave by the structured OBS error of the re-fit (greedy, on the same sequential statistics), instead of the
+criterion's ranking (``fisher``; the default without the re-fit, and of ``StructuredConfig``).
 """
 
 from __future__ import annotations
@@ -432,9 +433,10 @@ _BIAS = arg("--bias-compensation", action="store_true",
 _RECONSTRUCT = arg("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
                    help="re-fit o_proj / down_proj's kept columns by damped least squares on the calibration data, "
                         "block by block (default: on, off with --bias-compensation)")
-_SELECT = arg("--select", default="fisher", choices=list(SELECTIONS),
-              help="which units leave each layer (its count comes from the ranking and --allocation): fisher = the "
-                   "criterion's lowest (default); obs = those whose removal the --reconstruct re-fit recovers best")
+_SELECT = arg("--select", default=None, choices=list(SELECTIONS),
+              help="which units leave each layer (its count comes from the ranking and --allocation): obs = those "
+                   "whose removal the --reconstruct re-fit recovers best (default with --reconstruct); fisher = the "
+                   "criterion's lowest (default without)")
 STRUCTURED_FLAGS = [_CRITERION, _ALLOCATION, _BAND, _GQA, _HEADS, _BIAS, _RECONSTRUCT, DAMP, _SELECT]
 
 
@@ -445,9 +447,14 @@ def config_from_args(a: Any, part: str) -> StructuredConfig:
                            gqa=getattr(a, "gqa", "groups"), keep_heads=getattr(a, "heads", None),
                            bias_compensation=getattr(a, "bias_compensation", False),
                            reconstruct=_reconstruct_default(a), damp=getattr(a, "damp", 0.01),
-                           select=getattr(a, "select", None) or "fisher")
+                           select=_select_default(a))
     cfg.validate()
     return cfg
+
+
+def _select_default(a: Any) -> str:
+    """--select obs where the re-fit runs (on SmolLM2 it beat the Fisher ranking: 52.69 against 53.27), else fisher."""
+    return getattr(a, "select", None) or ("obs" if _reconstruct_default(a) else "fisher")
 
 
 def _reconstruct_default(a: Any) -> bool:
