@@ -18,9 +18,10 @@ attention, one more block forward.
 l, on the very statistics the re-fit then uses, the units whose removal the least-squares fit recovers best
 (``pruning.second_order.core.obs_select``, greedy with Hessian downdates): whole KV groups where the plan
 removes KV groups (their query heads' o columns), the same number of query heads from every KV group where
-it removes heads per group, single channels of ``mlp.down``. Everything is reached through the canonical map
-(``attn.o`` / ``mlp.down`` views: Conv1D and fused layouts are handled there), and structured pruning keeps the
-whole model in memory.
+it removes heads per group, single channels of ``mlp.down``; the greedy's summed cost is reported as
+'<consumer> obs' (the output error plus the damping term, so above the 'fitted' one). Everything is reached
+through the canonical map (``attn.o`` / ``mlp.down`` views: Conv1D and fused layouts are handled there), and
+structured pruning keeps the whole model in memory.
 """
 
 from __future__ import annotations
