@@ -7,7 +7,8 @@ Rows (shared/protocol.md; one scoring pass with every criterion on the dense mod
   width 20% of block parameters   taylor, fisher, activation, magnitude (uniform allocation: the same
                                   widths in every layer); taylor, fisher, activation with importance-guided
                                   allocation (when ``pruning.methods.allocate`` is present) and with bias compensation;
-                                  fisher uniform / importance with least-squares reconstruction (--reconstruct)
+                                  fisher uniform / importance with least-squares reconstruction (--reconstruct),
+                                  and with the units chosen by the OBS error of that re-fit (--select obs)
   layers 25% of the layers        block_influence, residual_fisher, removal, taylor, fisher (8 of SmolLM2's 30
                                   layers; removal measured on the first 2,048 calibration tokens); removal
                                   iterative (re-measured after each removal), all candidates and the k = 8 best;
@@ -46,6 +47,9 @@ ROWS: list[dict[str, Any]] = [
       for c in ("taylor", "fisher", "activation")),
     *({"method": "width", "sparsity": 0.2, "criterion": "fisher", "allocation": a, "bias_compensation": False,
        "reconstruct": True} for a in ("uniform", "importance")),
+    # the same counts, units chosen by the structured OBS error of the re-fit (--select obs)
+    *({"method": "width", "sparsity": 0.2, "criterion": "fisher", "allocation": a, "bias_compensation": False,
+       "reconstruct": True, "select": "obs"} for a in ("importance", "uniform")),
     *({"method": "layers", "sparsity": 0.25, "criterion": c}
       for c in ("block_influence", "residual_fisher", "removal", "taylor", "fisher")),
     {"method": "layers", "sparsity": 0.25, "criterion": "removal", "iterative": True, "k": 8},
@@ -77,6 +81,7 @@ def row_name(spec: dict[str, Any]) -> str:
     extra = f" {spec['allocation']}" if spec["method"] not in ("layers", "blocks") else ""
     extra += " +bias" if spec.get("bias_compensation") else ""
     extra += " +reconstruct" if spec.get("reconstruct") else ""
+    extra += " obs" if spec.get("select") == "obs" else ""
     extra += f" {spec['removal_tokens']} tok" if spec.get("removal_tokens") else ""
     extra += {"none": " zero", "mean": " +mean", "linear": " +linear"}.get(spec.get("compensate", ""), "")
     if spec.get("iterative"):
@@ -103,8 +108,8 @@ def _selected(args: Any) -> list[dict[str, Any]]:
     return chosen
 
 
-def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
-    """One dict per structured row (``dense=True`` adds the dense model first)."""
+def rows(args: Any, dense: bool = False, on_row: Any = None) -> list[dict[str, Any]]:
+    """One dict per structured row (``dense=True`` adds the dense model first); ``on_row(rows so far)`` after each."""
     from benchlib import reference_data
 
     from importance.models.load import load_model
@@ -154,7 +159,7 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
         else:
             cfg = StructuredConfig(spec["sparsity"], spec["method"], spec["criterion"], spec["allocation"],
                                    bias_compensation=spec["bias_compensation"],
-                                   reconstruct=spec.get("reconstruct", False))
+                                   reconstruct=spec.get("reconstruct", False), select=spec.get("select", "fisher"))
             res = prune_structured(lm, cfg, table, calib, st["batch_size"])
         seconds = time.perf_counter() - start
         ppl = perplexity(lm.model, evals, lm.task, progress=False)
@@ -169,6 +174,8 @@ def rows(args: Any, dense: bool = False) -> list[dict[str, Any]]:
                         "calibration_nll": s["calibration_nll"], "rank_seconds": s["rank_seconds"],
                         "ranking_reused": measured is not None} if spec["method"] == "blocks" else {})})
         print(f"  {row_name(spec):<45} ppl {ppl.ppl:9.2f}", flush=True)
+        if on_row is not None:
+            on_row(out)
         del lm
     by = {r["criterion"]: r["sub_block_scores"] for r in out  # the gate estimates zeroing: the 'zero' rows
           if r.get("method") == "blocks" and r.get("compensate") == "none"}
@@ -211,7 +218,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     st = _settings(args)
     print("settings:", json.dumps({**st, "threads": args.threads, "rows": [row_name(r) for r in _selected(args)]}))
-    result = rows(args, dense=True)
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def partial(done: list[dict[str, Any]]) -> None:  # a long run keeps what it measured
+        out_path.write_text(json.dumps({"settings": st, "results": done, "partial": True}, indent=2) + "\n")
+
+    result = rows(args, dense=True, on_row=partial)
     dense = next(r for r in result if r["name"] == "dense")
     print(f"\nperplexity on {dense['windows']} x {dense['seq_len']} Persuasion tokens ({dense['predicted']} predicted)"
           f"; calibration {st['calib_windows']} x {st['seq_len']} Austen tokens (seed {st['seed']})\n")

@@ -149,6 +149,61 @@ def solve_kept_columns(weight: torch.Tensor, xtx: torch.Tensor, n_tokens: int, k
 
 
 @torch.no_grad()
+def obs_select(weight: torch.Tensor, xtx: torch.Tensor, n_tokens: int, groups: torch.Tensor, count: int,
+               buckets: torch.Tensor | None = None, damp: float = 0.01) -> tuple[list[int], float]:
+    """The structured OBS choice: which ``count`` of the column ``groups`` [G, s] (s input columns of
+    ``weight`` [out, in] each) to remove so that re-solving the kept columns recovers the output best.
+
+    Removing column set S and re-fitting the rest costs tr(W_S (Hinv_SS)^-1 W_S^T) (Hinv = Hd^-1, Hd the
+    damped H of ``layer_hessian`` + ``inverse_cholesky``: lam = damp x mean diag H over all inputs), which is
+    min over W' (W'_S = 0) of ||X (W - W')^T||^2 + lam' ||W - W'||^2 in H's units (lam' = lam n / 2). Greedy,
+    one group at a time (ZipLM): take the cheapest group, then remove it from the problem,
+    W <- W - W_S (Hinv_SS)^-1 Hinv_S:,  Hinv <- Hinv - Hinv_:S (Hinv_SS)^-1 Hinv_S:,
+    so that each next cost is the increase given what is already gone. ``buckets`` [G] with ``count`` PER
+    bucket: every bucket loses exactly ``count`` groups (query heads per KV group). Returns the chosen group
+    indices in the order taken and their summed cost in output-error units (||X dW^T||^2 + lam' ||dW||^2)."""
+    w = weight.detach().double().clone()  # [out, in]
+    if xtx.shape != (w.shape[1], w.shape[1]):
+        raise ImpruneError(f"the Hessian {tuple(xtx.shape)} does not match the layer's {w.shape[1]} inputs")
+    groups = groups.to(torch.long).reshape(groups.shape[0], -1)  # [G, s]
+    raw = torch.zeros(groups.shape[0], dtype=torch.long) if buckets is None else buckets.to(torch.long)
+    _ids, bucket = torch.unique(raw, return_inverse=True)  # [G] in 0 .. B-1
+    sizes = torch.bincount(bucket)  # [B]
+    if count < 0 or bool((sizes < count).any()):
+        raise ImpruneError(f"cannot remove {count} column groups where there are only {int(sizes.min())}")
+    quota = torch.full_like(sizes, count)  # [B] groups each bucket still loses
+    h, dead = layer_hessian(xtx, n_tokens)  # [in, in]
+    w[:, dead] = 0.0  # an input that never fires costs nothing to remove
+    u = inverse_cholesky(h, damp)  # [in, in] upper, Hinv = U^T U
+    hinv = u.T @ u  # [in, in]
+    left = torch.ones(groups.shape[0], dtype=torch.bool)
+    chosen: list[int] = []
+    total = 0.0
+    for _ in range(count * len(quota)):
+        open_ = left & (quota[bucket] > 0)
+        cand = torch.nonzero(open_).flatten()  # [c]
+        idx = groups[cand]  # [c, s]
+        if idx.shape[1] == 1:  # single columns: ||W_:j||^2 / Hinv_jj
+            cost = w[:, idx[:, 0]].square().sum(0) / torch.diagonal(hinv)[idx[:, 0]]  # [c]
+        else:
+            hs = hinv[idx[:, :, None], idx[:, None, :]]  # [c, s, s]
+            lf, info = torch.linalg.cholesky_ex(hs)  # Hinv_SS stays positive definite for every S left
+            cost = torch.linalg.solve_triangular(lf, w[:, idx].permute(1, 2, 0), upper=False).square().sum((1, 2))
+            cost[info != 0] = float("inf")  # (only by round-off: such a group goes last)
+        best = int(torch.argmin(cost))
+        g = int(cand[best])
+        s = groups[g]  # [s]
+        upd = torch.linalg.solve(hinv[s][:, s], hinv[s])  # [s, in] = Hinv_SS^-1 Hinv_S:
+        w.addmm_(w[:, s], upd, alpha=-1.0)  # in place (w[:, s] indexes a copy)
+        hinv.addmm_(hinv[:, s], upd, alpha=-1.0)
+        w[:, s] = 0.0
+        left[g] = False
+        quota[bucket[g]] -= 1
+        chosen.append(g)
+        total += float(cost[best])
+    return chosen, total * max(n_tokens, 1) / 2.0
+
+
 def solve_affine(xtx: torch.Tensor, xty: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """The damped least-squares affine map (W [m, d], b [m]) from the sums over n tokens of a fit's inputs
     x [d] and targets y [m] with a 1 appended to x: ``xtx`` = sum [x 1]^T [x 1] [d+1, d+1], ``xty`` = sum [x 1]^T y
