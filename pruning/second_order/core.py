@@ -16,6 +16,11 @@ Damping adds ``damp`` x mean(diag H) to the diagonal (x10 per retry if H is not 
 that never fire (diag 0) are dropped (their weights set to 0). ``act_order`` visits the columns by descending
 diag H (the most active inputs first, when the most columns are left to absorb their error) and undoes the
 permutation at the end; the projection is told the permutation (``start``).
+
+The structured relatives on the same Hessian and damping: ``solve_kept_columns`` re-fits the kept input columns
+once others are removed (width reconstruction), ``obs_select`` chooses which column groups to remove so that
+re-fit loses least (greedy structured OBS), ``solve_affine`` fits a damped affine map from summed [x 1]^T [x 1]
+and [x 1]^T y (the linear stand-ins of removed blocks).
 """
 
 from __future__ import annotations
