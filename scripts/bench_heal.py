@@ -11,7 +11,8 @@ dense that healing closed, tokens, wall time, trainable parameters, the share of
 and after (equal: the zeros are kept), parameters (equal: shapes are kept).
 
     python scripts/bench_heal.py [--rows width20,layers25,sparsegpt50,nm24] [--placements uniform,importance]
-        [--tokens 65536] [--loss kd+lm] [--out scripts/results/bench_heal.json] [--work DIR]
+        [--tokens 65536] [--loss kd+lm] [--rank 8] [--seeds 0,1] [--tag -r2] [--out scripts/results/bench_heal.json]
+        [--work DIR]
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ def main() -> None:
     p.add_argument("--heal-method", default="lora")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "imprune" / "bench_heal"))
     p.add_argument("--out", default=str(ROOT / "scripts" / "results" / "bench_heal.json"))
+    p.add_argument("--seeds", default="0", help="heal seeds (data order, adapter init), e.g. 0,1,2: the spread "
+                   "between placements against the spread between seeds")
+    p.add_argument("--tag", default="", help="suffix of the healed folders and result keys (another budget)")
     p.add_argument("--prune-only", action="store_true")
     p.add_argument("--table", action="store_true", help="print the README table from --out and stop")
     args = p.parse_args()
@@ -110,12 +114,16 @@ def main() -> None:
         rec = json.loads((pruned / "imprune.json").read_text())
         dense = dense or rec["perplexity"]["before"]["ppl"]
         before = block_zeros(pruned)
-        for placement in [s.strip() for s in args.placements.split(",") if s.strip()]:
-            healed = work / f"{row}-{placement}"
+        runs = [(pl.strip(), int(sd)) for sd in args.seeds.split(",")
+                for pl in args.placements.split(",") if pl.strip()]
+        for placement, seed in runs:
+            key = f"{row}-{placement}{args.tag}" + (f"-seed{seed}" if seed else "")
+            healed = work / key
             t = time.perf_counter()
             cli(["heal", "--model", str(pruned), "--teacher", DENSE, "--tokens", str(args.tokens), "--loss", args.loss,
                  "--method", args.heal_method, "--rank", str(args.rank), "--placement", placement,
-                 *(["--lr", str(args.lr)] if args.lr else []), "--out", str(healed), "--overwrite", "--quiet"])
+                 "--seed", str(seed), *(["--lr", str(args.lr)] if args.lr else []), "--out", str(healed),
+                 "--overwrite", "--quiet"])
             wall = time.perf_counter() - t
             h = json.loads((healed / "imprune.json").read_text())
             ppl_p, ppl_h = h["perplexity"]["pruned"]["ppl"], h["perplexity"]["healed"]["ppl"]
@@ -130,7 +138,8 @@ def main() -> None:
                      "zero_share_before": before["zero_share"], "zero_share_after": after["zero_share"],
                      "zeros_equal": before["zeros"] == after["zeros"], "params_before": before["params"],
                      "params_after": after["params"], "settings": h["heal"]["settings"]}
-            results[f"{row}-{placement}"] = entry
+            entry.update(seed=seed, rank=args.rank)
+            results[key] = entry
             print(f"{row:<12} {placement:<10} {ppl_p:8.2f} -> {ppl_h:7.2f}  gap closed {entry['gap_closed']:.1%}  "
                   f"{entry['tokens']:,} tokens  {wall:5.0f} s  {entry['trainable']:,} trainable  zeros "
                   f"{before['zero_share']:.4f} -> {after['zero_share']:.4f}", flush=True)
