@@ -57,10 +57,10 @@ from importance.engine.stats import Statistics
 
 GROUPS = ("head", "kv_group", "mlp_channel", "expert")
 # The head scorers that predict measured head removal best, best first (scripts/bench_layer_draws.py --granularity
-# head, SmolLM2, three held-out draws of 1,024 tokens: token_fisher 0.656-0.701, fisher 0.548-0.607, taylor
-# 0.19-0.24; draw against draw 0.72-0.73): head heatmaps and `imprune probe` draw the first one a table has by
-# default (a table scored with the default scorers has fisher, not token_fisher).
-HEAD_SCORERS = ("token_fisher", "fisher")
+# head, SmolLM2, five held-out draws of 1,024 tokens: token_second_order 0.708-0.779, token_fisher 0.607-0.701,
+# fisher 0.534-0.607, taylor 0.18-0.24; draw against draw 0.70-0.77): head heatmaps and `imprune probe` draw the
+# first one a table has by default (a table scored with the default scorers has fisher, not the per-token gates).
+HEAD_SCORERS = ("token_second_order", "token_fisher", "fisher")
 HEAD_SCORER = HEAD_SCORERS[0]
 # The measured scorers and the granularity each ablates on the calibration windows after the pass.
 MEASURED = {"removal": "layer", "head_removal": "head"}
