@@ -97,3 +97,11 @@ def test_head_removal_equals_heads_zeroed_by_hand(removal_tokens: int | None) ->
 def test_head_removal_refuses_blockwise() -> None:
     with pytest.raises(ImpruneError, match="removal scorers"):
         score(_model("llama"), _windows(seed=23, n=2), ["head_removal"], blockwise=True, progress=False)
+
+
+def test_heatmaps_prefer_a_measured_head_removal_but_the_probe_default_is_one_pass() -> None:
+    from importance.scorers import HEAD_SCORER, MEASURED, head_scorer
+
+    assert head_scorer(["fisher", "token_second_order", "head_removal"]) == "head_removal"
+    assert head_scorer(["fisher", "token_fisher", "token_second_order"]) == "token_second_order"
+    assert HEAD_SCORER == "token_second_order" and HEAD_SCORER not in MEASURED  # score_parts refuses measured ones
