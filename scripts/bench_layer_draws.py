@@ -8,8 +8,9 @@ the list, '' scores nothing and only measures); then every layer bypassed (every
 held-out draw (``--draws`` seeds 0..n-1 or ``--seeds``, ``--eval-tokens`` each) and one larger draw
 (``--large-tokens``), and the Spearman correlation of each scorer's ranking with each measurement, plus the
 measurements' agreement with each other (how far any scorer could go). ``--reuse FILES`` takes the measured vectors
-of draws previous results JSON files already hold (same labels) instead of measuring them again. Draw seed 0 of 1,024
-tokens is bench_faithfulness's held-out set.
+of draws previous results JSON files already hold (same labels) instead of measuring them again; with
+``--scorers ''`` the predictions those files hold are compared too (named 'scorer (file)'), so runs combine
+without a pass. Draw seed 0 of 1,024 tokens is bench_faithfulness's held-out set.
 
     python scripts/bench_layer_draws.py [--granularity layer|head] [--draws 4 | --seeds 3,4] [--eval-tokens 1024]
         [--large-tokens 4096] [--scorers a,b] [--removal-tokens 2048] [--reuse OLD.json,...] [--out NEW.json]
@@ -79,6 +80,11 @@ def main() -> None:
         names = [s for s in table.scorers if table.has(s, gran)]
         predicted = {s: table.layer_scores(s) if gran == "layer" else table.matrix(s, "head", "sum").flatten()
                      for s in names}
+    elif args.reuse:  # nothing scored: the predictions the reused files hold, named by file
+        for f in args.reuse.split(","):
+            for s, v in json.loads(Path(f).read_text()).get("predicted", {}).items():
+                predicted[f"{s} ({Path(f).stem})"] = torch.tensor(v)
+        names = list(predicted)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(range(args.draws))
     draws = [(f"{args.eval_tokens} tok seed {k}", args.eval_tokens, k) for k in seeds]
     if args.large_tokens:
