@@ -25,10 +25,23 @@ gate row + up row + down column, an expert, a component, a whole block):
                     the attn.o (mlp.down) input at token t and g_bt the gradient there: the Fisher of a separate gate
                     on the group's output at every token (``importance.engine.gates``); a KV group gates its query
                     heads together
+  token_second_order  head / KV group / MLP channel only: the second-order Taylor estimate of the mean-NLL change
+                    when the group's gates a_bt go from 1 to 0 (removal: da = -1 at every token),
+                        dL ~= sum_bt [ -dL/da_bt + 1/2 d2L/da_bt^2 ] = ( -sum_bt p_bt + 1/2 sum_bt p_bt^2 ) / N
+                           = -taylor_gate + token_fisher / 2,   p_bt = g_bt . y_bt
+                    with L = sum_b L_b / N the mean token NLL (L_b sequence b's summed NLL), so dL/da_bt = p_bt / N,
+                    and the Hessian diagonal d2L/da_bt^2 ~= (dL_b/da_bt)^2 / N: the empirical Fisher of the
+                    per-sequence losses, carrying the same 1/N as the mean (not 1/N^2); cross-token Hessian terms
+                    are dropped (the per-token gates are independent). The first term is Taylor's signed gradient of
+                    one gate shared by all tokens (noisy on its own: it cancels), the second OBD's w^2 F / 2 at w = 1
+  head_removal      head only: measured mean token NLL increase on (the first ``removal_tokens`` of) the
+                    calibration windows when the head's attn.o input columns are zeroed alone (the head removal of
+                    ``importance.validate.ablation``, one partial forward from the head's layer per head)
 
 b runs over sequences (or over batches with ``fisher_unit='batch'``; residual_fisher is always per token).
 Layer-only scorers (kind 'layer') have no element, channel, head or component values; group-only scorers (kind
-'group') have head / KV-group / MLP-channel values and nothing else.
+'group') have head / KV-group / MLP-channel values and nothing else. ``removal`` and ``head_removal`` are measured
+(``MEASURED``: the granularity each one ablates after the pass), the others are read off the pass.
 """
 
 from __future__ import annotations
@@ -44,11 +57,17 @@ from importance.engine.stats import Statistics
 
 GROUPS = ("head", "kv_group", "mlp_channel", "expert")
 # The head scorers that predict measured head removal best, best first (scripts/bench_layer_draws.py --granularity
-# head, SmolLM2, three held-out draws of 1,024 tokens: token_fisher 0.656-0.701, fisher 0.548-0.607, taylor
-# 0.19-0.24; draw against draw 0.72-0.73): head heatmaps and `imprune probe` draw the first one a table has by
-# default (a table scored with the default scorers has fisher, not token_fisher).
-HEAD_SCORERS = ("token_fisher", "fisher")
-HEAD_SCORER = HEAD_SCORERS[0]
+# head, SmolLM2, five held-out draws of 1,024 tokens: head_removal on 2,048 calibration tokens 0.748-0.786 (270
+# partial forwards, ~11x the one pass), token_second_order 0.708-0.779, token_fisher 0.607-0.701, fisher
+# 0.534-0.607, taylor 0.18-0.24; draw against draw 0.70-0.77): head heatmaps draw the first one a table has by
+# default (a table scored with the default scorers has fisher, not the per-token gates); ``HEAD_SCORER``, the
+# first one the one pass gives, is what `imprune probe` scores and draws by default.
+HEAD_SCORERS = ("head_removal", "token_second_order", "token_fisher", "fisher")
+# The measured scorers and the granularity each ablates on the calibration windows after the pass.
+MEASURED = {"removal": "layer", "head_removal": "head"}
+HEAD_SCORER = next(s for s in HEAD_SCORERS if s not in MEASURED)
+# Group scorers read off the per-token gate sums (``importance.engine.gates``): they switch them on in the pass.
+TOKEN_GATE_SCORERS = ("token_fisher", "token_second_order")
 
 
 def head_scorer(available: list[str] | tuple[str, ...]) -> str | None:
@@ -71,15 +90,17 @@ class Scorer:
 SCORERS: dict[str, Scorer] = {}
 _ELEMENT_FNS: dict[str, Callable[..., torch.Tensor]] = {}
 _LAYER_FNS: dict[str, Callable[..., float]] = {}
+_GROUP_FNS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {}
 
 
 def register_scorer(name: str, kind: str, estimator: str, needs_grad: bool = False, needs_activation: bool = False):
     """Register ``fn`` under ``name``: for kind 'additive' / 'mask' an element function ``fn(ctx, comp) -> Tensor``
-    (shape of the weight); for kind 'layer' a layer function ``fn(ctx, block) -> float``."""
+    (shape of the weight); for kind 'layer' a layer function ``fn(ctx, block) -> float``; for kind 'group' a group
+    function ``fn(ctx, block) -> {group: Tensor}`` (the groups the statistics have)."""
 
     def add(fn: Callable[..., Any]) -> Callable[..., Any]:
         SCORERS[name] = Scorer(name, kind, needs_grad, needs_activation, estimator)
-        (_LAYER_FNS if kind == "layer" else _ELEMENT_FNS)[name] = fn
+        {"layer": _LAYER_FNS, "group": _GROUP_FNS}.get(kind, _ELEMENT_FNS)[name] = fn
         return fn
 
     return add
@@ -171,11 +192,33 @@ def _removal(ctx: Context, block: Block) -> float:
     return float(_block_stat(ctx, block, "removal", "removal")[0]) / tokens
 
 
+def _group_stats(ctx: Context, block: Block, stat: str) -> dict[str, torch.Tensor]:
+    return {g: t for g in GROUPS if (t := ctx.stats.get(block.index, g, stat)) is not None}
+
+
 @register_scorer("token_fisher", "group", "head / KV group / MLP channel: sum over sequences b and tokens t of "
                  "(g_bt . y_bt)^2 / N, y_bt the group's slice of the attn.o / mlp.down input (Fisher of a "
                  "separate gate on the group's output at every token)", needs_grad=True)
-def _token_fisher(ctx: Context, comp: Component) -> torch.Tensor:
-    raise KeyError("token_fisher has group values only (heads, KV groups, MLP channels)")
+def _token_fisher(ctx: Context, block: Block) -> dict[str, torch.Tensor]:
+    return {g: t / ctx.n_targets for g, t in _group_stats(ctx, block, "tok_sq").items()}
+
+
+@register_scorer("token_second_order", "group", "head / KV group / MLP channel: (-sum_bt p_bt + 1/2 sum_bt "
+                 "p_bt^2) / N with p_bt = g_bt . y_bt the per-token gate gradient: second-order Taylor estimate "
+                 "of the mean NLL change when the group's output is zeroed (gate 1 -> 0, Hessian diagonal by the "
+                 "per-token gate Fisher)", needs_grad=True)
+def _token_second_order(ctx: Context, block: Block) -> dict[str, torch.Tensor]:
+    signed = _group_stats(ctx, block, "tok")
+    return {g: (t / 2 - signed[g]) / ctx.n_targets for g, t in _group_stats(ctx, block, "tok_sq").items()
+            if g in signed}
+
+
+@register_scorer("head_removal", "group", "head: measured mean token NLL increase on the calibration windows when "
+                 "the head's output (its attn.o input columns) is zeroed alone")
+def _head_removal(ctx: Context, block: Block) -> dict[str, torch.Tensor]:
+    tokens = max(ctx.stats.count("removal_tokens"), 1.0)
+    t = ctx.stats.get(block.index, "head", "removal")
+    return {} if t is None else {"head": t / tokens}
 
 
 def element_scores(name: str, ctx: Context, comp: Component) -> torch.Tensor:
@@ -220,10 +263,7 @@ def groups(name: str, ctx: Context, block: Block) -> dict[str, torch.Tensor]:
     c = block.components
     out: dict[str, torch.Tensor] = {}
     if SCORERS[name].kind == "group":
-        for g in GROUPS:
-            if (tok := ctx.stats.get(block.index, g, "tok_sq")) is not None:
-                out[g] = tok / ctx.n_targets
-        return out
+        return _GROUP_FNS[name](ctx, block)
     if SCORERS[name].kind == "mask":
         for g in GROUPS:
             wg = ctx.stats.get(block.index, g, "wg")

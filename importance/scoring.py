@@ -1,7 +1,8 @@
 """``importance.scoring``: model + data -> ImportanceTable, all requested scorers from ONE pass.
 
-The one exception is the measured ``removal`` layer scorer (not a default): after the pass it bypasses each block
-in turn on the first ``removal_tokens`` calibration tokens (L partial forwards with the cached-input replay).
+The exceptions are the measured scorers (not defaults): ``removal`` bypasses each block in turn on the first
+``removal_tokens`` calibration tokens after the pass (L partial forwards with the cached-input replay),
+``head_removal`` zeroes each head in turn there (one partial forward from its layer per head).
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from importance.engine.offload import is_offloaded
 from importance.engine.stats import Statistics
 from importance.errors import ImpruneError
 from importance.models.load import LoadedModel
-from importance.scorers import SCORERS
+from importance.scorers import MEASURED, SCORERS, TOKEN_GATE_SCORERS
 from importance.store.meta import versions
 from importance.table import ImportanceTable, build_table
 from importance.validate.ablation import removal_statistics
 
 DEFAULT_SCORERS = ("taylor", "fisher", "activation", "magnitude", "block_influence", "residual_fisher")
-REMOVAL_TOKENS = 2048  # default calibration tokens the measured removal scorer runs on
+REMOVAL_TOKENS = 2048  # default calibration tokens the measured removal scorers run on
 
 
 def parse_scorers(names: str | Sequence[str]) -> list[str]:
@@ -88,16 +89,18 @@ def _score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequenc
     cfg = CollectConfig(grad=need_grad, elements=elements and need_grad,
                         activation=any(SCORERS[n].needs_activation for n in names),
                         block_influence="block_influence" in names, fisher_unit=fisher_unit,
-                        residual_fisher="residual_fisher" in names, token_fisher="token_fisher" in names)
+                        residual_fisher="residual_fisher" in names,
+                        token_fisher=any(n in TOKEN_GATE_SCORERS for n in names))
     mm = model_map(hf)
-    if "removal" in names and (blockwise or is_offloaded(hf)):
-        raise ImpruneError("the removal scorer replays whole-model forwards and needs the model in memory; drop "
+    measured = tuple(dict.fromkeys(MEASURED[n] for n in names if n in MEASURED))  # granularities to ablate
+    if measured and (blockwise or is_offloaded(hf)):
+        raise ImpruneError("the removal scorers replay whole-model forwards and needs the model in memory; drop "
                            "--max-memory / --blockwise or use --scorers block_influence")
-    if split > 1 and (blockwise or "removal" in names or process_state() is not None):
+    if split > 1 and (blockwise or measured or process_state() is not None):
         raise ImpruneError("split scoring (per-part tables) runs one in-memory process without the removal scorer")
     if split > 1 and len(data) < split:
         raise ImpruneError(f"{len(data)} window(s) cannot be split into {split} parts; give at least {split}")
-    removal = removal_windows(data, removal_tokens) if "removal" in names else None
+    removal = removal_windows(data, removal_tokens) if measured else None
     removal_meta = {"windows": len(removal), "tokens": removal.n_tokens} if removal is not None else None
     state = process_state()  # a multi-process launch: score a shard, then add the sums of every process
     if state is not None:
@@ -117,7 +120,8 @@ def _score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequenc
     else:
         stats = collect(hf, data, task, cfg, batch_size=batch_size, progress=progress, mm=mm)
     if removal is not None:
-        stats.merge(removal_statistics(hf, removal, task, batch_size=batch_size, progress=progress, mm=mm))
+        stats.merge(removal_statistics(hf, removal, task, batch_size=batch_size, progress=progress, mm=mm,
+                                       granularities=measured))
     if state is not None:
         all_reduce_statistics(stats, state)
     meta = {"model": ident, "data": dict(data.meta), "seed": seed, "batch_size": batch_size, "blockwise": blockwise,

@@ -385,9 +385,13 @@ def test_heatmap_command_draws_the_scorer_that_made_the_plan(tmp_path, scored: I
 
 
 def test_head_maps_draw_the_trusted_head_scorer_the_table_has(scored: ImportanceTable) -> None:
-    with_gate = score(tiny("llama"), random_windows(4, 16), ["taylor", "fisher", "token_fisher"], progress=False)
-    assert H.pick_scorer(with_gate, None, "head") == "token_fisher" == HEAD_SCORER
+    with_gate = score(tiny("llama"), random_windows(4, 16), ["taylor", "fisher", "token_fisher", "token_second_order"],
+                      progress=False)
+    assert H.pick_scorer(with_gate, None, "head") == "token_second_order" == HEAD_SCORER
+    only_fisher_gate = score(tiny("llama"), random_windows(4, 16), ["fisher", "token_fisher"], progress=False)
+    assert H.pick_scorer(only_fisher_gate, None, "head") == "token_fisher"  # the next trusted one the table has
     assert H.pick_scorer(scored, None, "head") == "fisher"  # default tables have no per-token gate: next trusted one
     assert H.pick_scorer(scored, None, "component") == "taylor"  # not a head map: taylor as before
     (ax,) = panels(H.heads_figure([with_gate]))
-    np.testing.assert_allclose(ax.imprune.matrix, with_gate.matrix("token_fisher", "head", "mean").numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ax.imprune.matrix, with_gate.matrix("token_second_order", "head", "mean").numpy(),
+                               rtol=1e-6)

@@ -123,9 +123,9 @@ def test_probe_validate_writes_the_causal_matrix_and_the_report(tmp_path: Path) 
     assert sorted(p.name for p in out.iterdir()) == ["causal.png", "heads.png", "math", "probe.json", "report.md",
                                                      "syntax"]
     rec = json.loads((out / "probe.json").read_text())
-    assert HEAD_SCORER == "token_fisher" and ProbeConfig().scorer == HEAD_SCORER
+    assert HEAD_SCORER == "token_second_order" and ProbeConfig().scorer == HEAD_SCORER
     assert rec["scorer"] == HEAD_SCORER and [a["task"] for a in rec["accuracy"]] == ["math", "syntax"]
-    assert set(rec["agreement"]) == {"fisher", "token_fisher", "taylor"}
+    assert set(rec["agreement"]) == {"fisher", "token_fisher", "token_second_order", "taylor"}
     causal = rec["causal"]
     assert len(causal["nll_rise"]) == 2 and causal["k"] == 2 and len(causal["heads"]["math"]) == 2
     for task in ("math", "syntax"):  # the default scorer's map is the one whose heads were removed

@@ -1,5 +1,5 @@
-"""token_fisher: the per-token gate Fisher of heads / KV groups / MLP channels against autograd through explicit
-per-token gates, and the split scoring (score_parts) against one pass over every window."""
+"""token_fisher: the per-token gate Fisher (and the signed gate gradient) of heads / KV groups / MLP channels against
+autograd through explicit per-token gates, and the split scoring (score_parts) against one pass over every window."""
 
 from __future__ import annotations
 
@@ -58,6 +58,9 @@ def test_token_fisher_equals_autograd_through_explicit_per_token_gates(model_typ
             got = stats.get(layer, group, "tok_sq")
             assert got.shape == (width,) and float(want.min()) > 0
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6 * float(want.max()))
+            signed = g[valid].double().sum(0).float()  # d(summed NLL) / d(one gate shared by every token)
+            torch.testing.assert_close(stats.get(layer, group, "tok"), signed, rtol=1e-3,
+                                       atol=1e-5 * float(g[valid].abs().sum(0).max()))
     # the per-sequence mask Fisher of the same column products is a different number (cross-token terms)
     assert not torch.allclose(stats.get(0, "head", "tok_sq"), stats.get(0, "head", "wg_sq"), rtol=1e-2)
 
@@ -80,10 +83,12 @@ def test_token_fisher_table_is_group_only_and_divides_by_predicted_tokens() -> N
 def test_token_gate_sums_small_exact_case() -> None:
     p = torch.tensor([[[1.0, 2.0, -3.0, 1.0], [0.5, 0.5, 1.0, 1.0]]])  # [B=1, T=2, 2 heads x d=2]
     out = token_gate_sums(p, "head", head_dim=2, n_kv_heads=1, mask=torch.tensor([[[1.0], [0.0]]]))
-    torch.testing.assert_close(out["head"], torch.tensor([9.0, 4.0]))  # (1+2)^2, (-3+1)^2; token 2 masked
-    torch.testing.assert_close(out["kv_group"], torch.tensor([1.0]))  # (3 - 2)^2
-    torch.testing.assert_close(token_gate_sums(p, "mlp_channel", 1, 1)["mlp_channel"],
-                               torch.tensor([1.25, 4.25, 10.0, 2.0]))
+    torch.testing.assert_close(out["head"]["tok_sq"], torch.tensor([9.0, 4.0]))  # (1+2)^2, (-3+1)^2; token 2 masked
+    torch.testing.assert_close(out["head"]["tok"], torch.tensor([3.0, -2.0]))
+    torch.testing.assert_close(out["kv_group"]["tok_sq"], torch.tensor([1.0]))  # (3 - 2)^2
+    mlp = token_gate_sums(p, "mlp_channel", 1, 1)["mlp_channel"]
+    torch.testing.assert_close(mlp["tok_sq"], torch.tensor([1.25, 4.25, 10.0, 2.0]))
+    torch.testing.assert_close(mlp["tok"], torch.tensor([1.5, 2.5, -2.0, 2.0]))
 
 
 def test_score_parts_whole_equals_one_pass_and_parts_are_the_interleaved_halves() -> None:

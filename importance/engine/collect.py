@@ -192,9 +192,10 @@ class _Pass(ExpertHooks):
         self.cols[key] = self.cols[key] + c if key in self.cols else c
         if self.cfg.token_fisher:
             mask = None if self.all_valid else _token_mask(self.mask, p)
-            for group, v in token_gate_sums(p, comp.in_group, comp.head_dim,
-                                            self.mm.blocks[comp.layer].n_kv_heads, mask).items():
-                self.stats.add(f"{comp.layer}|{group}|tok_sq", v)
+            for group, sums in token_gate_sums(p, comp.in_group, comp.head_dim,
+                                               self.mm.blocks[comp.layer].n_kv_heads, mask).items():
+                for stat, v in sums.items():  # 'tok_sq' and 'tok'
+                    self.stats.add(f"{comp.layer}|{group}|{stat}", v)
 
     # -------------------------------------------------------------------------------- norms
     def _norm_forward(self, comp: Component):

@@ -437,12 +437,23 @@ def ablation_table(result: Ablation, mm: ModelMap, meta: dict[str, Any] | None =
 
 
 def removal_statistics(model: Any, windows: Windows, task: str, batch_size: int = 4, progress: bool = True,
-                       mm: ModelMap | None = None) -> Statistics:
-    """The ``removal`` layer scorer's sums: ``{l}|block|removal`` = NLL-sum increase over ``windows`` when block l
-    is bypassed, and ``-|run|removal_tokens`` the predicted tokens; plain sums, so shards merge by addition."""
-    result = measure_ablation(model, windows, task, ("layer",), batch_size=batch_size, progress=progress, mm=mm)
+                       mm: ModelMap | None = None, granularities: tuple[str, ...] = ("layer",)) -> Statistics:
+    """The measured scorers' sums: ``{l}|block|removal`` = NLL-sum increase over ``windows`` when block l is
+    bypassed ('layer', the ``removal`` scorer), ``{l}|head|removal`` [H] the same with each head of block l zeroed
+    alone ('head', ``head_removal``), and ``-|run|removal_tokens`` the predicted tokens; plain sums, so shards
+    merge by addition."""
+    result = measure_ablation(model, windows, task, granularities, batch_size=batch_size, progress=progress, mm=mm)
+    mm = mm or model_map(model)
     stats = Statistics()
-    for group, deltas in zip(result.groups["layer"], result.window_deltas["layer"]):
-        stats.add(f"{group.layer}|block|removal", deltas.sum().reshape(1))
+    for gran in granularities:
+        if gran == "layer":
+            for group, deltas in zip(result.groups[gran], result.window_deltas[gran]):
+                stats.add(f"{group.layer}|block|removal", deltas.sum().reshape(1))
+        else:
+            sums = result.window_deltas[gran].sum(1)  # [n_groups] float64
+            for b in mm.blocks:
+                idx = [i for i, g in enumerate(result.groups[gran]) if g.layer == b.index]
+                if idx:
+                    stats.add(f"{b.index}|{gran}|removal", sums[idx].float())  # [H], groups in index order
     stats.add("-|run|removal_tokens", torch.tensor(float(result.tokens)))
     return stats

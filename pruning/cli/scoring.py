@@ -10,7 +10,7 @@ from importance.arch.canonical import model_map
 from importance.data.sources import load_data
 from importance.errors import ImpruneError
 from importance.models.load import load_model
-from importance.scorers import SCORERS, layer_only
+from importance.scorers import MEASURED, SCORERS, layer_only
 from importance.scoring import DEFAULT_SCORERS, REMOVAL_TOKENS
 from importance.store.meta import versions, write_json
 from pruning.cli.core import (
@@ -165,13 +165,14 @@ def _eval_tasks(args: argparse.Namespace, out) -> int:
     MODEL, DTYPE, DEVICE, MAX_MEMORY, TRUST, ALLOW_PICKLE,
     arg("--data", default="austen:train", help="calibration data spec"),
     arg("--scorers", default=",".join(DEFAULT_SCORERS),
-        help="comma-separated: " + ", ".join(SCORERS) + " (removal measures layer removal: not a default)"),
+        help="comma-separated: " + ", ".join(SCORERS)
+        + " (removal / head_removal measure layer / head removal: not defaults)"),
     arg("--seq-len", type=int, default=256), arg("--tokens", type=int, default=8192),
     arg("--samples", type=int, default=None), SEED, arg("--batch-size", type=int, default=4),
     arg("--elements", action="store_true", help="also keep per-weight tensors (the size of the model)"),
     arg("--fisher-unit", default="sequence", choices=["sequence", "batch"]),
     arg("--removal-tokens", type=int, default=REMOVAL_TOKENS,
-        help="calibration tokens the removal scorer measures on (whole windows; default %(default)s)"),
+        help="calibration tokens the removal scorers measure on (whole windows; default %(default)s)"),
     arg("--obd", action="store_true", help="element Fisher as the OBD saliency w^2 F / 2"),
     arg("--blockwise", action="store_true",
         help="forward-only scorers block by block over kept hidden states (with --max-memory: ~one block resident)"),
@@ -230,7 +231,7 @@ def _check_processes(args: argparse.Namespace, names: list[str]) -> None:
                         seed=args.seed, max_positions=_max_positions(lm.model))
     batches = {f"calibration batch(es) of --batch-size {args.batch_size} ({len(windows)} windows of "
                f"{windows.seq_len} tokens)": (-(-len(windows) // args.batch_size), more)}
-    if "removal" in names:
+    if any(n in MEASURED for n in names):
         removal = removal_windows(windows, args.removal_tokens)
         batches[f"removal batch(es) ({len(removal)} windows: --removal-tokens {args.removal_tokens})"] = (
             -(-len(removal) // args.batch_size), "more --removal-tokens")

@@ -175,7 +175,8 @@ def parse_tasks(text: str) -> list[str]:
              arg("--tasks", default="all", help="all, or comma-separated: knowledge, retrieval, logic, decision, "
                                                 "semantic, syntax, inference, math"),
              arg("--samples", type=int, default=64, help="prompt/answer items per task (at least 4: two halves)"),
-             arg("--scorers", default="fisher,token_fisher,taylor", help="comma-separated scorers (one pass per task)"),
+             arg("--scorers", default="fisher,token_fisher,token_second_order,taylor",
+                 help="comma-separated scorers (one pass per task)"),
              arg("--seq-len", type=int, default=128, help="longest prompt + answer in tokens"), SEED,
              arg("--batch-size", type=int, default=16, help="items per forward pass (they are short)"),
              arg("--scorer", default=None, help="the map drawn and validated (default: the head scorer that predicts "

@@ -31,7 +31,7 @@ MIN_SAMPLES = 4  # two halves of at least two items each
 @dataclass(frozen=True)
 class ProbeConfig:
     samples: int = 64
-    scorers: tuple[str, ...] = ("fisher", "token_fisher", "taylor")
+    scorers: tuple[str, ...] = ("fisher", "token_fisher", "token_second_order", "taylor")
     scorer: str = HEAD_SCORER  # drawn, and the one whose top heads the causal check removes
     seq_len: int = 128
     seed: int = 0
@@ -89,7 +89,8 @@ def run_probe(lm: LoadedModel, names: Sequence[str], cfg: ProbeConfig, progress:
             print(f"  {name:<10} {len(windows)} items, {int(whole.meta['counts'].get('targets', 0))} answer tokens, "
                   f"{time.perf_counter() - start:.1f} s", flush=True)
     if not tables[0].has(cfg.scorer, "head"):
-        raise ImpruneError(f"scorer '{cfg.scorer}' has no head values; draw fisher, token_fisher or taylor")
+        raise ImpruneError(f"scorer '{cfg.scorer}' has no head values; draw fisher, token_fisher, "
+                           "token_second_order or taylor")
     t1 = time.perf_counter()
     accuracy = probe_accuracy(lm, list(names), cfg.samples, cfg.seed, cfg.batch_size)
     agreement, cross = {}, {}
