@@ -138,6 +138,19 @@ def test_log_scale_over_the_positive_values() -> None:
     assert ax.collections[0].cmap(norm(1e-7)) == ax.collections[0].cmap(0.0)  # drawn in the darkest colour
 
 
+def test_signed_scores_on_a_log_scale_are_drawn_on_a_signed_log_scale_not_blanked() -> None:
+    values = torch.full((3, len(COMPS)), 1.0)
+    values[0, column("attn.q")] = -0.5  # a second-order estimate says removing it helps
+    values[2, column("attn.v")] = 4.0
+    (ax,) = panels(H.component_figure(make_table(values), aggregation="sum", norm="none", log=True))
+    norm = ax.collections[0].norm
+    assert isinstance(norm, colors.SymLogNorm)
+    assert (norm.vmin, norm.vmax) == (pytest.approx(-4.0), pytest.approx(4.0))
+    assert norm.linthresh == pytest.approx(4.0 * 10 ** -H.LOG_DECADES)
+    assert ax.imprune.matrix[0, 0] == pytest.approx(-0.5) and norm(-0.5) < norm(0.0) < norm(1.0)
+    assert "removing it helps" in ax.imprune.scale.label
+
+
 @pytest.mark.parametrize("n_layers", [6, 24, 30, 48, 80])
 def test_layer_labels_are_thinned(n_layers: int) -> None:
     (ax,) = panels(H.component_figure(rand_table(n_layers)))

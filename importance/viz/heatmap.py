@@ -2,7 +2,8 @@
 
 Every picture is an [L, X] matrix (layers down the y axis, components or heads across) drawn by ONE helper,
 ``draw_matrix``, on a ``Scale``: sequential for importance (optionally log, over the positive finite values and
-at most ``LOG_DECADES`` below the largest), diverging and centred at zero for a delta, a fixed 0..1 for sparsity
+at most ``LOG_DECADES`` below the largest; a signed log scale centred at zero when some scores are negative, as
+a second-order removal estimate's are where removing a head helps), diverging and centred at zero for a delta, a fixed 0..1 for sparsity
 and for rank percentiles, discrete for bits. NaN cells (a component the layer does not have, a head that was
 removed) are left blank on a grey background. Panels of one figure that are compared share one scale and one
 colour bar. Other figure modules (``importance.viz.validate``) build on the same pieces: ``draw_matrix``,
@@ -82,12 +83,15 @@ class Scale:
     levels: tuple[float, ...] = ()  # bits: the distinct widths
     label: str = ""
     clipped: bool = False  # some values lie below vmin (log scale): the colour bar gets a 'min' arrow
+    linthresh: float = 0.0  # a signed log scale (log + diverging): linear within +/- this, log beyond
 
     def norm(self) -> colors.Normalize:
         if self.kind == "bits":
             lv = list(self.levels)
             edges = [lv[0] - 0.5] + [(a + b) / 2 for a, b in zip(lv, lv[1:])] + [lv[-1] + 0.5]
             return colors.BoundaryNorm(edges, len(lv))
+        if self.log and self.kind == "diverging":
+            return colors.SymLogNorm(self.linthresh, linscale=0.2, vmin=self.vmin, vmax=self.vmax, base=10)
         if self.log:
             return colors.LogNorm(self.vmin, self.vmax)
         return colors.Normalize(self.vmin, self.vmax)
@@ -116,6 +120,10 @@ def scale_for(matrices: Sequence[np.ndarray], kind: str = "sequential", log: boo
         lim = float(np.abs(vals).max()) if vals.size else 0.0
         lim = lim if lim > 0 else 1.0
         return Scale(kind, -lim, lim, label=label)
+    if log and (vals < 0).any():  # signed scores (a removal that helps): a signed log scale centred at zero
+        lim = float(np.abs(vals).max())
+        return Scale("diverging", -lim, lim, log=True, label=label + " (signed; < 0: removing it helps)",
+                     linthresh=lim * 10 ** -LOG_DECADES)
     if log:
         vals = vals[vals > 0]
         lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (1e-6, 1.0)
@@ -160,7 +168,8 @@ def draw_matrix(ax: Any, m: np.ndarray | torch.Tensor, xlabels: Sequence[str], s
                 ylabels: bool = True, annotate: bool = False, xlabel: str = "") -> Any:
     """Draw ``m`` [L, X] on ``ax`` with seaborn; returns the mesh (the mappable for a colour bar).
 
-    Cells that are NaN, or not positive on a log scale, are left blank (grey background). The plotted matrix,
+    Cells that are NaN, or not positive on a (one-signed) log scale, are left blank (grey background); a signed log
+    scale (``scale_for`` of values with negatives) draws them in the diverging map's other colour. The plotted matrix,
     labels and scale are kept on ``ax.imprune``.
     """
     import seaborn as sns
@@ -169,7 +178,7 @@ def draw_matrix(ax: Any, m: np.ndarray | torch.Tensor, xlabels: Sequence[str], s
     if data.ndim != 2:
         raise ValueError(f"draw_matrix needs an [L, X] matrix, got shape {data.shape}")
     shown = data.copy()
-    if scale.log:
+    if scale.log and scale.kind != "diverging":
         shown[~(shown > 0)] = np.nan
     n_layers, width = shown.shape
     small = n_layers * width <= 400
