@@ -5,8 +5,8 @@ Every picture is an [L, X] matrix (layers down the y axis, components or heads a
 at most ``LOG_DECADES`` below the largest; a signed log scale centred at zero when some scores are negative, as
 a second-order removal estimate's are where removing a head helps), diverging and centred at zero for a delta, a
 fixed 0..1 for sparsity and for rank percentiles, discrete for bits. NaN cells (a component the layer does not
-have, a head that was removed) are left blank on a grey background. Panels of one figure that are compared share one scale and one
-colour bar. Other figure modules (``importance.viz.validate``) build on the same pieces: ``draw_matrix``,
+have, a head that was removed) are left blank on a grey background. Panels of one figure that are compared share
+one scale and one colour bar. Other figure modules (``importance.viz.validate``) build on the same pieces: ``draw_matrix``,
 ``scale_for``, ``add_colorbar``, ``sized_figure``, ``grid_shape``, ``group_labels`` and ``layer_step``.
 
 The figure functions return a ``matplotlib.figure.Figure`` built without pyplot (no display, no global state,
