@@ -1,13 +1,14 @@
 """Heatmaps of importance: layer x component, layer x head grids, before / after / delta, sparsity and bits maps.
 
 Every picture is an [L, X] matrix (layers down the y axis, components or heads across) drawn by ONE helper,
-``draw_matrix``, on a ``Scale``: sequential for importance (optionally log, over the positive finite values and
-at most ``LOG_DECADES`` below the largest; a signed log scale centred at zero when some scores are negative, as
-a second-order removal estimate's are where removing a head helps), diverging and centred at zero for a delta, a
+``draw_matrix``, on a ``Scale``: sequential for importance (optionally log, over the positive finite values and at
+most ``LOG_DECADES`` below the largest; a signed log scale centred at zero when some scores are negative, as a
+second-order removal estimate's are where removing a head helps), diverging and centred at zero for a delta, a
 fixed 0..1 for sparsity and for rank percentiles, discrete for bits. NaN cells (a component the layer does not
 have, a head that was removed) are left blank on a grey background. Panels of one figure that are compared share
-one scale and one colour bar. Other figure modules (``importance.viz.validate``) build on the same pieces: ``draw_matrix``,
-``scale_for``, ``add_colorbar``, ``sized_figure``, ``grid_shape``, ``group_labels`` and ``layer_step``.
+one scale and one colour bar. Other figure modules (``importance.viz.validate``) build on the same pieces:
+``draw_matrix``, ``scale_for``, ``add_colorbar``, ``sized_figure``, ``grid_shape``, ``group_labels`` and
+``layer_step``.
 
 The figure functions return a ``matplotlib.figure.Figure`` built without pyplot (no display, no global state,
 no backend switch; PNGs render through Agg); save with ``save_figure`` (atomic; .png, .svg or .pdf) or
