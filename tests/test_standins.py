@@ -159,3 +159,28 @@ def test_run_recipe_layers25_linear_keeps_every_block_in_place(tmp_path: Path, t
     assert len(step["layers_removed"]) == 1 and step["iterative"]["k"] == 8
     back = load_model(str(out / "model"))
     assert model_map(back.model).blocks[step["layers_removed"][0]].skipped == ("attn", "mlp")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "cohere", "falcon"])  # cohere / falcon: one norm both branches read
+@pytest.mark.parametrize("compensate", ["none", "mean", "linear"])
+def test_every_layer_compensation_records_the_parameters_the_model_has(model_type: str, compensate: str) -> None:
+    lm = fresh(model_type, scale=0.2)
+    before = _param_count(lm)
+    res = prune_layers(lm, 0.5, "removal", windows=random_windows(4, 32, seed=2), iterative=True,
+                       compensate=compensate)
+    plan = res.record["params_plan"]
+    assert plan["before"] == before and plan["after"] == _param_count(lm) == before - plan["removed"]
+
+
+def test_linear_stand_ins_from_a_table_criterion_get_the_calibration_data(tmp_path: Path, text_file: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from pruning.cli.core import main
+
+    out = tmp_path / "run"  # the run's one-pass table ranks the layers; the maps still need the calibration windows
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"name": "r", "steps": [{"method": "layers", "sparsity": 0.25,
+                                                          "criterion": "residual_fisher", "compensate": "linear"}]}))
+    assert main(["run", "--model", "random:llama:layers=4", "--data", f"file:{text_file}", "--recipe", str(recipe),
+                 "--eval-tokens", "256", "--out", str(out)]) == 0
+    step = json.loads((out / "model" / "imprune.json").read_text())["steps"][0]["structured"]
+    assert len(step["layers_removed"]) == 1 and set(step["stand_in_fit"]) == {str(step["layers_removed"][0])}

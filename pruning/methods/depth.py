@@ -98,12 +98,11 @@ def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "residual_fi
     keep = [i for i in range(mm.n_layers) if i not in removed]
     before = {(c.layer, c.name): c.numel for c in mm.components()}
     params_before = param_count(lm.model)
-    planned = sum(p.numel() for i in removed for p in mm.blocks[i].module.parameters())
+    keep_map = {i: i for i in range(mm.n_layers)}  # new block index -> original (stand-ins keep their place)
     if compensate == "linear":
         fits = fit_linear_blocks(lm.model, mm, windows, removed, batch_size, progress=progress)
-        after, changed, keep_map = model_map(lm.model), [], {i: i for i in range(mm.n_layers)}
+        after, changed = model_map(lm.model), []
         d = int(next(iter(means.values())).numel())
-        planned = params_before - param_count(lm.model)  # the maps stay (and a norm both branches shared)
         extra["compensation"] = f"each removed block is a linear stand-in x + x W^T + b ([{d}, {d}] + [{d}]) fitted " \
                                 f"by damped least squares on {len(windows)} calibration windows against the dense " \
                                 "model's stream after it, block by block (the block list is unchanged)"
@@ -116,14 +115,13 @@ def prune_layers(lm: LoadedModel, sparsity: float, criterion: str = "residual_fi
     else:  # each removed block becomes its two constants (the block list and the config stay)
         gone = [b for b in subs if b.layer in removed]
         after, _, changed = remove_branches(mm, gone, means)
-        planned -= sum(int(means[(b.layer, b.kind)].numel()) for b in gone)
-        keep_map = {i: i for i in range(mm.n_layers)}
         extra["compensation"] = f"each removed block adds its sub-blocks' mean outputs over {len(windows)} " \
                                 "calibration windows (kept as constants; the block list is unchanged)"
+    # counted after the surgery: stand-ins keep their constants or maps, and a norm both branches shared stays
+    planned = params_before - param_count(lm.model)
     record = {"shapes_changed": True,
               "structured": {"criterion": criterion, "layers_removed": removed,
-                             # the blocks the pruned model has, by their original index (stand-ins keep their place)
-                             "layers_kept": keep if compensate == "none" else list(range(mm.n_layers)),
+                             "layers_kept": list(keep_map.values()),  # the pruned model's blocks, original index
                              "layer_scores": scores_list, "config_fields_changed": changed,
                              "achieved": len(removed) / len(scores_list), **extra},
               "params_plan": {"before": params_before, "removed": planned, "after": params_before - planned}}
@@ -148,7 +146,7 @@ def layers_method(ctx: PruneContext) -> PruneResult:
     if getattr(a, "iterative_k", None) is not None and not iterative:
         raise ImpruneError("--iterative-k applies to --iterative only; add --iterative or drop it")
     compensate = getattr(a, "compensate", None) or "none"
-    windows = ctx.calibration() if ctx.table is None or iterative or compensate == "mean" else None
+    windows = ctx.calibration() if ctx.table is None or iterative or compensate != "none" else None
     return prune_layers(ctx.lm, a.sparsity, criterion, ctx.table, windows, a.batch_size, progress=not a.quiet,
                         iterative=iterative, k=getattr(a, "iterative_k", None), compensate=compensate,
                         removal_tokens=getattr(a, "removal_tokens", None))
