@@ -71,10 +71,26 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"rss_loaded_mb": loaded, "peak_rss_mb": peak, "param_bytes": params}))
 
 
-def _build(args: argparse.Namespace, folder: Path) -> dict[str, str]:
-    """Prune the dense model into folders; returns {variant: folder or model spec}."""
+def _quality_row(spec: str, flag: str, key: str | None = None) -> tuple[dict, str]:
+    """The row named in ``spec`` (RESULTS.json:ROW NAME) of a quality results file (one with ``key`` set, when
+    given), and its name."""
+    path, _, name = spec.partition(":")
+    row = next((r for r in json.loads(Path(path).read_text())["results"] if r["name"] == name), None)
+    if row is None or (key is not None and not row.get(key)):
+        raise SystemExit(f"{flag}: no row '{name}'{f' with {key}' if key else ''} in {path}")
+    return row, name
+
+
+def _zero_means(lm, chosen: list) -> dict:
+    """Zero constants for compensated stand-ins of ``chosen`` branches: the same work as the measured ones."""
     import torch
 
+    width = lm.model.get_input_embeddings().weight.shape[1]
+    return {(b.layer, b.kind): torch.zeros(width) for b in chosen}
+
+
+def _build(args: argparse.Namespace, folder: Path) -> dict[str, str]:
+    """Prune the dense model into folders; returns {variant: folder or model spec}."""
     from importance.data.sources import load_data
     from importance.models.load import load_model
     from pruning.io import save_model
@@ -92,47 +108,36 @@ def _build(args: argparse.Namespace, folder: Path) -> dict[str, str]:
         lm = load_model(args.model)
         res = prune_layers(lm, s, "block_influence", windows=windows)
         specs[f"layers-{s:g}"] = str(save_model(lm, folder / f"layers-{s:g}", res.record))
-    if args.blocks_from:  # the sub-blocks a quality row removed, removed again (no new measurement)
+    if args.blocks_from or args.layers_from:
         from importance.arch.canonical import model_map
         from pruning.methods.blocks import branches, remove_branches
-
-        path, _, name = args.blocks_from.partition(":")
-        row = next((r for r in json.loads(Path(path).read_text())["results"] if r["name"] == name), None)
-        if row is None:
-            raise SystemExit(f"--blocks-from: no row '{name}' in {path}")
+    if args.blocks_from:  # the sub-blocks a quality row removed, removed again (no new measurement)
+        row, name = _quality_row(args.blocks_from, "--blocks-from")
         lm = load_model(args.model)
         want = {(b["layer"], b["kind"]) for b in row["sub_blocks_removed"]}
         chosen = [b for b in branches(model_map(lm.model)) if (b.layer, b.kind) in want]
-        width = lm.model.get_input_embeddings().weight.shape[1]
         # a compensated row keeps a block losing both as its two constants: the same work whatever their values
-        means = {(b.layer, b.kind): torch.zeros(width) for b in chosen} if row.get("compensate") == "mean" else None
+        means = _zero_means(lm, chosen) if row.get("compensate") == "mean" else None
         remove_branches(model_map(lm.model), chosen, means)
         specs[f"blocks-{row['sparsity']:g}"] = str(save_model(lm, folder / "blocks", {"shapes_changed": True,
                                                                                       "from_row": name}))
         args.blocks = []
     if args.layers_from:  # the layers a quality row removed, removed again the same way (no new measurement)
-        from importance.arch.canonical import model_map
         from pruning.methods.standins import replace_block_
         from pruning.methods.surgery import drop_blocks
 
-        path, _, name = args.layers_from.partition(":")
-        row = next((r for r in json.loads(Path(path).read_text())["results"] if r["name"] == name), None)
-        if row is None or not row.get("removed_layers"):
-            raise SystemExit(f"--layers-from: no layers row '{name}' in {path}")
+        row, name = _quality_row(args.layers_from, "--layers-from", "removed_layers")
         lm = load_model(args.model)
         mm = model_map(lm.model)
         gone, how = row["removed_layers"], row.get("compensate") or "none"
-        width = lm.model.get_input_embeddings().weight.shape[1]
-        if how == "none":
+        if how == "linear":  # stand-ins: the same work whatever their values
+            for i in gone:
+                mm, _ = replace_block_(mm, i, lm.model.get_input_embeddings().weight.shape[1])
+        elif how == "mean":
+            subs = [b for b in branches(mm) if b.layer in gone]
+            remove_branches(mm, subs, _zero_means(lm, subs))
+        else:
             drop_blocks(mm, [i for i in range(mm.n_layers) if i not in gone])
-        for i in gone if how != "none" else []:  # stand-ins: the same work whatever their values
-            if how == "linear":
-                mm, _ = replace_block_(mm, i, width)
-            else:
-                from pruning.methods.blocks import branches, remove_branches
-
-                subs = [b for b in branches(mm) if b.layer == i]
-                mm, _, _ = remove_branches(mm, subs, {(b.layer, b.kind): torch.zeros(width) for b in subs})
         specs[f"layers-{row['sparsity']:g}-{how}"] = str(save_model(lm, folder / "layers-from",
                                                                     {"shapes_changed": True, "from_row": name}))
     if args.blocks:

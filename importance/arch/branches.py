@@ -58,6 +58,11 @@ class Branch:
         return f"L{self.layer} {self.kind}"
 
 
+def first_input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden states a block, branch or norm is called with (positionally or as ``hidden_states``)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def check_branches(mm: ModelMap) -> None:
     """Raise the one-line reason why this model's sub-blocks cannot be removed on their own: no one module per
     branch, or (checked on block 0 with the inputs of a real forward) a block that does not pass its input
@@ -80,7 +85,7 @@ def check_branches(mm: ModelMap) -> None:
                 stack.enter_context(zeroed(mm, block_branch(block, mm, kind)))
         with torch.no_grad():
             out = _out(block.module(*args, **kwargs))
-    x = args[0] if args else kwargs["hidden_states"]
+    x = first_input(args, kwargs)
     if not _close(out, x):
         raise ImpruneError(f"model type '{mm.model_type}': a block with its attention and MLP outputs zeroed does "
                            "not pass its input through (a post-norm block, or a residual added inside a module), so "
@@ -113,11 +118,6 @@ def branches(mm: ModelMap) -> list[Branch]:
     return [block_branch(b, mm, kind) for b in mm.blocks for kind in BRANCHES if kind not in b.skipped]
 
 
-def first_input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
-    """The hidden states a block, branch or norm is called with (positionally or as ``hidden_states``)."""
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def _replace_output(value: torch.Tensor | None):
     def hook(_module: nn.Module, _args: tuple, out: Any) -> Any:
         y = out[0] if isinstance(out, tuple) else out  # [B, T, d]
@@ -136,9 +136,6 @@ def zeroed(mm: ModelMap, branch: Branch, value: torch.Tensor | None = None) -> I
         yield
     finally:
         handle.remove()
-
-
-StandIn = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # a constant [d], or (weight [d, d_in], bias [d])
 
 
 @torch.no_grad()
@@ -172,6 +169,9 @@ def branch_means(model: nn.Module, mm: ModelMap, cands: list[Branch], windows: A
         for h in handles:
             h.remove()
     return {k: (v / max(count, 1)).float().cpu() for k, v in sums.items()}
+
+
+StandIn = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # a constant [d], or (weight [d, d_in], bias [d])
 
 
 def _replace(root: nn.Module, path: str, new: nn.Module) -> None:

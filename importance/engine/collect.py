@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from importance.arch.branches import BRANCHES, block_branch
+from importance.arch.branches import BRANCHES, block_branch, first_input
 from importance.arch.canonical import Block, Component, ModelMap, model_map
 from importance.arch.experts import expert_layout
 from importance.data.sources import Batch, Windows
@@ -251,7 +251,7 @@ class _Pass(ExpertHooks):
         want_fisher = self.cfg.residual_fisher and self.cfg.grad
 
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            held["x"] = (args[0] if args else kwargs["hidden_states"]).detach()
+            held["x"] = first_input(args, kwargs).detach()
 
         def post(module: nn.Module, args: tuple, out: Any) -> None:
             out_t = out[0] if isinstance(out, tuple) else out

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from importance.arch.branches import BRANCHES, block_branch, zeroed
+from importance.arch.branches import BRANCHES, block_branch, first_input, zeroed
 from importance.arch.canonical import Block, Component, ModelMap, model_map
 from importance.data.sources import Batch, Windows
 from importance.engine.objective import require_loss, token_nll
@@ -179,16 +179,13 @@ def _zero(block: Block, group: Group) -> None:
     _zero_cols(block.components["attn.o"], span)
 
 
-def _bypass_hook(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-    hidden = args[0] if args else kwargs["hidden_states"]
-    return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
-
-
-def _shifted_bypass(shift: torch.Tensor):
-    """A bypass whose block adds the constant ``shift`` [d] (its branches' means: a compensated removal)."""
+def _bypass(shift: torch.Tensor | None = None):
+    """A forward hook making a block pass its input through, plus the constant ``shift`` [d] when given (its
+    branches' means: a compensated removal)."""
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        hidden = hidden + shift.to(hidden.dtype)
+        hidden = first_input(args, kwargs)
+        if shift is not None:
+            hidden = hidden + shift.to(hidden.dtype)
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
     return hook
 
@@ -205,7 +202,7 @@ def removed(mm: ModelMap, group: Group | None, means: Mapping[tuple[int, str], t
     block = mm.blocks[group.layer]
     if group.granularity == "layer":
         shift = [v for (layer, _), v in (means or {}).items() if layer == group.layer]  # [d] each
-        hook = _bypass_hook if not shift else _shifted_bypass(torch.stack(shift).sum(0))
+        hook = _bypass(torch.stack(shift).sum(0) if shift else None)
         handle = block.module.register_forward_hook(hook, with_kwargs=True)
         try:
             yield
