@@ -94,7 +94,7 @@ def _score(model: LoadedModel | Any, data: Windows | str, scorers: str | Sequenc
     mm = model_map(hf)
     measured = tuple(dict.fromkeys(MEASURED[n] for n in names if n in MEASURED))  # granularities to ablate
     if measured and (blockwise or is_offloaded(hf)):
-        raise ImpruneError("the removal scorers replay whole-model forwards and needs the model in memory; drop "
+        raise ImpruneError("the removal scorers replay whole-model forwards and need the model in memory; drop "
                            "--max-memory / --blockwise or use --scorers block_influence")
     if split > 1 and (blockwise or measured or process_state() is not None):
         raise ImpruneError("split scoring (per-part tables) runs one in-memory process without the removal scorer")

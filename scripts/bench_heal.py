@@ -13,6 +13,8 @@ and after (equal: the zeros are kept), parameters (equal: shapes are kept).
     python scripts/bench_heal.py [--rows width20,layers25,sparsegpt50,nm24] [--placements uniform,importance]
         [--tokens 65536] [--loss kd+lm] [--rank 8] [--seeds 0,1] [--tag -r2] [--out scripts/results/bench_heal.json]
         [--work DIR]
+    python scripts/bench_heal.py --compare scripts/results/bench_heal*.json \
+        --out scripts/results/bench_heal_placement.json
 """
 
 from __future__ import annotations
@@ -75,6 +77,44 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def compare(paths: list[Path]) -> tuple[str, dict[str, Any]]:
+    """Placement against uniform across seeds: per row and rank, each placement's healed perplexity on every seed,
+    its mean gain over uniform and whether that gain exceeds the spread between seeds (the larger of the two
+    placements' max - min). Returns the README table and the summary written beside it."""
+    runs: dict[tuple[str, int], dict[str, dict[int, dict[str, Any]]]] = {}
+    for path in paths:
+        for r in json.loads(path.read_text())["rows"].values():
+            rank, seed = r["settings"]["rank"], r["settings"]["seed"]
+            runs.setdefault((r["row"], rank), {}).setdefault(r["placement"], {})[seed] = r
+    order = {name: i for i, name in enumerate(ROWS)}
+    lines = ["| row | budget (trainable) | pruned | uniform healed (seeds) | placement | healed (seeds) | mean gain | "
+             "seed spread | beyond the spread |", "|---|---|---|---|---|---|---|---|---|"]
+    summary: dict[str, Any] = {}
+    for (row, rank), by in sorted(runs.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0][1])):
+        uni = by.get("uniform", {})
+        for placement, res in sorted(by.items()):
+            seeds = sorted(set(res) & set(uni))
+            if placement == "uniform" or not seeds:
+                continue
+            u = [uni[s]["healed"] for s in seeds]
+            h = [res[s]["healed"] for s in seeds]
+            gain = sum(a - b for a, b in zip(u, h)) / len(seeds)
+            spread = max(max(u) - min(u), max(h) - min(h))
+            beyond = len(seeds) > 1 and all(a > b for a, b in zip(u, h)) and gain > spread
+            key = f"{row}-r{rank}-{placement}"
+            summary[key] = {"row": row, "rank": rank, "placement": placement, "seeds": seeds, "uniform": u,
+                            "healed": h, "mean_gain": round(gain, 4), "seed_spread": round(spread, 4),
+                            "beyond_spread": beyond, "trainable": [res[s]["trainable"] for s in seeds],
+                            "uniform_trainable": uni[seeds[0]]["trainable"], "pruned": uni[seeds[0]]["pruned"],
+                            "dense": uni[seeds[0]]["dense"]}
+            several = len(seeds) > 1
+            lines.append(f"| {row} | rank {rank} ({uni[seeds[0]]['trainable']:,}) | {uni[seeds[0]]['pruned']:.2f} | "
+                         + " / ".join(f"{v:.2f}" for v in u) + f" | {placement} | **"
+                         + " / ".join(f"{v:.2f}" for v in h) + f"** | {gain:+.2f} | "
+                         + (f"{spread:.2f} | " + ("yes" if beyond else "no") if several else "- | (one seed)") + " |")
+    return "\n".join(lines), summary
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default=",".join(ROWS))
@@ -91,11 +131,20 @@ def main() -> None:
     p.add_argument("--tag", default="", help="suffix of the healed folders and result keys (another budget)")
     p.add_argument("--prune-only", action="store_true")
     p.add_argument("--table", action="store_true", help="print the README table from --out and stop")
+    p.add_argument("--compare", nargs="+", metavar="RESULTS", help="results files (any seeds, ranks): print the "
+                   "placement-vs-uniform table across seeds, write its summary to --out, and stop")
     args = p.parse_args()
     if args.table:
         print(markdown(json.loads(Path(args.out).read_text())))
         return
     from benchlib import write_results
+
+    if args.compare:
+        table, summary = compare([Path(f) for f in args.compare])
+        print(table)
+        write_results(args.out, {"benchmark": "bench_heal placement vs uniform", "sources": args.compare,
+                                 "rows": summary})
+        return
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

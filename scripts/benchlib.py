@@ -57,7 +57,9 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, An
 def write_results(path: str | Path, payload: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")  # a kill mid-write leaves the previous results whole
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
     print(f"\nwrote {path}")
 
 

@@ -151,6 +151,26 @@ def test_signed_scores_on_a_log_scale_are_drawn_on_a_signed_log_scale_not_blanke
     assert "removing it helps" in ax.imprune.scale.label
 
 
+@pytest.mark.parametrize("lim", [4.0, 3.5e-2, 7e-6])
+def test_a_signed_log_colour_bar_labels_zero_and_whole_decades_clear_of_the_linear_band(lim: float) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    values = torch.full((3, len(COMPS)), lim / 4)
+    values[0, column("attn.q")] = -lim / 8
+    values[2, column("attn.v")] = lim
+    fig = H.component_figure(make_table(values), aggregation="sum", norm="none", log=True)
+    FigureCanvasAgg(fig).draw()
+    (bar,) = [a for a in fig.axes if a.get_label() == "<colorbar>"]
+    ticks = list(bar.get_yticks())
+    thresh = lim * 10 ** -H.LOG_DECADES
+    assert 0.0 in ticks and ticks == sorted(ticks) and ticks == [-t for t in reversed(ticks)]
+    nonzero = [abs(t) for t in ticks if t]
+    assert nonzero and all(2 * thresh < t <= lim for t in nonzero) and len(ticks) <= 7
+    assert all(math.log10(t) == pytest.approx(round(math.log10(t))) for t in nonzero)  # whole decades
+    labels = [t.get_text() for t in bar.get_yticklabels()]
+    assert labels[len(labels) // 2] == "0" and len(set(labels)) == len(labels)
+
+
 @pytest.mark.parametrize("n_layers", [6, 24, 30, 48, 80])
 def test_layer_labels_are_thinned(n_layers: int) -> None:
     (ax,) = panels(H.component_figure(rand_table(n_layers)))

@@ -415,5 +415,5 @@ def test_removal_scorer_is_the_layer_ablation_on_the_first_calibration_windows(m
                                               model_map(lm.model)), "layer")["scorers"]["removal"]["spearman"] > 0.999
     with pytest.raises(ImpruneError, match="at least 1"):
         score(lm, w, ["removal"], removal_tokens=0, progress=False)
-    with pytest.raises(ImpruneError, match="needs the model in memory"):
+    with pytest.raises(ImpruneError, match="need the model in memory"):
         score(lm, w, ["removal"], blockwise=True, progress=False)

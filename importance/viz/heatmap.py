@@ -205,7 +205,21 @@ def add_colorbar(fig: Figure, mesh: Any, axes: Sequence[Any], scale: Scale) -> A
                        pad=0.02, aspect=30, extend="min" if scale.clipped else "neither")
     if scale.kind == "bits":
         bar.set_ticks(list(scale.levels), labels=[f"{v:g}" for v in scale.levels])
+    elif scale.log and scale.kind == "diverging":
+        ticks = signed_log_ticks(scale)
+        bar.set_ticks(ticks, labels=[f"{t:.0e}".replace("e-0", "e-").replace("e+00", "") if t else "0" for t in ticks])
     return bar
+
+
+def signed_log_ticks(scale: Scale, per_side: int = 3) -> list[float]:
+    """Colour-bar ticks of a signed log scale: 0 and +/- whole decades clear of the linear band around zero.
+
+    matplotlib's default puts a decade inside the narrow linear band, so -1e-3, 0 and 1e-3 overlap; this keeps the
+    decades above twice ``linthresh`` and at most ``per_side`` of them (every other one when there are more)."""
+    top = math.floor(math.log10(scale.vmax))
+    decades = [10.0 ** k for k in range(top, top - 64, -1) if 10.0 ** k > 2 * scale.linthresh]
+    decades = decades[::math.ceil(len(decades) / per_side)] if decades else []
+    return [-d for d in decades] + [0.0] + decades[::-1]
 
 
 def sized_figure(n_layers: int, width: int, rows: int = 1, cols: int = 1, extra: float = 1.4) -> Figure:
