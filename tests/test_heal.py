@@ -14,7 +14,7 @@ from conftest import fresh, random_windows
 from importance.errors import ImpruneError
 from pruning.heal import train as heal_train
 from pruning.heal.adapters import block_linears, uniform_budget
-from pruning.heal.config import HealConfig
+from pruning.heal.config import HealConfig, check_config
 from pruning.heal.placement import allocate_by_spectrum, allocate_ranks, gradient_spectra, layer_errors
 from pruning.heal.train import HealResult, heal, heal_loss, plan_ranks
 
@@ -190,6 +190,13 @@ def test_allocate_by_spectrum_exact_cases() -> None:
         {"a": 2, "b": 2}  # the cap (2 x rank) stops a at 2
     with pytest.raises(ImpruneError, match="floor"):
         allocate_by_spectrum({"a": 10, "b": 10}, spectra, rank=4, budget=20, floor=1.0)
+
+
+@pytest.mark.parametrize("placement", ["importance", "gradient"])
+def test_a_rank_placement_with_a_full_fine_tune_is_one_line_naming_it(placement: str) -> None:
+    check_config(HealConfig(method="full"))  # uniform (the default) is what a full fine-tune is
+    with pytest.raises(ImpruneError, match=f"--placement {placement} and --budget place LoRA ranks.*--method lora"):
+        check_config(HealConfig(method="full", placement=placement))
 
 
 def test_gradient_spectra_are_the_singular_values_of_the_masked_loss_gradient() -> None:

@@ -133,5 +133,5 @@ def check_config(cfg: HealConfig) -> None:
     if cfg.budget is not None and cfg.budget < 1:
         raise ImpruneError(f"--budget must be at least 1 trainable parameter, got {cfg.budget}")
     if cfg.method == "full" and (cfg.placement != "uniform" or cfg.budget is not None):
-        raise ImpruneError("--placement importance and --budget place LoRA ranks; --method full trains every kept "
-                           "weight: drop them or use --method lora")
+        raise ImpruneError(f"--placement {cfg.placement} and --budget place LoRA ranks; --method full trains every "
+                           "kept weight: drop them or use --method lora")
