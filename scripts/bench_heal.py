@@ -36,6 +36,7 @@ ROWS: dict[str, list[str]] = {
     "sparsegpt50": ["--method", "unstructured", "--sparsity", "0.5", "--criterion", "sparsegpt"],
     "nm24": ["--method", "nm", "--nm", "2:4", "--criterion", "sparsegpt"],
 }
+ROW_ORDER = {name: i for i, name in enumerate(ROWS)}  # table order; rows of other names last
 DENSE = "builtin:smollm2-135m"
 
 
@@ -64,8 +65,7 @@ def markdown(doc: dict[str, Any]) -> str:
     """The README table of a results file."""
     lines = ["| row | placement | pruned | healed | gap closed | tokens | heal time | trainable | zero share before -> "
              "after | params |", "|---|---|---|---|---|---|---|---|---|---|"]
-    order = {name: i for i, name in enumerate(ROWS)}
-    rows = sorted(doc["rows"].values(), key=lambda r: (order.get(r["row"], len(order)), r["placement"] != "uniform",
+    rows = sorted(doc["rows"].values(), key=lambda r: (ROW_ORDER.get(r["row"], len(ROWS)), r["placement"] != "uniform",
                                                       r["placement"]))
     for r in rows:
         lines.append(f"| {r['row']} | {r['placement']} | {r['pruned']:.2f} | **{r['healed']:.2f}** | "
@@ -86,11 +86,10 @@ def compare(paths: list[Path]) -> tuple[str, dict[str, Any]]:
         for r in json.loads(path.read_text())["rows"].values():
             rank, seed = r["settings"]["rank"], r["settings"]["seed"]
             runs.setdefault((r["row"], rank), {}).setdefault(r["placement"], {})[seed] = r
-    order = {name: i for i, name in enumerate(ROWS)}
     lines = ["| row | budget (trainable) | pruned | uniform healed (seeds) | placement | healed (seeds) | mean gain | "
              "seed spread | beyond the spread |", "|---|---|---|---|---|---|---|---|---|"]
     summary: dict[str, Any] = {}
-    for (row, rank), by in sorted(runs.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0][1])):
+    for (row, rank), by in sorted(runs.items(), key=lambda kv: (ROW_ORDER.get(kv[0][0], len(ROWS)), kv[0][1])):
         uni = by.get("uniform", {})
         for placement, res in sorted(by.items()):
             seeds = sorted(set(res) & set(uni))
@@ -100,14 +99,14 @@ def compare(paths: list[Path]) -> tuple[str, dict[str, Any]]:
             h = [res[s]["healed"] for s in seeds]
             gain = sum(a - b for a, b in zip(u, h)) / len(seeds)
             spread = max(max(u) - min(u), max(h) - min(h))
-            beyond = len(seeds) > 1 and all(a > b for a, b in zip(u, h)) and gain > spread
+            several = len(seeds) > 1
+            beyond = several and all(a > b for a, b in zip(u, h)) and gain > spread
             key = f"{row}-r{rank}-{placement}"
             summary[key] = {"row": row, "rank": rank, "placement": placement, "seeds": seeds, "uniform": u,
                             "healed": h, "mean_gain": round(gain, 4), "seed_spread": round(spread, 4),
                             "beyond_spread": beyond, "trainable": [res[s]["trainable"] for s in seeds],
                             "uniform_trainable": uni[seeds[0]]["trainable"], "pruned": uni[seeds[0]]["pruned"],
                             "dense": uni[seeds[0]]["dense"]}
-            several = len(seeds) > 1
             lines.append(f"| {row} | rank {rank} ({uni[seeds[0]]['trainable']:,}) | {uni[seeds[0]]['pruned']:.2f} | "
                          + " / ".join(f"{v:.2f}" for v in u) + f" | {placement} | **"
                          + " / ".join(f"{v:.2f}" for v in h) + f"** | {gain:+.2f} | "

@@ -216,8 +216,8 @@ def signed_log_ticks(scale: Scale, per_side: int = 3) -> list[float]:
 
     matplotlib's default puts a decade inside the narrow linear band, so -1e-3, 0 and 1e-3 overlap; this keeps the
     decades above twice ``linthresh`` and at most ``per_side`` of them (every other one when there are more)."""
-    top = math.floor(math.log10(scale.vmax))
-    decades = [10.0 ** k for k in range(top, top - 64, -1) if 10.0 ** k > 2 * scale.linthresh]
+    top, bottom = math.floor(math.log10(scale.vmax)), math.floor(math.log10(2 * scale.linthresh))
+    decades = [10.0 ** k for k in range(top, bottom - 1, -1) if 10.0 ** k > 2 * scale.linthresh]
     decades = decades[::math.ceil(len(decades) / per_side)] if decades else []
     return [-d for d in decades] + [0.0] + decades[::-1]
 
